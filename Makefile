@@ -1,0 +1,81 @@
+# ResNet50 v1.5: train -> ONNX / INT8 / TensorRT -> DALI serving.
+# Every target runs inside .venv (created by `make setup` when missing).
+#   make demo          fresh machine -> data, train, export, infer, validate, results
+#   make test          fresh machine -> the test suite (what CI runs)
+
+SHELL      := /bin/bash
+PY         := .venv/bin/python
+STAMP      := .venv/.installed
+DATA       ?= data/fashion-mnist
+RUN        ?= runs/default
+CHECKPOINT ?= $(RUN)/best.pt
+PRECISION  ?= fp16
+# A TensorRT engine where TensorRT can be imported, else an ONNX model for ONNX Runtime.
+HAVE_TRT   := $(shell test -x $(PY) && $(PY) -c "import tensorrt" >/dev/null 2>&1 && echo 1)
+OUTPUT     ?= artifacts/rn50.$(PRECISION).$(if $(HAVE_TRT),plan,onnx)
+IMAGES     ?= $(DATA)/val
+TRAIN_ARGS ?=
+FMNIST_SRC := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup fmnist data train export infer validate demo test typecheck bench clean help
+
+help:
+	@sed -n '1,4p' Makefile; echo; grep -E '^[a-z]+:' Makefile | cut -d: -f1 | tr '\n' ' '; echo
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the pair this machine carries on disk (cu130 builds).
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q 'torch>=2.11' 'torchvision>=0.26'
+	$(PY) -m pip install -q -e '.[test]'
+	# Type stubs for the TensorRT module (the stubs' own dependency, the tensorrt sdist, cannot install here).
+	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's dataset-fashion-mnist: installed with apt where we are root, else explained.
+fmnist:
+	@if [ ! -f $(FMNIST_SRC) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist' (Debian/Ubuntu) and retry" >&2; exit 1; \
+	  fi; \
+	fi
+
+data: setup fmnist
+	$(PY) -m rn50.fashion_mnist --out $(DATA)
+
+train: data
+	$(PY) -m train --data $(DATA) --output $(RUN) $(TRAIN_ARGS)
+
+export: setup
+	$(PY) -m export --checkpoint $(CHECKPOINT) --precision $(PRECISION) --output $(OUTPUT)
+
+infer: setup
+	$(PY) -m serve.infer --engine $(OUTPUT) --output $(OUTPUT).predictions.jsonl $(IMAGES)
+
+validate: setup
+	$(PY) -m serve.validate --engine $(OUTPUT) --checkpoint $(CHECKPOINT) $(DATA)/val
+
+demo: train
+	$(MAKE) --no-print-directory export PRECISION=fp32 OUTPUT=artifacts/rn50.fp32.onnx
+	$(MAKE) --no-print-directory export PRECISION=int8 OUTPUT=artifacts/rn50.int8.onnx
+	$(MAKE) --no-print-directory validate OUTPUT=artifacts/rn50.int8.onnx
+	$(PY) -m serve.infer --engine artifacts/rn50.int8.onnx --output artifacts/demo-predictions.jsonl $(DATA)/val
+	@echo; echo "Artifacts in artifacts/, training run in $(RUN)/ (see $(RUN)/curves.png)"
+
+typecheck: setup
+	$(PY) -m mypy --strict export/tensorrt_engine.py serve/backends/tensorrt.py
+
+test: setup fmnist typecheck
+	$(PY) -m pytest -q
+
+bench: setup fmnist
+	$(PY) -m bench.data_loaders
+	$(PY) -m bench.inference
+	$(PY) -m bench.serve
+
+clean:
+	rm -rf runs artifacts .pytest_cache .mypy_cache

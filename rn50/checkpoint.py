@@ -1,0 +1,97 @@
+"""Checkpoints: one ``torch.save`` dict, written atomically, loadable with ``weights_only=True``.
+
+Layout::
+
+    {"format": "rn50-checkpoint", "version": 1,
+     "model": <state_dict without DDP/compile prefixes>,
+     "manifest": <the same dict as the manifest file beside it>,
+     ... whatever the trainer adds to resume (optimizer, scaler, epoch, rng) ...}
+
+Everything inside is tensors, numbers, strings, lists, tuples and dicts, so loading never
+unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import CheckpointError
+from .manifest import validate, write_manifest
+from .model import build_model, num_classes_of
+
+FORMAT = "rn50-checkpoint"
+VERSION = 1
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        k = k.replace("._orig_mod.", ".")
+        out[k] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike[str], model_state: dict[str, torch.Tensor],
+                    manifest: dict[str, Any], **extra: Any) -> Path:
+    """Write ``path`` and ``path.manifest.json`` atomically; return ``path``."""
+    path = Path(path)
+    obj = {"format": FORMAT, "version": VERSION, "model": clean_state_dict(model_state),
+           "manifest": manifest, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    write_manifest(path, manifest)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
+        raise CheckpointError(f"{path}: not an rn50 checkpoint (no 'format': '{FORMAT}' with a 'model' state)")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is not {VERSION}")
+    try:
+        validate(obj.get("manifest"), f"{path} (embedded manifest)")
+    except Exception as e:
+        raise CheckpointError(str(e)) from e
+    return obj
+
+
+def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network from a checkpoint; returns ``(model in eval mode, manifest)``."""
+    obj = load_checkpoint(path, map_location)
+    manifest = obj["manifest"]
+    classes = manifest["classes"]
+    try:
+        n = num_classes_of(obj["model"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: checkpoint has no fc.weight: not a ResNet50 classifier") from e
+    if n != len(classes):
+        raise CheckpointError(f"{path}: the checkpoint's classifier has {n} outputs but its manifest lists "
+                              f"{len(classes)} classes")
+    model = build_model(n)
+    try:
+        model.load_state_dict(obj["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit ResNet50 v1.5 with {n} classes: {first}") from e
+    model.to(map_location).eval()
+    return model, manifest

@@ -1,0 +1,117 @@
+"""The manifest: a JSON file beside every artifact (``<artifact>.manifest.json``).
+
+It says what the artifact came from (path and sha256 of the source), how inputs are
+preprocessed (the :class:`~rn50.preprocess.Preprocessing` contract), the class names, the
+precision, the measured accuracy, the library versions and, for engines, the target GPU. Each
+stage reads the previous stage's manifest instead of asking the user again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata as _md
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import write_json
+from .errors import ManifestError
+from .preprocess import Preprocessing
+
+SUFFIX = ".manifest.json"
+SCHEMA = 1
+REQUIRED = ("schema", "kind", "arch", "classes", "preprocessing", "precision")
+_DISTS = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "onnx",
+          "onnxruntime-gpu", "onnxruntime", "onnxscript", "tensorrt", "polygraphy", "numpy")
+
+
+def manifest_path(artifact: str | os.PathLike[str]) -> Path:
+    return Path(str(artifact) + SUFFIX)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "rn50": __version__}
+    for d in _DISTS:
+        try:
+            out[d] = _md.version(d)
+        except _md.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def new_manifest(kind: str, *, classes: list[str], preprocessing: Preprocessing, precision: str,
+                 source: str | os.PathLike[str] | None = None, accuracy: dict[str, Any] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """A fresh manifest. ``source`` (a file) is recorded with its sha256."""
+    from .model import ARCH
+
+    m: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "arch": ARCH,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "image_size": preprocessing.image_size,
+        "preprocessing": preprocessing.to_dict(),
+        "precision": precision,
+        "accuracy": accuracy or {},
+        "versions": library_versions(),
+    }
+    if source is not None:
+        m["source"] = {"path": str(source), "sha256": sha256_file(source)}
+    m.update(extra)
+    return m
+
+
+def validate(m: Any, where: str) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise ManifestError(f"{where}: manifest is not a JSON object")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise ManifestError(f"{where}: manifest lacks {', '.join(missing)}")
+    if m["schema"] != SCHEMA:
+        raise ManifestError(f"{where}: manifest schema {m['schema']} is not {SCHEMA}")
+    if not isinstance(m["classes"], list) or len(m["classes"]) < 2:
+        raise ManifestError(f"{where}: manifest 'classes' must list at least two class names")
+    try:
+        Preprocessing.from_dict(m["preprocessing"])
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: bad preprocessing in manifest: {e}") from e
+    return m
+
+
+def write_manifest(artifact: str | os.PathLike[str], m: dict[str, Any]) -> Path:
+    validate(m, str(artifact))
+    p = manifest_path(artifact)
+    write_json(p, m)
+    return p
+
+
+def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the manifest beside ``artifact``; ManifestError says what is wrong."""
+    p = manifest_path(artifact)
+    if not p.is_file():
+        raise ManifestError(f"{p}: manifest not found beside {artifact} (every artifact this project writes has one; "
+                            f"was {Path(artifact).name} produced by `python -m export`?)")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{p}: unreadable manifest ({e})") from e
+    return validate(m, str(p))
+
+
+def preprocessing_of(m: dict[str, Any]) -> Preprocessing:
+    return Preprocessing.from_dict(m["preprocessing"])

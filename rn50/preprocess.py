@@ -1,0 +1,147 @@
+"""The preprocessing contract, and the only code that implements it.
+
+Every stage (training, training-time validation, export parity, INT8 calibration, serving,
+``serve.validate``) builds its input tensors through this module, from a :class:`Preprocessing`
+that travels inside each artifact's manifest. Nothing else in the project resizes, crops or
+normalises an image, so drift between training and serving cannot happen by construction.
+
+Contract (NVIDIA's ResNet50 v1.5 recipe, scaled with the image size):
+
+* decode to RGB (grayscale is replicated, CMYK converted), EXIF orientation applied;
+* train: random resized crop to ``image_size`` (area 8%-100%, aspect 3/4-4/3), horizontal
+  flip with p=0.5;
+* val/serve: resize the shorter side to ``resize_size`` (about image_size * 256 / 224, with an
+  even margin: 224 -> 256, 64 -> 74, 32 -> 36), centre crop ``image_size``;
+* both: bilinear antialiased interpolation, ``(x - mean) / std`` with ImageNet's statistics on
+  the 0-255 scale, float32 NCHW (channels_last is a memory format chosen by the trainer, not part
+  of the contract: ONNX inputs are always NCHW).
+
+Two implementations: DALI (``dali_*``; CPU or GPU) is what the pipeline runs; torchvision/PIL
+(``torchvision_*``) is the reference the tests compare DALI against, and the ``pytorch`` data
+backend for machines without DALI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+CONTRACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    train_scale: tuple[float, float] = (0.08, 1.0)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    interpolation: str = "bilinear-antialias"
+    color: str = "RGB"
+    layout: str = "NCHW"
+    exif_orientation: bool = True
+    version: int = field(default=CONTRACT_VERSION)
+
+    @classmethod
+    def for_image_size(cls, image_size: int, **kw: Any) -> "Preprocessing":
+        if image_size < 16:
+            raise ValueError(f"image size {image_size} is too small (ResNet50 needs at least 16 px)")
+        # 256/224 of the crop, rounded so that the margin (resize - crop) is even: then the centre
+        # crop starts on a whole pixel and DALI and torchvision cut exactly the same window.
+        margin = 2 * int(round((image_size * 256 / 224 - image_size) / 2))
+        return cls(image_size=image_size, resize_size=image_size + margin, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}")
+        if d.get("version", CONTRACT_VERSION) != CONTRACT_VERSION:
+            raise ValueError(f"preprocessing contract version {d.get('version')} is not {CONTRACT_VERSION}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+
+# --------------------------------------------------------------------------- PIL / torchvision
+
+def load_rgb(path: str | os.PathLike[str]):
+    """Open an image file as an RGB PIL image, EXIF orientation applied; DataError on failure."""
+    from PIL import Image, ImageOps
+
+    from .errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im) if im.getexif() else im
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def torchvision_train(p: Preprocessing):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(p.image_size, scale=p.train_scale, ratio=p.train_ratio,
+                            interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.RandomHorizontalFlip(p.flip_prob),
+        T.ToTensor(),
+        T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+    ])
+
+
+def torchvision_val(p: Preprocessing):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.CenterCrop(p.image_size),
+        T.ToTensor(),
+        T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+    ])
+
+
+# --------------------------------------------------------------------------- DALI
+
+def dali_decode(encoded, device: str = "cpu"):
+    """Decode a batch of encoded images (DataNode) to HWC uint8 RGB. ``device``: cpu or mixed."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=True)
+
+
+def dali_train(images, p: Preprocessing, dtype=None):
+    """Random resized crop + flip + normalise a batch of decoded images (DataNode)."""
+    from nvidia.dali import fn, types
+
+    images = fn.random_resized_crop(
+        images, size=(p.image_size, p.image_size), random_area=list(p.train_scale),
+        random_aspect_ratio=list(p.train_ratio), interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(
+        images, dtype=dtype or types.FLOAT, output_layout="CHW", mean=list(p.mean), std=list(p.std),
+        mirror=fn.random.coin_flip(probability=p.flip_prob))
+
+
+def dali_val(images, p: Preprocessing, dtype=None):
+    """Resize shorter side + centre crop + normalise a batch of decoded images (DataNode)."""
+    from nvidia.dali import fn, types
+
+    images = fn.resize(images, resize_shorter=p.resize_size, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    return fn.crop_mirror_normalize(
+        images, dtype=dtype or types.FLOAT, output_layout="CHW", crop=(p.image_size, p.image_size),
+        crop_pos_x=0.5, crop_pos_y=0.5, mean=list(p.mean), std=list(p.std))
