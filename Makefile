@@ -11,7 +11,7 @@ RUN        ?= runs/default
 CHECKPOINT ?= $(RUN)/best.pt
 PRECISION  ?= fp16
 # A TensorRT engine where TensorRT can be imported, else an ONNX model for ONNX Runtime.
-HAVE_TRT   := $(shell test -x $(PY) && $(PY) -c "import tensorrt" >/dev/null 2>&1 && echo 1)
+HAVE_TRT   := $(shell test -x $(PY) && $(PY) -c "import tensorrt; tensorrt.Builder" >/dev/null 2>&1 && echo 1)
 OUTPUT     ?= artifacts/rn50.$(PRECISION).$(if $(HAVE_TRT),plan,onnx)
 IMAGES     ?= $(DATA)/val
 TRAIN_ARGS ?=

@@ -1,0 +1,118 @@
+"""Q/DQ INT8 quantization of an FP32 ONNX model with ONNX Runtime's ``quantize_static``.
+
+* Calibration set: ``size`` images (default 512) drawn deterministically and class-balanced
+  from the *training* split (never the validation images the gate scores), through
+  :func:`rn50.batches.iter_split`, i.e. exactly the validation preprocessing the engine will
+  see at serving time. 512 follows TensorRT's guidance of about 500 images for ImageNet-size
+  classifiers; on 10 classes that is 51 per class, and the entropy calibrator's histograms are
+  stable well before that.
+* Weights: int8, symmetric, per output channel (axis 0). Activations: per tensor.
+* Flavours: ``s8s8`` (int8 activations, symmetric, zero point 0): what TensorRT's explicit
+  quantization wants, used for ``.plan``; ``u8s8`` (uint8 activations): what ONNX Runtime's
+  x86 CPU kernels are fast with (3.5x FP32 in our measurement, against 1.06x for s8s8), used for
+  an int8 ``.onnx``.
+* Methods: ``entropy`` (default: KL-divergence thresholds, TensorRT's classic choice for
+  ResNets), ``minmax``, ``percentile`` (99.999th).
+* Cache: the result is keyed by the FP32 model's sha256, the calibration file list, method,
+  size and flavour, and stored under ``<output folder>/.calib-cache/``; an unchanged request
+  reuses it without recalibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rn50.atomic import atomic_path
+from rn50.batches import balanced_subset, iter_split
+from rn50.manifest import sha256_file
+from rn50.preprocess import Preprocessing
+
+METHODS = ("entropy", "minmax", "percentile")
+FLAVOURS = ("s8s8", "u8s8")
+DEFAULT_SIZE = 512
+DEFAULT_METHOD = "entropy"
+
+
+def calibration_set(files: Sequence[str], labels: Sequence[int], size: int, seed: int = 0) -> list[str]:
+    n_classes = len(set(labels))
+    f, _ = balanced_subset(files, labels, per_class=-(-size // n_classes), seed=seed)
+    return f[:size]
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over the calibration files."""
+
+    def __init__(self, files: list[str], p: Preprocessing, input_name: str, batch_size: int = 32):
+        from tqdm import tqdm
+
+        self._it = iter_split(files, [0] * len(files), p, batch_size)
+        self._bar = tqdm(total=len(files), desc="calibrating", unit="img", file=sys.stderr, mininterval=1.0)
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        try:
+            x, _ = next(self._it)
+        except StopIteration:
+            self._bar.close()
+            return None
+        self._bar.update(len(x))
+        return {self.input_name: x}
+
+    def rewind(self) -> None:  # pragma: no cover - not used by quantize_static
+        raise NotImplementedError
+
+
+def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str) -> str:
+    h = hashlib.sha256()
+    h.update(sha256_file(fp32).encode())
+    h.update(json.dumps([list(files), method, size, flavour]).encode())
+    return h.hexdigest()[:32]
+
+
+def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files: Sequence[str], p: Preprocessing,
+              method: str = DEFAULT_METHOD, flavour: str = "s8s8", cache_dir: str | os.PathLike[str] | None = None
+              ) -> dict[str, Any]:
+    """Write the Q/DQ model to ``dest``; returns what was done (for the manifest)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown int8 flavour {flavour!r} (choose from {', '.join(FLAVOURS)})")
+    dest = Path(dest)
+    key = cache_key(fp32, files, method, len(files), flavour)
+    cache = Path(cache_dir) if cache_dir else dest.parent / ".calib-cache"
+    cached = cache / f"{key}.onnx"
+    info = {"method": method, "flavour": flavour, "calibration_images": len(files), "cache_key": key,
+            "format": "QDQ", "weights": "int8 symmetric per-channel",
+            "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor"}
+    if cached.is_file():
+        shutil.copyfile(cached, dest)
+        return {**info, "cache_hit": True}
+    import onnx
+
+    input_name = onnx.load(os.fspath(fp32), load_external_data=False).graph.input[0].name
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache / f"{key}.pre.onnx") as pre, atomic_path(cached) as out:
+        quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
+        calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+                 "percentile": CalibrationMethod.Percentile}[method]
+        quantize_static(
+            os.fspath(pre), os.fspath(out), _Reader(list(files), p, input_name),
+            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
+            calibrate_method=calib,
+            extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True,
+                           "CalibMovingAverage": False})
+    (cache / f"{key}.pre.onnx").unlink(missing_ok=True)
+    shutil.copyfile(cached, dest)
+    return {**info, "cache_hit": False}

@@ -1,0 +1,286 @@
+"""The training loop: epochs, validation, checkpoints, metrics, curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rn50.atomic import atomic_path, write_json, write_text
+from rn50.batches import balanced_subset
+from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint
+from rn50.errors import CheckpointError, DataError, PipelineError
+from rn50.layout import load_dataset, scan_split
+from rn50.manifest import new_manifest
+from rn50.metrics import topk_correct
+from rn50.model import build_model, num_classes_of
+from rn50.preprocess import Preprocessing
+
+from . import distributed
+from .loaders import Shard, make_loader
+from .recipe import WarmupCosine, make_optimizer, mixup, smooth_one_hot, soft_cross_entropy
+
+
+class TrainingError(PipelineError):
+    """Training cannot go on (non-finite loss, ...)."""
+
+
+def _subset(files, labels, n, num_classes, seed):
+    if n is None or n >= len(files):
+        return list(files), list(labels)
+    f, l = balanced_subset(files, labels, per_class=-(-n // num_classes), seed=seed)
+    return f[:n], l[:n]
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), None))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], d: distributed.Dist, resume: dict[str, Any] | None = None):
+        self.cfg, self.d = cfg, d
+        self.out = Path(cfg["output"])
+        torch.manual_seed(cfg["seed"])
+        random.seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.p = Preprocessing.for_image_size(cfg["image_size"], train_scale=(cfg.get("min_crop_scale", 0.08), 1.0))
+        shard = Shard(d.rank, d.world)
+        if cfg["data_backend"] == "synthetic" and not Path(cfg["data"]).is_dir():
+            self.classes = [f"class_{i}" for i in range(cfg.get("num_classes", 1000))]
+            tr_files, tr_labels, va_files, va_labels = [], [], [], []
+        else:
+            train, val = load_dataset(cfg["data"])
+            self.classes = train.classes
+            tr_files, tr_labels = _subset(train.files, train.labels, cfg["limit_train"], len(self.classes), cfg["seed"])
+            va_files, va_labels = _subset(val.files, val.labels, cfg["limit_val"], len(self.classes), cfg["seed"])
+        common = dict(batch_size=cfg["batch_size"], device=d.device, shard=shard, seed=cfg["seed"],
+                      workers=cfg["workers"], num_classes=len(self.classes), synthetic_steps=cfg["synthetic_steps"])
+        self.train_loader = make_loader(cfg["data_backend"], tr_files, tr_labels, self.p, train=True, **common)
+        self.val_loader = (make_loader(cfg["data_backend"], va_files, va_labels, self.p, train=False, **common)
+                           if va_files else None)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{cfg['data']}: not enough training images for one batch of {cfg['batch_size']}")
+
+        model = build_model(len(self.classes)).to(d.device)
+        self.channels_last = cfg["memory_format"] == "channels_last"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the plain module: what checkpoints and exports see
+        self.opt = make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+        self.sched = WarmupCosine(cfg["lr"], cfg["epochs"] * self.steps_per_epoch,
+                                  int(round(cfg["warmup_epochs"] * self.steps_per_epoch)))
+        self.amp_dtype = torch.float16 if cfg["amp_dtype"] == "fp16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["amp"] and self.amp_dtype == torch.float16)
+        self.start_epoch, self.step, self.best_top1, self.history = 0, 0, -1.0, []
+        if resume is not None:
+            self._restore(resume)
+        net: nn.Module = model
+        if d.world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        if cfg["compile"]:
+            net = torch.compile(net)
+        self.net = net
+        self.tb = None
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+            write_json(self.out / "manifest.json", self._run_manifest())
+
+    # ------------------------------------------------------------------ resume
+    @staticmethod
+    def load_resume(args, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        path = Path(args.resume) if args.resume else Path(cfg["output"]) / "last.pt"
+        obj = load_checkpoint(path)
+        if "optimizer" not in obj or "epoch" not in obj:
+            raise CheckpointError(f"{path}: has no training state to resume from (is it a best.pt from an older run?)")
+        saved = dict(obj["manifest"]["train_config"])
+        saved["output"] = cfg["output"]
+        if args.epochs:
+            saved["epochs"] = args.epochs
+        return saved, obj
+
+    def _restore(self, obj: dict[str, Any]) -> None:
+        n = num_classes_of(obj["model"])
+        if n != len(self.classes):
+            raise CheckpointError(f"resume checkpoint has {n} classes but the data has {len(self.classes)}")
+        self.model.load_state_dict(obj["model"])
+        self.opt.load_state_dict(obj["optimizer"])
+        self.scaler.load_state_dict(obj["scaler"])
+        self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
+        self.best_top1 = float(obj.get("best_top1", -1.0))
+        self.history = list(obj.get("history", []))
+        set_rng_state(obj["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        cfg, d = self.cfg, self.d
+        if d.main:
+            print(f"training {cfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch "
+                  f"{cfg['global_batch_size']}, lr {cfg['lr']:.4g}, {cfg['image_size']} px, {cfg['data_backend']}, "
+                  f"device {d.device}, amp {cfg['amp'] and cfg['amp_dtype']}, compile {cfg['compile']}", file=sys.stderr)
+        for epoch in range(self.start_epoch, cfg["epochs"]):
+            t0 = time.time()
+            loss, lr, n_img = self.train_epoch(epoch)
+            train_time = time.time() - t0
+            top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
+            rec = {"epoch": epoch, "train_loss": loss, "lr": lr, "img_per_s": n_img * d.world / train_time,
+                   "val_top1": top1, "val_top5": top5, "val_images": n_val, "time": time.time() - t0}
+            self.history.append(rec)
+            if d.main:
+                self._save(epoch, top1, top5, n_val)
+                print(f"epoch {epoch + 1}/{cfg['epochs']}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
+                      f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s)", file=sys.stderr)
+        if d.main and self.tb is not None:
+            self.tb.close()
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.d
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch)
+        total, count, lr = torch.zeros((), device=d.device), 0, 0.0
+        bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                   disable=not d.main, file=sys.stderr, mininterval=2.0, unit="step")
+        for i, (x, y) in enumerate(bar):
+            lr = self.sched.apply(self.opt, self.step)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x, target = mixup(x, y, len(self.classes), cfg["mixup"], cfg["label_smoothing"], gen)
+            with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=cfg["amp"]):
+                logits = self.net(x)
+            loss = soft_cross_entropy(logits, target)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            total += loss.detach()
+            count += 1
+            self.step += 1
+            if d.device.type == "cpu" or i % 50 == 0:
+                v = float(loss)
+                if not math.isfinite(v):
+                    raise TrainingError(f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
+                                        f"(lower --lr, or check the data); the last good checkpoint "
+                                        f"({self.out / 'last.pt'}) is untouched")
+                bar.set_postfix(loss=f"{v:.3f}", lr=f"{lr:.3g}", refresh=False)
+        mean = float(total) / max(count, 1)
+        if not math.isfinite(mean):
+            raise TrainingError(f"mean loss of epoch {epoch + 1} is {mean}: training diverged")
+        loss_sum, n = distributed.all_sum([mean * count, count], d)
+        return loss_sum / max(n, 1), lr, count * cfg["batch_size"]
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float, int]:
+        return run_eval(self.net, self.val_loader, self.d, self.cfg["amp"], self.amp_dtype, self.channels_last)
+
+    # ------------------------------------------------------------------ files
+    def _run_manifest(self) -> dict[str, Any]:
+        return new_manifest("run", classes=self.classes, preprocessing=self.p, precision="fp32",
+                            train_config=self.cfg, history=self.history)
+
+    def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
+        acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1}
+        man = new_manifest("checkpoint", classes=self.classes, preprocessing=self.p, precision="fp32",
+                           accuracy=acc, train_config=self.cfg)
+        state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+                     step=self.step, rng=rng_state(), best_top1=max(self.best_top1, top1), history=self.history)
+        save_checkpoint(self.out / "last.pt", self.model.state_dict(), man, **state)
+        if top1 > self.best_top1 or not math.isfinite(top1):
+            self.best_top1 = top1 if math.isfinite(top1) else self.best_top1
+            save_checkpoint(self.out / "best.pt", self.model.state_dict(), man, epoch=epoch)
+        write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        m = self._run_manifest()
+        m["accuracy"] = {"best_top1": self.best_top1, **acc}
+        write_json(self.out / "manifest.json", m)
+        if self.tb is not None:
+            r = self.history[-1]
+            for k in ("train_loss", "lr", "img_per_s", "val_top1", "val_top5"):
+                self.tb.add_scalar(k, r[k], epoch + 1)
+            self.tb.flush()
+        plot_curves(self.history, self.out / "curves.png")
+
+    # ------------------------------------------------------------------ --evaluate
+    @staticmethod
+    def evaluate_checkpoint(args, d: distributed.Dist) -> int:
+        model, man = load_model(args.evaluate, map_location=d.device)
+        cfg = man.get("train_config", {})
+        data = Path(args.data or cfg.get("data", "data/fashion-mnist"))
+        val = scan_split(data / "val", classes=man["classes"])
+        p = Preprocessing.from_dict(man["preprocessing"])
+        files, labels = _subset(val.files, val.labels, args.limit_val, len(val.classes), args.seed)
+        backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
+        loader = make_loader(backend, files, labels, p, batch_size=args.batch_size or 128, train=False,
+                             device=d.device, shard=Shard(d.rank, d.world), seed=args.seed,
+                             workers=args.workers or 2)
+        top1, top5, n = run_eval(model, loader, d, False, torch.float32, False)
+        if d.main:
+            print(json.dumps({"checkpoint": str(args.evaluate), "data": str(data / "val"), "images": n,
+                              "top1": top1, "top5": top5}))
+        return 0
+
+
+@torch.no_grad()
+def run_eval(net: nn.Module, loader, d: distributed.Dist, amp: bool, amp_dtype, channels_last: bool):
+    net.eval()
+    c1 = c5 = n = 0
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp):
+            logits = net(x)
+        c = topk_correct(logits.float().cpu().numpy(), y.cpu().numpy(), (1, 5))
+        c1, c5, n = c1 + c[1], c5 + c[5], n + int(y.shape[0])
+    c1, c5, n = distributed.all_sum([c1, c5, n], d)
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] + 1 for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a1.plot(ep, [r["train_loss"] for r in history], marker="o")
+    a1.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    a2.plot(ep, [r["val_top1"] for r in history], marker="o", label="top-1")
+    a2.plot(ep, [r["val_top5"] for r in history], marker="o", label="top-5")
+    a2.set(xlabel="epoch", ylabel="val accuracy (%)", title="validation")
+    a2.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
