@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,20 +32,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from rn50.atomic import atomic_path
-from rn50.batches import balanced_subset, iter_split
+from rn50.batches import iter_split
+
+from .dataset import DEFAULT_SIZE, calibration_set  # noqa: F401
 from rn50.manifest import sha256_file
 from rn50.preprocess import Preprocessing
 
 METHODS = ("entropy", "minmax", "percentile")
 FLAVOURS = ("s8s8", "u8s8")
-DEFAULT_SIZE = 512
 DEFAULT_METHOD = "entropy"
-
-
-def calibration_set(files: Sequence[str], labels: Sequence[int], size: int, seed: int = 0) -> list[str]:
-    n_classes = len(set(labels))
-    f, _ = balanced_subset(files, labels, per_class=-(-size // n_classes), seed=seed)
-    return f[:size]
 
 
 class _Reader:
@@ -106,13 +102,14 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
         quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
         calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
                  "percentile": CalibrationMethod.Percentile}[method]
-        quantize_static(
-            os.fspath(pre), os.fspath(out), _Reader(list(files), p, input_name),
-            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
-            calibrate_method=calib,
-            extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True,
-                           "CalibMovingAverage": False})
+        with contextlib.redirect_stdout(sys.stderr):  # ORT prints its calibration notes to stdout
+            quantize_static(
+                os.fspath(pre), os.fspath(out), _Reader(list(files), p, input_name),
+                quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
+                calibrate_method=calib,
+                extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True,
+                               "CalibMovingAverage": False})
     (cache / f"{key}.pre.onnx").unlink(missing_ok=True)
     shutil.copyfile(cached, dest)
     return {**info, "cache_hit": False}

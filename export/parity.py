@@ -13,12 +13,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from rn50.batches import iter_split
+from rn50.batches import balanced_subset, iter_split
 from rn50.metrics import topk_correct
 from rn50.preprocess import Preprocessing
 
-# bounds an artifact must meet to be written: (max abs logit diff, min top-1 agreement %)
-BOUNDS = {"fp32": (1e-3, 99.5), "pt2": (1e-3, 99.5), "fp16": (0.05, 99.0), "int8": (float("inf"), 95.0)}
+# Bounds an artifact must meet to be written: (max |logit difference| relative to the logit
+# scale max(1, max|logit|), min top-1 agreement with PyTorch in %).
+# * fp32 / pt2: same arithmetic up to reassociation: 1e-3 of the logit scale, 99.5% agreement.
+# * fp16: a 10-bit mantissa through 50 layers: 2e-2 of the logit scale, 99%.
+# * int8: logits move by several percent; agreement must stay >= 90% here, and the real check
+#   is the accuracy gate (calibration.gate: at most 0.5 point of top-1 lost against FP32).
+BOUNDS = {"fp32": (1e-3, 99.5), "pt2": (1e-3, 99.5), "fp16": (2e-2, 99.0), "int8": (float("inf"), 90.0)}
+
+
+def subset(files: Sequence[str], labels: Sequence[int], n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` images (or all, if fewer), class-balanced and deterministic (rn50.batches.balanced_subset)."""
+    k = max(1, len(set(labels)))
+    f, y = balanced_subset(files, labels, per_class=-(-n // k), seed=seed)
+    return f[:n], y[:n]
 
 
 def compare(model: nn.Module, run: Callable[[np.ndarray], np.ndarray], files: Sequence[str], labels: Sequence[int],
@@ -41,15 +53,17 @@ def compare(model: nn.Module, run: Callable[[np.ndarray], np.ndarray], files: Se
                     c[k] += v
             n += len(y)
     pct = lambda v: 100.0 * v / max(n, 1)  # noqa: E731
-    return {"images": n, "max_abs_logit_diff": max_diff, "max_abs_logit": scale, "top1_agreement": pct(agree),
+    return {"images": n, "max_abs_logit_diff": max_diff, "rel_logit_diff": max_diff / max(1.0, scale), "max_abs_logit": scale, "top1_agreement": pct(agree),
             "torch_top1": pct(ref_c[1]), "torch_top5": pct(ref_c[5]), "top1": pct(got_c[1]), "top5": pct(got_c[5])}
 
 
 def check(result: dict[str, float], kind: str) -> str | None:
     """None if ``result`` meets ``kind``'s bounds, else what failed."""
     max_diff, min_agree = BOUNDS[kind]
-    if result["max_abs_logit_diff"] > max_diff:
-        return f"max |logit difference| {result['max_abs_logit_diff']:.3g} exceeds {max_diff:g}"
+    rel = result["max_abs_logit_diff"] / max(1.0, result["max_abs_logit"])
+    if rel > max_diff:
+        return (f"max |logit difference| {result['max_abs_logit_diff']:.3g} is {rel:.3g} of the logit scale "
+                f"{max(1.0, result['max_abs_logit']):.3g}, above the {max_diff:g} allowed for {kind}")
     if result["top1_agreement"] < min_agree:
         return f"top-1 agreement {result['top1_agreement']:.2f}% is below {min_agree}%"
     return None

@@ -54,11 +54,28 @@ class Preprocessor:
             imgs = dali_decode(enc, device="mixed" if device == "gpu" else "cpu")
             return dali_val(imgs, p, dtype=types.FLOAT16 if fp16 else types.FLOAT)
 
+        self._make = pipe
         self._pipe = pipe()
         self._pipe.build()
 
-    def __call__(self, encoded: Sequence[np.ndarray]):
-        """Preprocess up to ``batch_size`` encoded images; raises on any undecodable one."""
+    def rebuild(self) -> None:
+        """Throw the DALI pipeline away and build a fresh one.
+
+        Called after a failed batch (an undecodable image raises out of ``run()``): DALI's CPU
+        pipelines keep working after such an error, but a GPU (``mixed``) pipeline's state after a
+        decoder error is not documented, so callers that go on after an error rebuild to be safe.
+        """
+        self._pipe = self._make()
+        self._pipe.build()
+
+    def __call__(self, encoded: Sequence[np.ndarray], copy: bool = False):
+        """Preprocess up to ``batch_size`` encoded images; raises on any undecodable one.
+
+        On the GPU the result aliases DALI's output buffer, which the next call overwrites;
+        ``copy=True`` returns a device-to-device copy instead (still no host copy), for callers
+        that run this one batch ahead of the consumer (``serve.pipeline``). The copy is complete
+        when this returns.
+        """
         if not 0 < len(encoded) <= self.batch_size:
             raise ValueError(f"batch of {len(encoded)} images (1..{self.batch_size} allowed)")
         self._pipe.feed_input("encoded", list(encoded))
@@ -66,7 +83,11 @@ class Preprocessor:
         if self.device == "gpu":
             import torch
 
-            return torch.from_dlpack(out.as_tensor())
+            x = torch.from_dlpack(out.as_tensor())
+            if copy:
+                x = x.clone()
+                torch.cuda.current_stream(x.device).synchronize()
+            return x
         return np.array(out.as_tensor())
 
 

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 from .errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
 
 
 @dataclass
@@ -84,3 +85,59 @@ def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
                         yield Path(dirpath) / n
         else:
             yield p
+
+
+def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None if ``data`` starts like a decodable image of acceptable size, else the cause.
+
+    Only the header is parsed (PIL's lazy open): no pixel data is decoded, so it is cheap enough
+    to run on every file before DALI sees it. DALI's decoders can crash the process on some
+    non-image inputs instead of raising, which is why nothing reaches them unchecked.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                fmt = im.format
+    except Image.DecompressionBombError as e:
+        return f"image too large: {e} (limit {max_pixels:,} pixels)"
+    except UnidentifiedImageError:
+        return "not an image (unrecognised file format)"
+    except Exception as e:
+        return f"unreadable image header ({type(e).__name__}: {e})"
+    if w * h > max_pixels:
+        return (f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                f"pixels (possible decompression bomb)")
+    if w < 1 or h < 1:
+        return f"bad image size {w}x{h} in the {fmt} header"
+    return None
+
+
+def check_files(files: list[str], max_report: int = 10, progress: bool = True) -> None:
+    """Header-check every file; DataError naming the bad ones (up to ``max_report``)."""
+    from tqdm import tqdm
+
+    bad: list[str] = []
+    it = tqdm(files, desc="checking image headers", unit="file", mininterval=2.0, leave=False,
+              disable=not progress or len(files) < 20000)
+    for f in it:
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError as e:
+            bad.append(f"{f}: cannot read ({e.strerror or e})")
+            continue
+        cause = check_header(head)
+        if cause:
+            bad.append(f"{f}: {cause}")
+    if bad:
+        more = f" (and {len(bad) - max_report} more)" if len(bad) > max_report else ""
+        raise DataError(f"{len(bad)} bad image file(s): " + "; ".join(bad[:max_report]) + more)

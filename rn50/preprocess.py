@@ -58,7 +58,8 @@ class Preprocessing:
         return cls(image_size=image_size, resize_size=image_size + margin, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-normal form (tuples as lists), so a manifest compares equal after a round trip."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":

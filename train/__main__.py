@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-classes", type=int, default=1000, help="classes for --data-backend synthetic without --data")
     a("--output", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     a("--resume", nargs="?", const="", metavar="CKPT", help="continue from CKPT (default: OUTPUT/last.pt) exactly")
+    a("--stop-after", type=int, metavar="N", help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)")
     a("--evaluate", metavar="CKPT", help="score CKPT on the validation split and exit")
     a("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--cpu", action="store_true", help="ignore CUDA even if present")
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             state = None
         trainer = Trainer(cfg, d, state)
-        trainer.fit()
+        trainer.fit(stop_after=args.stop_after)
         return 0
     finally:
         distributed.shutdown(d)

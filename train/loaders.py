@@ -107,7 +107,7 @@ class DaliLoader(_Base):
                       prefetch_queue_depth=2)
         def pipe():
             jpegs, lab = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         pad_last_batch=False, name="Reader")
+                                         pad_last_batch=True, name="Reader")
             imgs = dali_decode(jpegs, "mixed" if gpu else "cpu")
             out = dali_train(imgs, p) if train else dali_val(imgs, p)
             return out, (lab.gpu() if gpu else lab)
@@ -117,31 +117,32 @@ class DaliLoader(_Base):
         return pp
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         idx = self._indices()
         files = [self.files[i] for i in idx]
         labels = [int(self.labels[i]) for i in idx]
         if not files:
             return
         pipe = self._pipeline(files, labels)
-        it = DALIGenericIterator(pipe, ["x", "y"], reader_name="Reader",
-                                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
-                                 auto_reset=False)
-        step = 0
-        try:
-            for batch in it:
-                x, y = batch[0]["x"], batch[0]["y"].view(-1).long()
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                step += 1
-        except RuntimeError as e:
-            window = files[max(0, (step - 1) * self.batch_size):(step + 4) * self.batch_size]
-            bad = find_bad_images(window)
-            if bad:
-                raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from e
-            raise
-        finally:
-            del it, pipe
+        steps = len(self)
+        for step in range(steps):
+            try:
+                x, y = pipe.run()
+            except RuntimeError as e:
+                # DALI names the operator, not the file: find the undecodable one(s) in this batch
+                # and the prefetched ones after it, and name them.
+                window = files[step * self.batch_size:(step + 3) * self.batch_size]
+                bad = find_bad_images(window)
+                if bad:
+                    raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
+                raise
+            n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
+            yield self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
+
+    def _to_torch(self, out) -> torch.Tensor:
+        t = out.as_tensor()
+        if self.gpu:
+            return torch.from_dlpack(t).clone()  # DALI reuses its buffer at the next run()
+        return torch.from_numpy(np.array(t)).to(self.device)
 
 
 class _FileDataset(torch.utils.data.Dataset):

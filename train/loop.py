@@ -18,7 +18,7 @@ from rn50.atomic import atomic_path, write_json, write_text
 from rn50.batches import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint
 from rn50.errors import CheckpointError, DataError, PipelineError
-from rn50.layout import load_dataset, scan_split
+from rn50.layout import check_files, load_dataset, scan_split
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
 from rn50.model import build_model, num_classes_of
@@ -77,6 +77,8 @@ class Trainer:
             self.classes = train.classes
             tr_files, tr_labels = _subset(train.files, train.labels, cfg["limit_train"], len(self.classes), cfg["seed"])
             va_files, va_labels = _subset(val.files, val.labels, cfg["limit_val"], len(self.classes), cfg["seed"])
+            # every rank checks its own copy: cheap (headers only), and no rank starts on bad data
+            check_files(tr_files + va_files, progress=d.main)
         common = dict(batch_size=cfg["batch_size"], device=d.device, shard=shard, seed=cfg["seed"],
                       workers=cfg["workers"], num_classes=len(self.classes), synthetic_steps=cfg["synthetic_steps"])
         self.train_loader = make_loader(cfg["data_backend"], tr_files, tr_labels, self.p, train=True, **common)
@@ -142,13 +144,14 @@ class Trainer:
         set_rng_state(obj["rng"])
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> None:
+    def fit(self, stop_after: int | None = None) -> None:
         cfg, d = self.cfg, self.d
         if d.main:
             print(f"training {cfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch "
                   f"{cfg['global_batch_size']}, lr {cfg['lr']:.4g}, {cfg['image_size']} px, {cfg['data_backend']}, "
                   f"device {d.device}, amp {cfg['amp'] and cfg['amp_dtype']}, compile {cfg['compile']}", file=sys.stderr)
-        for epoch in range(self.start_epoch, cfg["epochs"]):
+        end = cfg["epochs"] if stop_after is None else min(cfg["epochs"], stop_after)
+        for epoch in range(self.start_epoch, end):
             t0 = time.time()
             loss, lr, n_img = self.train_epoch(epoch)
             train_time = time.time() - t0
@@ -189,7 +192,7 @@ class Trainer:
             count += 1
             self.step += 1
             if d.device.type == "cpu" or i % 50 == 0:
-                v = float(loss)
+                v = loss.item()
                 if not math.isfinite(v):
                     raise TrainingError(f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
                                         f"(lower --lr, or check the data); the last good checkpoint "

@@ -1,0 +1,343 @@
+"""``python -m export``: a checkpoint in, one checked artifact (plus its manifest) out.
+
+The output's suffix picks the artifact:
+
+* ``.onnx``  ONNX for ONNX Runtime (fp32; fp16 inside with fp32 I/O; int8 = calibrated Q/DQ,
+  U8S8 by default for ONNX Runtime on CPU);
+* ``.plan``  TensorRT engine, built from an ONNX written beside it (``rn50.fp16.plan`` +
+  ``rn50.fp16.onnx``; int8 = S8S8 Q/DQ as TensorRT wants);
+* ``.pt2``   AOTInductor package (fp32; CPU, or CUDA when a GPU is present).
+
+Every artifact is checked against the PyTorch checkpoint on real validation images before it is
+renamed into place (``rn50.atomic``); one that fails is not written. Exit status: 0 ok, 2 bad
+input or missing TensorRT/GPU (after writing the ONNX for a ``.plan``), 3 the artifact failed
+its parity bound or the INT8 accuracy gate (nothing written; ``--force`` writes it anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+SUFFIXES = {".onnx": "onnx", ".plan": "tensorrt", ".pt2": "aoti"}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class UsageError(Exception):
+    """Bad command line: exit 2."""
+
+
+class GateError(Exception):
+    """The artifact was built but failed a parity bound or the INT8 gate: exit 3, nothing written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        raise UsageError(message)
+
+
+def log(msg: str) -> None:
+    print(f"export: {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m export", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--checkpoint", required=True, type=Path, help="the trained checkpoint (best.pt)")
+    a("--precision", required=True, help="fp32, fp16 or int8")
+    a("--output", required=True, type=Path, help="artifact path; suffix .onnx, .plan or .pt2 picks the kind")
+    a("--data", type=Path, help="ImageNet-layout data root (default: the checkpoint's train_config data)")
+    a("--batch-min", type=int, default=1, help="TensorRT profile min batch (default 1)")
+    a("--batch-opt", type=int, default=32, help="TensorRT profile opt batch (default 32)")
+    a("--batch-max", type=int, default=256, help="TensorRT profile / AOTInductor max batch (default 256)")
+    a("--workspace", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
+    a("--timing-cache", type=Path, help="TensorRT timing cache file (loaded if present, saved after the build)")
+    a("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    a("--hardware-compat", default="none", help="TensorRT hardware compatibility: none, same-cc, ampere+")
+    a("--calib-method", default="entropy", help="INT8 calibration: entropy (default), minmax, percentile")
+    a("--calib-size", type=int, default=512, help="INT8 calibration images from the training split (default 512)")
+    a("--int8-flavour", default="auto", help="auto (s8s8 for .plan, u8s8 for .onnx), s8s8 or u8s8")
+    a("--gate-images", type=int, default=2000,
+      help="validation images (class-balanced) for the INT8-vs-FP32 accuracy gate (default 2000; all if fewer)")
+    a("--max-top1-drop", type=float, default=0.5, help="INT8 gate: most top-1 points INT8 may lose (default 0.5)")
+    a("--calib-cache", type=Path, help="calibration cache folder (default: <output folder>/.calib-cache)")
+    a("--force", action="store_true", help="write the artifact even if it fails its parity bound or the INT8 gate")
+    a("--parity-images", type=int,
+      help="validation images (class-balanced) for the parity check (default 256; fp16 on CPU: 64)")
+    return ap
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    out: Path = args.output
+    suffix = out.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UsageError(f"--output {out}: unknown suffix {suffix or '(none)'!r}: use .onnx, .plan or .pt2")
+    if args.precision not in PRECISIONS:
+        raise UsageError(f"--precision {args.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if suffix == ".pt2" and args.precision != "fp32":
+        raise UsageError(f"--precision {args.precision} is not available for .pt2 (AOTInductor packages are fp32 "
+                         f"here); use .onnx or .plan for {args.precision}")
+    from calibration.quantize import FLAVOURS, METHODS
+
+    if args.calib_method not in METHODS:
+        raise UsageError(f"--calib-method {args.calib_method!r} is not one of {', '.join(METHODS)}")
+    if args.int8_flavour not in ("auto", *FLAVOURS):
+        raise UsageError(f"--int8-flavour {args.int8_flavour!r} is not one of auto, {', '.join(FLAVOURS)}")
+    from .tensorrt_engine import HARDWARE_COMPAT
+
+    if args.hardware_compat not in HARDWARE_COMPAT:
+        raise UsageError(f"--hardware-compat {args.hardware_compat!r} is not one of {', '.join(HARDWARE_COMPAT)}")
+    if not 1 <= args.batch_min <= args.batch_opt <= args.batch_max:
+        raise UsageError(f"batch profile {args.batch_min}/{args.batch_opt}/{args.batch_max} must satisfy "
+                         f"1 <= --batch-min <= --batch-opt <= --batch-max")
+    if not 0 <= args.opt_level <= 5:
+        raise UsageError(f"--opt-level {args.opt_level} is outside 0-5")
+    for name in ("calib_size", "parity_images", "gate_images", "workspace"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a folder; give a file name such as {out}/rn50.{args.precision}{suffix}")
+    # the nearest existing ancestor must be a writable folder (atomic_path creates the rest)
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {out}: folder {probe} is not writable")
+    return SUFFIXES[suffix]
+
+
+def _data_root(args: argparse.Namespace, manifest: dict[str, Any]) -> Path:
+    from rn50.errors import DataError
+
+    if args.data is not None:
+        return Path(args.data)
+    cfg = manifest.get("train_config") or {}
+    if cfg.get("data"):
+        return Path(cfg["data"])
+    raise DataError(f"{args.checkpoint}: its manifest records no training data folder; pass --data ROOT "
+                    f"(ImageNet layout with train/ and val/; needed for the parity check and INT8 calibration)")
+
+
+@contextlib.contextmanager
+def _scratch(near: Path) -> Iterator[Path]:
+    """A hidden scratch folder beside ``near`` for intermediate files, removed whatever happens."""
+    parent = near.parent if str(near.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{near.name}.", suffix=".work", dir=parent) as d:
+        yield Path(d)
+
+
+def _timed(what: str, fn: Callable[[], Any]) -> Any:
+    log(f"{what} ...")
+    t0 = time.perf_counter()
+    r = fn()
+    log(f"{what}: done in {time.perf_counter() - t0:.1f} s")
+    return r
+
+
+def _parity(model: Any, run: Callable[..., Any], files: list[str], labels: list[int], p: Any, kind: str,
+            force: bool, what: str) -> dict[str, Any]:
+    from .parity import check, compare
+
+    r: dict[str, Any] = _timed(f"parity of {what} against PyTorch on {len(files)} validation images",
+                               lambda: compare(model, run, files, labels, p))
+    problem = check(r, kind)
+    log(f"parity: max |dlogit| {r['max_abs_logit_diff']:.3g} (logit scale {r['max_abs_logit']:.3g}), "
+        f"top-1 agreement {r['top1_agreement']:.2f}%, top-1 {r['top1']:.2f}% (PyTorch {r['torch_top1']:.2f}%)")
+    r["passed"] = problem is None
+    if problem:
+        if not force:
+            raise GateError(f"{what} fails the {kind} parity bound: {problem}; nothing written (--force writes it anyway)")
+        log(f"warning: {problem} (written anyway: --force)")
+    return r
+
+
+def _accuracy(r: dict[str, Any]) -> dict[str, Any]:
+    return {"top1": r["top1"], "top5": r["top5"], "images": r["images"], "split": "val",
+            "subset": "class-balanced", "pytorch_top1": r["torch_top1"], "pytorch_top5": r["torch_top5"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rn50.atomic import atomic_path
+    from rn50.checkpoint import load_model
+    from rn50.layout import load_dataset
+    from rn50.manifest import new_manifest, preprocessing_of, sha256_file, write_manifest
+    from rn50.ort import session
+
+    from . import onnx as onnx_export
+    from .parity import BOUNDS, subset
+
+    kind = _check_args(args)
+    out: Path = args.output
+    precision: str = args.precision
+    t_start = time.perf_counter()
+
+    log(f"loading {args.checkpoint}")
+    model, ck_man = load_model(args.checkpoint)
+    p = preprocessing_of(ck_man)
+    classes = list(ck_man["classes"])
+    data = _data_root(args, ck_man)
+    train, val = load_dataset(data)
+    if val.classes != classes:
+        from rn50.errors import DataError
+
+        raise DataError(f"{data}: its classes {val.classes} differ from the checkpoint's {classes}")
+    n_par = args.parity_images or (64 if precision == "fp16" else 256)
+    par_files, par_labels = subset(val.files, val.labels, n_par)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    bound, min_agree = BOUNDS["pt2" if kind == "aoti" else precision]
+    common: dict[str, Any] = {"classes": classes, "preprocessing": p, "source": args.checkpoint}
+    extra: dict[str, Any] = {"source_accuracy": ck_man.get("accuracy", {}), "data": str(data),
+                             "input_name": onnx_export.INPUT, "output_name": onnx_export.OUTPUT,
+                             "parity_bounds": {"max_rel_logit_diff": bound if bound != float("inf") else None,
+                                               "min_top1_agreement": min_agree}}
+
+    # ------------------------------------------------------------------ AOTInductor
+    if kind == "aoti":
+        from .aoti import compile_package, runner
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with atomic_path(out) as tmp, _scratch(out) as scratch:
+            pkg = scratch / "rn50.pt2"  # the packager insists on a name ending in .pt2
+            _timed(f"torch.export + AOTInductor compile ({device}, batch 1..{args.batch_max})",
+                   lambda: compile_package(model, p.image_size, pkg, args.batch_max, device))
+            par = _parity(model.cpu(), runner(pkg, device), par_files, par_labels, p, "pt2", args.force, out.name)
+            os.replace(pkg, tmp)
+        m = new_manifest("aoti", precision="fp32", accuracy=_accuracy(par), parity=par, device=device,
+                         max_batch=args.batch_max, torch_export={"dynamic_batch": [1, args.batch_max]},
+                         **common, **extra)
+        write_manifest(out, m)
+        log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t_start:.0f} s")
+        return 0
+
+    # ------------------------------------------------------------------ ONNX (and the ONNX of a .plan)
+    onnx_out = out if kind == "onnx" else out.with_suffix(".onnx")
+    onnx_info: dict[str, Any] = {"opset": onnx_export.OPSET, "exporter": "torch.onnx (TorchScript, dynamo=False)",
+                                 "dynamic_axes": {"input": "batch", "logits": "batch"}}
+    with atomic_path(onnx_out) as tmp, _scratch(onnx_out) as scratch:
+        if precision in ("fp32", "fp16"):
+            if precision == "fp32":
+                _timed(f"ONNX export (opset {onnx_export.OPSET})", lambda: onnx_export.export_fp32(model, p.image_size, tmp))
+            else:
+                fp32 = scratch / "fp32.onnx"
+                _timed(f"ONNX export (opset {onnx_export.OPSET})", lambda: onnx_export.export_fp32(model, p.image_size, fp32))
+                _timed("FP16 conversion (onnxconverter-common, fp32 I/O)", lambda: onnx_export.convert_fp16(fp32, tmp))
+                onnx_info["converter"] = "onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)"
+            sess = session(tmp, prefer_gpu=True)
+            iname = sess.get_inputs()[0].name
+            par = _parity(model, lambda x: sess.run(None, {iname: x})[0], par_files, par_labels, p, precision,
+                          args.force, onnx_out.name)
+            int8_info: dict[str, Any] = {}
+        else:
+            par, int8_info = _int8(args, model, p, train, val, tmp, scratch, kind, par_files, par_labels)
+            onnx_info["quantization"] = int8_info["quantization"]
+    onnx_m = new_manifest("onnx", precision=precision, accuracy=_accuracy(par), parity=par, onnx=onnx_info,
+                          **int8_info.get("manifest", {}),
+                          **common, **extra)
+    write_manifest(onnx_out, onnx_m)
+    log(f"wrote {onnx_out} ({onnx_out.stat().st_size / 2**20:.1f} MiB)")
+    if kind == "onnx":
+        log(f"done in {time.perf_counter() - t_start:.0f} s")
+        return 0
+
+    # ------------------------------------------------------------------ TensorRT
+    from . import tensorrt_engine as te
+
+    why = te.missing()
+    if why:
+        from rn50.errors import EngineError
+
+        raise EngineError(f"cannot build {out}: {why}. The ONNX it would be built from is written: {onnx_out} "
+                          f"(serve it with ONNX Runtime: python -m serve.infer --engine {onnx_out} IMAGES...)")
+    with atomic_path(out) as tmp:
+        info = _timed(f"TensorRT {te.version()} build ({precision}, profile {args.batch_min}/{args.batch_opt}/{args.batch_max})",
+                      lambda: te.build_engine(onnx_out, tmp, precision=precision, input_name=onnx_export.INPUT,
+                                              image_size=p.image_size, workspace_mib=args.workspace,
+                                              batch=(args.batch_min, args.batch_opt, args.batch_max),
+                                              opt_level=args.opt_level, hardware_compat=args.hardware_compat,
+                                              timing_cache=args.timing_cache))
+        par_trt = _parity(model, te.runner(tmp), par_files, par_labels, p, precision, args.force, out.name)
+    plan_m = new_manifest("tensorrt", precision=precision, accuracy=_accuracy(par_trt), parity=par_trt,
+                          max_batch=args.batch_max, onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
+                          **info, **int8_info.get("manifest", {}), **common, **extra)
+    write_manifest(out, plan_m)
+    log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def _int8(args: argparse.Namespace, model: Any, p: Any, train: Any, val: Any, dest: Path, scratch: Path, kind: str,
+          par_files: list[str], par_labels: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FP32 ONNX -> calibrated Q/DQ ONNX at ``dest`` (a temp path), gated; returns (parity, info)."""
+    from calibration.dataset import calibration_set
+    from calibration.gate import gate
+    from calibration.quantize import calibrate
+    from rn50.ort import session
+
+    from . import onnx as onnx_export
+    from .parity import subset
+
+    flavour = args.int8_flavour if args.int8_flavour != "auto" else ("s8s8" if kind == "tensorrt" else "u8s8")
+    cache_dir = args.calib_cache or (args.output.parent / ".calib-cache")
+    fp32 = scratch / "fp32.onnx"
+    _timed(f"FP32 ONNX export (opset {onnx_export.OPSET}) for calibration",
+           lambda: onnx_export.export_fp32(model, p.image_size, fp32))
+    files = calibration_set(train.files, train.labels, args.calib_size)
+    log(f"calibration: {len(files)} class-balanced training images, method {args.calib_method}, "
+        f"flavour {flavour}, cache {cache_dir}")
+    q = _timed("INT8 calibration + Q/DQ quantization",
+               lambda: calibrate(fp32, dest, files, p, method=args.calib_method, flavour=flavour, cache_dir=cache_dir))
+    if q["cache_hit"]:
+        log(f"calibration: cache hit ({q['cache_key']}), not recalibrated")
+    g_files, g_labels = subset(val.files, val.labels, args.gate_images)
+    g = _timed(f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
+               lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop))
+    log(f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
+        f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%")
+    if not g["passed"]:
+        msg = (f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) on "
+               f"{g['int8']['images']} validation images")
+        if not args.force:
+            raise GateError(f"{msg}; nothing written (try --calib-method, a larger --calib-size, or --force)")
+        log(f"warning: {msg} (written anyway: --force)")
+    sess = session(dest, prefer_gpu=True)
+    iname = sess.get_inputs()[0].name
+    par = _parity(model, lambda x: sess.run(None, {iname: x})[0], par_files, par_labels, p, "int8", args.force,
+                  args.output.name)
+    return par, {"quantization": q, "manifest": {"int8": {**q, "gate": g}, "int8_flavour": flavour}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rn50.errors import PipelineError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except GateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (PipelineError, PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

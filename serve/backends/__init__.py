@@ -1,0 +1,111 @@
+"""Engines behind one small interface, picked by file suffix.
+
+``.plan`` -> TensorRT runtime, ``.onnx`` -> ONNX Runtime, ``.pt2`` -> AOTInductor. Each backend has
+
+* ``name``        - "tensorrt", "onnxruntime" or "aoti"
+* ``provider``    - what actually runs it (e.g. ``CPUExecutionProvider``, ``cuda:0``)
+* ``device``      - "cpu" or "cuda": where ``run`` wants its input
+* ``input_dtype`` - "float32" or "float16"
+* ``max_batch``   - the largest batch the engine takes
+* ``num_classes`` - the engine's output width, or None when it cannot be read without running it
+* ``run(batch)``  - logits as float32 numpy ``(N, classes)``; ``batch`` is float32 NCHW numpy
+  on the CPU or a torch CUDA tensor (DALI's GPU output) on the GPU.
+
+Loading checks the manifest beside the engine (:func:`load_engine`): kind against suffix, class
+count against the engine's output, and for TensorRT the GPU / TensorRT version the plan was built
+for. Every failure is an :class:`rn50.errors.EngineError` or ``ManifestError`` whose message names
+the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from rn50.errors import EngineError, ManifestError
+from rn50.manifest import read_manifest
+
+SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti"}
+# manifest "kind" values accepted for each suffix
+KINDS = {
+    ".plan": ("tensorrt", "plan", "trt"),
+    ".engine": ("tensorrt", "plan", "trt"),
+    ".onnx": ("onnx",),
+    ".pt2": ("aoti", "pt2", "aotinductor"),
+}
+# Without a fixed batch in the engine or a max_batch in its manifest, this is the cap.
+DEFAULT_MAX_BATCH = 1024
+
+
+class Backend(Protocol):
+    name: str
+    provider: str
+    device: str
+    input_dtype: str
+    max_batch: int
+    num_classes: int | None
+
+    def run(self, batch: Any) -> np.ndarray: ...
+
+
+def _suffix(path: Path) -> str:
+    s = path.suffix.lower()
+    if s not in SUFFIXES:
+        raise EngineError(f"{path}: unknown engine type '{s or '(no suffix)'}' "
+                          f"(expected {', '.join(sorted(SUFFIXES))})")
+    return s
+
+
+def load_backend(path: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
+                 prefer_gpu: bool = True) -> Backend:
+    """Open ``path`` with the backend its suffix names (no manifest checks; see load_engine)."""
+    path = Path(path)
+    s = _suffix(path)
+    if not path.exists():
+        raise EngineError(f"{path}: engine not found")
+    if not path.is_file():
+        raise EngineError(f"{path}: not a file")
+    manifest = manifest or {}
+    if SUFFIXES[s] == "onnxruntime":
+        from .onnxruntime import OrtBackend
+
+        return OrtBackend(path, manifest, prefer_gpu=prefer_gpu)
+    if SUFFIXES[s] == "aoti":
+        from .aoti import AotiBackend
+
+        return AotiBackend(path, manifest, prefer_gpu=prefer_gpu)
+    from .tensorrt import TrtBackend
+
+    return TrtBackend(path, manifest)
+
+
+def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[Backend, dict[str, Any]]:
+    """Check the engine and its manifest, open it; ``(backend, manifest)``.
+
+    Raises EngineError / ManifestError with a message for the terminal.
+    """
+    path = Path(path)
+    s = _suffix(path)
+    if not path.exists():
+        raise EngineError(f"{path}: engine not found")
+    m = read_manifest(path)
+    kind = str(m.get("kind", ""))
+    if kind not in KINDS[s]:
+        raise ManifestError(f"{path}: the manifest beside it describes a '{kind}' artifact, not a {s} engine "
+                            f"(expected kind {' or '.join(repr(k) for k in KINDS[s])}); "
+                            f"is {path.name}{'.manifest.json'} the right manifest?")
+    backend = load_backend(path, m, prefer_gpu=prefer_gpu)
+    n = backend.num_classes
+    if n is not None and n != len(m["classes"]):
+        raise ManifestError(f"{path}: the engine outputs {n} classes but its manifest lists {len(m['classes'])}")
+    return backend, m
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out

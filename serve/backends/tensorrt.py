@@ -1,0 +1,136 @@
+"""TensorRT backend (``.plan``): the TensorRT runtime API fed straight from DALI's GPU buffer.
+
+``Runtime(logger).deserialize_cuda_engine(plan)`` -> ``create_execution_context()``; per batch
+``set_input_shape``, ``set_tensor_address`` with the input tensor's ``data_ptr()`` (the torch
+view of DALI's GPU output: no host copy) and a torch output tensor's, then
+``execute_async_v3`` on a torch CUDA stream. Only the logits are copied to the host.
+
+A plan is tied to its TensorRT version and GPU (unless built hardware/version compatible). When
+``deserialize_cuda_engine`` returns None, the error names the plan, the TensorRT version and GPU
+its manifest records, and the ones present here.
+
+``tensorrt`` is imported when a backend is created, so everything else works without it. Typed
+against ``tensorrt-stubs``: ``mypy --strict serve/backends/tensorrt.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rn50.errors import EngineError
+
+
+def _import_trt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise EngineError(f"TensorRT is not installed ({e}); install tensorrt-cu13 from NVIDIA, "
+                          f"or serve the .onnx / .pt2 export instead") from e
+    if not hasattr(trt, "Runtime"):  # e.g. only tensorrt-stubs present: a namespace package
+        raise EngineError("TensorRT is not installed (the 'tensorrt' module has no Runtime: only type stubs?); "
+                          "install tensorrt-cu13 from NVIDIA, or serve the .onnx / .pt2 export instead")
+    return trt
+
+
+def _target_of(manifest: dict[str, Any]) -> tuple[str, str]:
+    """(TensorRT version, GPU) the manifest says the plan was built with."""
+    versions = manifest.get("versions") or {}
+    trt_v = str(manifest.get("tensorrt_version") or versions.get("tensorrt") or "unknown")
+    gpu: Any = manifest.get("gpu") or manifest.get("target_gpu") or manifest.get("device") or "unknown"
+    if isinstance(gpu, dict):
+        name = gpu.get("name", "unknown")
+        cc = gpu.get("compute_capability") or gpu.get("capability")
+        gpu = f"{name} (sm_{str(cc).replace('.', '')})" if cc else str(name)
+    return trt_v, str(gpu)
+
+
+def _current_gpu() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
+
+
+class TrtBackend:
+    name = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        import torch
+
+        trt = _import_trt()
+        if not torch.cuda.is_available():
+            raise EngineError(f"{path}: a TensorRT plan needs a CUDA GPU and there is none here "
+                              f"(serve the .onnx or .pt2 export on this machine)")
+        self.path = path
+        self._trt = trt
+        self.logger = trt.Logger(trt.Logger.ERROR)
+        self.runtime = trt.Runtime(self.logger)
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            built_trt, built_gpu = _target_of(manifest)
+            raise EngineError(
+                f"{path}: TensorRT cannot load this plan: it was built with TensorRT {built_trt} for "
+                f"{built_gpu}, and this machine has TensorRT {trt.__version__} on {_current_gpu()}. "
+                f"Plans only run on the TensorRT version (and, unless built hardware-compatible, the GPU) "
+                f"they were built for: rebuild it here with `python -m export --precision ... --output X.plan`")
+        self.engine = engine
+        context = engine.create_execution_context()
+        if context is None:
+            raise EngineError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+        self.context = context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(ins) != 1 or not outs:
+            raise EngineError(f"{path}: expected one input and a logits output, found inputs {ins} and outputs {outs}")
+        self.input_name, self.output_name = ins[0], outs[0]
+        self._in_dtype = self._torch_dtype(engine.get_tensor_dtype(self.input_name))
+        self._out_dtype = self._torch_dtype(engine.get_tensor_dtype(self.output_name))
+        self.input_dtype = "float16" if self._in_dtype == torch.float16 else "float32"
+        in_shape = tuple(engine.get_tensor_shape(self.input_name))
+        if in_shape and in_shape[0] > 0:
+            self.max_batch = int(in_shape[0])
+        else:
+            profile = engine.get_tensor_profile_shape(self.input_name, 0)
+            self.max_batch = int(profile[2][0])
+        out_shape = tuple(engine.get_tensor_shape(self.output_name))
+        self.num_classes: int | None = int(out_shape[-1]) if out_shape and out_shape[-1] > 0 else None
+        self.provider = f"TensorRT {trt.__version__} on {_current_gpu()}"
+        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+
+    def _torch_dtype(self, dt: Any) -> Any:
+        import torch
+
+        trt = self._trt
+        table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        if dt not in table:
+            raise EngineError(f"{self.path}: engine I/O type {dt} is not float32/float16")
+        return table[dt]
+
+    def run(self, batch: Any) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+        x = x.to(device="cuda", dtype=self._in_dtype).contiguous()
+        n = int(x.shape[0])
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds the engine's maximum batch {self.max_batch}")
+        if not self.context.set_input_shape(self.input_name, tuple(int(d) for d in x.shape)):
+            raise EngineError(f"{self.path}: the engine rejects input shape {tuple(x.shape)}")
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        y = torch.empty(out_shape, dtype=self._out_dtype, device=x.device)
+        self.context.set_tensor_address(self.input_name, int(x.data_ptr()))
+        self.context.set_tensor_address(self.output_name, int(y.data_ptr()))
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError(f"{self.path}: TensorRT execution failed")
+        x.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):  # the device-to-host copy waits for the engine
+            out: np.ndarray = y.float().cpu().numpy()
+        return out

@@ -1,0 +1,158 @@
+"""Classify images with an exported engine: ``python -m serve.infer --engine X INPUT...``.
+
+* The engine is picked by suffix: ``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), ``.pt2``
+  (AOTInductor). The preprocessing (image size, resize, mean/std) and the class names come from
+  the manifest beside the engine (``X.manifest.json``), never from flags.
+* Preprocessing is DALI's (``rn50.batches``): ``mixed`` nvJPEG decoding and GPU resizing when CUDA
+  is available (the batch stays on the GPU and feeds the engine without a host copy), the CPU
+  otherwise. A background thread decodes the next batch while the engine runs this one.
+* Inputs: files and folders (recursive, sorted). JPEG, PNG, BMP, TIFF, WebP; grayscale is
+  replicated to RGB and CMYK converted; the EXIF orientation tag is applied (DALI
+  ``adjust_orientation=True``, as in training and as ``PIL.ImageOps.exif_transpose`` in the
+  PIL reference).
+* Output: one JSON line per image, in input order:
+  ``{"path", "topk": [class indices], "classes": [names], "probs": [softmax probabilities]}``,
+  or ``{"path", "error": "<cause>"}`` for an image that could not be classified (unreadable,
+  empty, not an image, corrupt or truncated, more than --max-pixels pixels). Bad images never
+  stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
+  renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
+* stderr: a progress bar and a summary (images, failures, images/s, per-batch engine latency
+  p50/p95/p99, backend and provider); ``--quiet`` turns both off.
+
+Exit status: 0 every image classified, 1 some images failed, 2 usage or engine error (missing
+engine, missing or mismatched manifest, plan for another GPU / TensorRT version, no inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve.infer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2); "
+                    "DALI preprocessing from the engine's manifest; one JSON line per image.",
+        epilog="exit status: 0 all images classified; 1 some images failed (each has an \"error\" line); "
+               "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
+               "another GPU/TensorRT, no input images).\nSee docs/serving.md.")
+    ap.add_argument("--engine", required=True, help="engine file: .plan (TensorRT), .onnx (ONNX Runtime) or .pt2 (AOTInductor), "
+                                                    "with its .manifest.json beside it")
+    ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)")
+    ap.add_argument("--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)")
+    ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout")
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                    help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
+    ap.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this (default 100,000,000)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    return ap
+
+
+def err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sink(output: str | None) -> Iterator[IO[str]]:
+    if output is None:
+        yield sys.stdout
+        return
+    from rn50.atomic import atomic_path
+
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rn50.errors import PipelineError
+    from rn50.layout import iter_inputs
+    from rn50.manifest import preprocessing_of
+
+    from .backends import load_engine, softmax
+    from .pipeline import MAX_PIXELS, BatchStream, env_threads, percentiles, pick_device
+
+    if args.batch_size < 1 or args.topk < 1:
+        err("--batch-size and --topk must be at least 1")
+        return EXIT_USAGE
+    try:
+        device = pick_device(args.device)
+        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
+        p = preprocessing_of(manifest)
+    except PipelineError as e:
+        err(str(e))
+        return EXIT_USAGE
+    if device == "gpu" and backend.device != "cuda":
+        device = "cpu"  # the engine runs on the CPU (e.g. a CPU AOTInductor package): decode there too
+    if not args.inputs:
+        err("no input images given (pass image files and/or folders)")
+        return EXIT_USAGE
+    missing = [i for i in args.inputs if not Path(i).exists() and not Path(i).is_symlink()]
+    if missing and len(missing) == len(args.inputs):
+        err(f"no such file or folder: {', '.join(missing)}")
+        return EXIT_USAGE
+    paths = [str(x) for x in iter_inputs(args.inputs)]
+    if not paths:
+        err(f"no image files found in {', '.join(args.inputs)}")
+        return EXIT_USAGE
+
+    classes: list[str] = manifest["classes"]
+    k = min(args.topk, len(classes))
+    bs = min(args.batch_size, backend.max_batch)
+    stream = BatchStream(paths, p, bs, device=device, max_pixels=args.max_pixels or MAX_PIXELS,
+                         num_threads=env_threads(), fp16=backend.input_dtype == "float16")
+    from tqdm import tqdm
+
+    lat: list[float] = []
+    n_ok = n_bad = 0
+    t0 = time.perf_counter()
+    try:
+        with _sink(args.output) as out, tqdm(total=len(paths), unit="img", disable=args.quiet,
+                                               file=sys.stderr, dynamic_ncols=True) as bar:
+            for b in stream:
+                recs: list[tuple[int, dict[str, object]]] = [(i, {"path": pth, "error": cause}) for i, pth, cause in b.errors]
+                if b.x is not None and b.indices:
+                    t = time.perf_counter()
+                    logits = backend.run(b.x)
+                    lat.append(time.perf_counter() - t)
+                    probs = softmax(logits)
+                    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+                    for row, (i, pth) in enumerate(zip(b.indices, b.paths)):
+                        idx = [int(c) for c in top[row]]
+                        recs.append((i, {"path": pth, "topk": idx, "classes": [classes[c] for c in idx],
+                                         "probs": [round(float(probs[row, c]), 6) for c in idx]}))
+                recs.sort(key=lambda r: r[0])
+                for _, rec in recs:
+                    out.write(json.dumps(rec) + "\n")
+                if args.output is None:
+                    out.flush()
+                n_ok += len(b.indices)
+                n_bad += len(b.errors)
+                bar.update(len(b.indices) + len(b.errors))
+    except PipelineError as e:
+        err(str(e))
+        return EXIT_USAGE
+    wall = time.perf_counter() - t0
+    if not args.quiet:
+        pc = percentiles([x * 1000 for x in lat])
+        print(f"summary: {len(paths)} images, {n_ok} classified, {n_bad} failed in {wall:.2f} s "
+              f"({len(paths) / wall if wall > 0 else 0:.1f} images/s end to end); batch {bs}, "
+              f"{len(lat)} batches, engine latency per batch p50 {pc['p50']:.1f} ms, p95 {pc['p95']:.1f} ms, "
+              f"p99 {pc['p99']:.1f} ms; backend {backend.name} ({backend.provider}), DALI on {device}"
+              + (f"; predictions in {args.output}" if args.output else ""), file=sys.stderr)
+    return EXIT_SOME_FAILED if n_bad else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The DALI-fed batch loop shared by ``serve.infer`` and ``serve.validate``.
+
+A background thread runs one batch ahead of the engine: it reads files, sniffs each header,
+runs the DALI preprocessing (:class:`rn50.batches.Preprocessor`, the project's single
+preprocessing path) and puts the result in a bounded queue (``prefetch`` batches, default 2), so
+decoding batch ``i+1`` overlaps inference of batch ``i``. On the GPU, DALI decodes with nvJPEG
+(``mixed``) and the batch stays on the GPU (a device-to-device copy of DALI's buffer, which the
+next ``run()`` would overwrite) until the engine reads it.
+
+Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entry of its batch:
+
+1. reading: missing / unreadable / dangling symlink / directory / empty file (``read_encoded``);
+2. header sniff with PIL's lazy ``Image.open`` (no pixel data decoded): not an image, or more
+   than ``max_pixels`` pixels (default 100 megapixels, a decompression-bomb guard: DALI would
+   otherwise try to allocate the full image);
+3. DALI: if a batch fails (truncated or corrupt data the header did not reveal), the pipeline is
+   rebuilt and the batch is retried image by image to find the culprits; the others are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from rn50.batches import Preprocessor, read_encoded
+from rn50.errors import DataError
+from rn50.layout import MAX_PIXELS, check_header
+from rn50.preprocess import Preprocessing
+
+
+
+@dataclass
+class Prepared:
+    """One batch: the good images (``index``, ``path``, ``x``) and the failures of its span."""
+
+    indices: list[int]
+    paths: list[str]
+    x: Any  # float NCHW numpy (cpu) or torch CUDA tensor (gpu); None when no image survived
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # time spent reading + preprocessing this batch (in the background)
+
+
+def _first_line(e: BaseException) -> str:
+    """The useful line of a (DALI) exception: DALI's messages start with pipeline boilerplate."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if ("error" in low and "critical error in pipeline" not in low and "operator" not in low) or "decode" in low:
+            return ln[:300]
+    for ln in reversed(lines):
+        if not ln.startswith(("File ", "which was used", "^")) and "pipeline" not in ln.lower():
+            return ln[:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None if the header looks like a decodable image of acceptable size, else the cause."""
+    return check_header(data.tobytes(), max_pixels)
+
+
+class BatchStream:
+    """Iterate :class:`Prepared` batches over ``paths``, preprocessing ahead in a thread."""
+
+    def __init__(self, paths: Sequence[str], p: Preprocessing, batch_size: int, device: str = "cpu",
+                 prefetch: int = 2, max_pixels: int = MAX_PIXELS, num_threads: int | None = None,
+                 fp16: bool = False):
+        self.paths = [str(x) for x in paths]
+        self.batch_size, self.device, self.max_pixels = batch_size, device, max_pixels
+        self.pre = Preprocessor(p, batch_size, device, num_threads=num_threads, fp16=fp16)
+        self._q: queue.Queue[Prepared | BaseException | None] = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- producer ---------------------------------------------------------------------------
+    def _run_dali(self, encoded: list[np.ndarray]) -> Any:
+        return self.pre(encoded, copy=self.device == "gpu")
+
+    def _prepare(self, span: list[tuple[int, str]]) -> Prepared:
+        t0 = time.perf_counter()
+        good: list[tuple[int, str, np.ndarray]] = []
+        errors: list[tuple[int, str, str]] = []
+        for i, path in span:
+            try:
+                data = read_encoded(path)
+            except DataError as e:
+                errors.append((i, path, str(e).removeprefix(f"{path}: ")))
+                continue
+            cause = sniff(path, data, self.max_pixels)
+            if cause:
+                errors.append((i, path, cause))
+            else:
+                good.append((i, path, data))
+        x = None
+        if good:
+            try:
+                x = self._run_dali([d for _, _, d in good])
+            except Exception:
+                # Find the culprits one by one; rebuild first (pipeline state after an error).
+                self.pre.rebuild()
+                kept: list[tuple[int, str, np.ndarray]] = []
+                outs = []
+                for i, path, d in good:
+                    try:
+                        outs.append(self._run_dali([d]))
+                        kept.append((i, path, d))
+                    except Exception as e:
+                        errors.append((i, path, f"cannot decode image ({_first_line(e)})"))
+                        self.pre.rebuild()
+                good = kept
+                if outs:
+                    if self.device == "gpu":
+                        import torch
+
+                        x = torch.cat(outs)
+                    else:
+                        x = np.concatenate(outs)
+        errors.sort()
+        return Prepared([i for i, _, _ in good], [pth for _, pth, _ in good], x, errors,
+                        time.perf_counter() - t0)
+
+    def _spans(self) -> Iterator[list[tuple[int, str]]]:
+        items = list(enumerate(self.paths))
+        for s in range(0, len(items), self.batch_size):
+            yield items[s:s + self.batch_size]
+
+    def _producer(self) -> None:
+        try:
+            for span in self._spans():
+                if self._stop.is_set():
+                    return
+                item = self._prepare(span)
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surface unexpected failures in the consumer
+            self._q.put(e)
+            return
+        self._q.put(None)
+
+    # -- consumer ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Prepared]:
+        self._thread = threading.Thread(target=self._producer, name="serve-preprocess", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                item = self._q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=10)
+
+
+def pick_device(requested: str) -> str:
+    """``auto`` -> ``gpu`` when CUDA is usable, else ``cpu``; ``gpu`` without CUDA is an error."""
+    import torch
+
+    have = torch.cuda.is_available()
+    if requested == "auto":
+        return "gpu" if have else "cpu"
+    if requested == "gpu" and not have:
+        raise DataError("--device gpu: no CUDA GPU is available here (use --device auto or cpu)")
+    return requested
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{int(q)}": float("nan") for q in qs}
+    a = np.asarray(values, dtype=np.float64)
+    return {f"p{int(q)}": float(np.percentile(a, q)) for q in qs}
+
+
+def env_threads() -> int | None:
+    v = os.environ.get("RN50_DALI_THREADS")
+    return int(v) if v else None

@@ -1,0 +1,166 @@
+"""Engine vs PyTorch on a labelled split: ``python -m serve.validate --engine X --checkpoint CKPT VAL_DIR``.
+
+One DALI preprocessing pass (``rn50.batches``, with the engine manifest's preprocessing) feeds
+both the eager fp32 PyTorch model (``rn50.checkpoint.load_model``) and the engine, so any
+difference is the engine's. Reports top-1/top-5 of both, their difference, top-1 agreement and
+the max abs logit difference, and passes when the engine's top-1 is within the bound for its
+precision (from the engine's manifest) of PyTorch's (fp32 0.05 point, fp16 0.1, int8 0.5) and the engine
+picks PyTorch's top-1 class on at least 99 % (fp32), 98 % (fp16) or 90 % (int8) of the images.
+
+The report goes to ``PREFIX.json`` and ``PREFIX.md`` (default PREFIX ``<engine>.validate``),
+written atomically; the Markdown table is printed. Exit status: 0 pass, 1 fail, 2 usage or
+engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
+differ, VAL_DIR not an ImageNet-layout folder with those classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BOUNDS = {"fp32": 0.05, "fp16": 0.1, "bf16": 0.1, "int8": 0.5}
+# Same accuracy is not enough: a different model can score the same. The engine must also pick
+# PyTorch's top-1 class on at least this share of the images (percent).
+MIN_AGREEMENT = {"fp32": 99.0, "fp16": 98.0, "bf16": 98.0, "int8": 90.0}
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve.validate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare an engine with its PyTorch checkpoint on a labelled ImageNet-layout split "
+                    "(VAL_DIR/<class>/*.jpg), through one shared DALI preprocessing pass.",
+        epilog="pass: |top-1(engine) - top-1(PyTorch)| <= bound for the engine's precision "
+               "(fp32 0.05, fp16 0.1, int8 0.5 points) and top-1 agreement >= 99/98/90 %.\nexit status: 0 pass; 1 fail; 2 usage or engine error.")
+    ap.add_argument("--engine", required=True, help=".plan, .onnx or .pt2 with its manifest beside it")
+    ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
+    ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
+    ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)")
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)")
+    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, precision: str) -> dict[str, Any]:
+    from rn50.metrics import topk_accuracy
+
+    ref = topk_accuracy(ref_logits, labels, (1, 5))
+    eng = topk_accuracy(eng_logits, labels, (1, 5))
+    bound = BOUNDS.get(precision, BOUNDS["int8"])
+    d1 = eng[1] - ref[1]
+    agree = float((ref_logits.argmax(1) == eng_logits.argmax(1)).mean() * 100) if len(labels) else 0.0
+    return {
+        "images": int(len(labels)), "precision": precision,
+        "pytorch": {"top1": ref[1], "top5": ref[5]}, "engine": {"top1": eng[1], "top5": eng[5]},
+        "diff": {"top1": d1, "top5": eng[5] - ref[5]},
+        "top1_agreement": agree,
+        "max_abs_logit_diff": float(np.abs(ref_logits - eng_logits).max()) if len(labels) else 0.0,
+        "bound_top1_points": bound,
+        "min_top1_agreement": MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"]),
+        "passed": bool(abs(d1) <= bound + 1e-9 and agree >= MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"])),
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    verdict = "PASS" if r["passed"] else "FAIL"
+    return "\n".join([
+        f"Validation of `{r['engine']}` ({r['backend']}, {r['precision']}) against `{r['checkpoint']}` "
+        f"on {r['images']} images of `{r['val_dir']}`",
+        "",
+        "| | top-1 (%) | top-5 (%) |",
+        "| --- | ---: | ---: |",
+        f"| PyTorch (eager fp32) | {r['pytorch']['top1']:.2f} | {r['pytorch']['top5']:.2f} |",
+        f"| engine | {r['engine_acc']['top1']:.2f} | {r['engine_acc']['top5']:.2f} |",
+        f"| difference (engine - PyTorch) | {r['diff']['top1']:+.2f} | {r['diff']['top5']:+.2f} |",
+        "",
+        f"top-1 agreement {r['top1_agreement']:.2f} %, max abs logit difference {r['max_abs_logit_diff']:.4g}; "
+        f"bounds for {r['precision']}: |top-1 difference| <= {r['bound_top1_points']} point and top-1 agreement "
+        f">= {r['min_top1_agreement']} % -> **{verdict}**",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from rn50.atomic import write_json, write_text
+    from rn50.checkpoint import load_model
+    from rn50.errors import PipelineError
+    from rn50.layout import scan_split
+    from rn50.manifest import preprocessing_of
+
+    from .backends import load_engine
+    from .pipeline import BatchStream, env_threads, pick_device
+
+    def err(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.limit is not None and args.limit < 1:
+        return err("--limit must be at least 1")
+    try:
+        device = pick_device(args.device)
+        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
+        model, ck_manifest = load_model(args.checkpoint, "cuda" if device == "gpu" else "cpu")
+        if list(ck_manifest["classes"]) != list(manifest["classes"]):
+            return err(f"{args.engine}: the engine's classes {manifest['classes']} differ from the checkpoint's "
+                       f"{ck_manifest['classes']} ({args.checkpoint}): not exported from this checkpoint?")
+        p = preprocessing_of(manifest)
+        split = scan_split(args.val_dir, classes=manifest["classes"])
+    except PipelineError as e:
+        return err(str(e))
+    if device == "gpu" and backend.device != "cuda":
+        device = "cpu"
+        model = model.cpu()
+    files, labels = split.files, split.labels
+    if args.limit and args.limit < len(files):
+        from rn50.batches import balanced_subset
+
+        per_class = -(-args.limit // len(split.classes))
+        files, labels = balanced_subset(files, labels, per_class)
+        files, labels = files[:args.limit], labels[:args.limit]
+    bs = min(args.batch_size, backend.max_batch)
+    stream = BatchStream(files, p, bs, device=device, num_threads=env_threads())
+    ref_l, eng_l, lab_l = [], [], []
+    failed: list[dict[str, str]] = []
+    t0 = time.perf_counter()
+    with tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        for b in stream:
+            failed += [{"path": pth, "error": c} for _, pth, c in b.errors]
+            if b.x is not None and b.indices:
+                x = b.x if device == "gpu" else torch.from_numpy(b.x)
+                with torch.inference_mode():
+                    ref_l.append(model(x.float()).float().cpu().numpy())
+                eng_l.append(backend.run(b.x))
+                lab_l.append(np.asarray([labels[i] for i in b.indices], np.int64))
+            bar.update(len(b.indices) + len(b.errors))
+    if not ref_l:
+        return err(f"{args.val_dir}: no image could be decoded ({len(failed)} failed)")
+    ref, eng, lab = np.concatenate(ref_l), np.concatenate(eng_l), np.concatenate(lab_l)
+    r = compare(ref, eng, lab, str(manifest.get("precision", "fp32")))
+    r["engine_acc"] = r.pop("engine")
+    r.update(engine=str(args.engine), backend=f"{backend.name} ({backend.provider})", checkpoint=str(args.checkpoint),
+             val_dir=str(args.val_dir), failed_images=failed, seconds=round(time.perf_counter() - t0, 2))
+    prefix = args.report or f"{args.engine}.validate"
+    md = markdown(r)
+    write_json(f"{prefix}.json", r)
+    write_text(f"{prefix}.md", md)
+    print(md)
+    if failed:
+        print(f"warning: {len(failed)} images could not be decoded and were left out (listed in {prefix}.json)", file=sys.stderr)
+    print(f"report: {prefix}.json, {prefix}.md", file=sys.stderr)
+    return EXIT_PASS if r["passed"] else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""INT8: calibration set, Q/DQ structure, the accuracy gate, --force, and the calibration cache."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import export
+from calibration.dataset import calibration_set
+from calibration.gate import score
+from rn50.layout import load_dataset
+from rn50.manifest import preprocessing_of, read_manifest
+
+
+def _init(g):  # name -> numpy array of the initializers
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in g.initializer}
+
+
+def _qdq_checks(path: Path, flavour: str) -> None:
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inits = _init(g)
+    producer = {o: n for n in g.node for o in n.output}
+    convs = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 54  # 53 convolutions + the classifier of ResNet50
+    for n in convs:
+        for i in n.input[:2]:  # activation and weight both come through DequantizeLinear
+            dq = producer.get(i)
+            assert dq is not None and dq.op_type == "DequantizeLinear", f"{n.name}: input {i} is not dequantized"
+        wdq = producer[n.input[1]]
+        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
+        scale = inits[wdq.input[1]]
+        w_q = inits[wdq.input[0]]
+        assert w_q.dtype == np.int8
+        assert scale.ndim == 1 and scale.shape[0] == w_q.shape[0] > 1 and axis == 0, f"{n.name}: weights not per-channel"
+        assert not inits[wdq.input[2]].any(), f"{n.name}: weight zero point not 0"
+    act = np.int8 if flavour == "s8s8" else np.uint8
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = inits[n.input[2]]
+            if zp.ndim == 0:  # per-tensor: activations
+                assert zp.dtype == act
+                if flavour == "s8s8":
+                    assert zp == 0, f"{n.name}: activation zero point {zp} (TensorRT needs 0)"
+
+
+def test_calibration_set_is_deterministic_balanced_and_from_train(fmnist_small: Path) -> None:
+    train, val = load_dataset(fmnist_small)
+    a = calibration_set(train.files, train.labels, 100)
+    assert a == calibration_set(train.files, train.labels, 100)
+    assert len(a) == 100 and len(set(a)) == 100
+    lab = dict(zip(train.files, train.labels))
+    assert set(collections.Counter(lab[f] for f in a).values()) == {10}
+    assert not set(a) & set(val.files)
+
+
+def test_u8s8_qdq_structure_and_accuracy(engine_int8_onnx: Path, engine_fp32_onnx: Path, fmnist_small: Path) -> None:
+    m = read_manifest(engine_int8_onnx)
+    assert m["precision"] == "int8" and m["int8_flavour"] == "u8s8"
+    assert m["int8"]["gate"]["passed"] and m["int8"]["method"] == "entropy"
+    _qdq_checks(engine_int8_onnx, "u8s8")
+    # independent re-measure on the whole small validation split (300 images)
+    _, val = load_dataset(fmnist_small)
+    r = score({"fp32": engine_fp32_onnx, "int8": engine_int8_onnx}, val.files, val.labels, preprocessing_of(m))
+    assert r["fp32"]["top1"] > 30, "the shared test model should be well above chance"
+    assert r["fp32"]["top1"] - r["int8"]["top1"] <= 0.5
+
+
+@pytest.fixture(scope="module")
+def s8s8(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
+    out = tmp_path_factory.mktemp("s8s8") / "rn50.int8.s8s8.onnx"
+    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "int8", "--output", str(out),
+                      "--int8-flavour", "s8s8", "--calib-size", "128", "--calib-method", "minmax", "--force",
+                      "--parity-images", "64"])
+    assert rc == 0
+    return out
+
+
+def test_s8s8_qdq_structure_for_tensorrt(s8s8: Path) -> None:
+    m = read_manifest(s8s8)
+    assert m["int8_flavour"] == "s8s8" and m["int8"]["method"] == "minmax" and m["int8"]["calibration_images"] == 128
+    _qdq_checks(s8s8, "s8s8")
+
+
+def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = s8s8.parent
+    base = ["--checkpoint", str(trained_run / "best.pt"), "--precision", "int8", "--int8-flavour", "s8s8",
+            "--calib-size", "128", "--calib-method", "minmax", "--parity-images", "64"]
+    # 1. same inputs: the cached calibration is reused (no calibration pass)
+    again = folder / "again.onnx"
+    t0 = time.perf_counter()
+    assert export.main(base + ["--output", str(again), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "cache hit" in err and "calibrating" not in err, err
+    assert read_manifest(again)["int8"]["cache_hit"] is True
+    assert again.read_bytes() == s8s8.read_bytes()
+    assert time.perf_counter() - t0 < 120
+    # 2. an impossible bound: refused, exit 3, nothing written
+    refused = folder / "refused.onnx"
+    before = set(os.listdir(folder))
+    assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100"]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: INT8 loses") and "nothing written" in last
+    assert set(os.listdir(folder)) == before
+    # 3. the same with --force: written, and the manifest says it failed the gate
+    assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100", "--force"]) == 0
+    assert read_manifest(refused)["int8"]["gate"]["passed"] is False
+    # one calibration served all four runs
+    assert len(list((folder / ".calib-cache").glob("*.onnx"))) == 1

@@ -1,0 +1,145 @@
+"""Shared fixtures: real Fashion-MNIST subsets and one small trained model per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+
+
+def _need_fmnist():
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Fashion-MNIST is missing: `make test` installs Debian's dataset-fashion-mnist; "
+                    "run `apt-get install -y dataset-fashion-mnist`")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """A real Fashion-MNIST subset in the ImageNet layout: 120 train / 30 val images per class."""
+    _need_fmnist()
+    from rn50.fashion_mnist import convert
+
+    return convert(tmp_path_factory.mktemp("fmnist") / "fm", per_class_train=120, per_class_val=30, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fmnist_tiny(tmp_path_factory) -> Path:
+    """A very small real subset (20 train / 5 val per class) for argument and error tests."""
+    _need_fmnist()
+    from rn50.fashion_mnist import convert
+
+    return convert(tmp_path_factory.mktemp("fmnist-tiny") / "fm", per_class_train=20, per_class_val=5, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, fmnist_small) -> Path:
+    """A small ResNet50 v1.5 trained once per session with the project's trainer (32 px, dali-cpu).
+
+    1200 images x 3 epochs at batch 32: about 1.5 minutes on 2 cores; reaches ~70% val top-1,
+    enough for the INT8 gate and agreement checks to be meaningful.
+    """
+    import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    rc = train.main(["--data", str(fmnist_small), "--output", str(out), "--profile", "cpu", "--image-size", "32",
+                     "--epochs", "3", "--batch-size", "32", "--limit-train", "1200", "--min-crop-scale", "0.35",
+                     "--warmup-epochs", "0.3", "--workers", "1"])
+    assert rc == 0, "training the shared test model failed"
+    assert (out / "best.pt").is_file()
+    return out
+
+
+# ============================================================================ serving engines
+# (owned by serve/: engines built from `trained_run` by the export CLI, one per session)
+
+def _export_cli_ready() -> bool:
+    return (ROOT / "export" / "__main__.py").is_file()
+
+
+def _export_engine(tmp_path_factory, run: Path, precision: str, suffix: str) -> Path:
+    out = tmp_path_factory.mktemp(f"engine-{precision}{suffix.replace('.', '-')}") / f"rn50.{precision}{suffix}"
+    if not _export_cli_ready():
+        if precision == "fp32" and suffix == ".onnx":
+            return _fallback_fp32_onnx(run / "best.pt", out)
+        pytest.skip(f"`python -m export` is not available yet (export/__main__.py missing): no {precision} {suffix}")
+    import export
+
+    rc = export.main(["--checkpoint", str(run / "best.pt"), "--precision", precision, "--output", str(out)])
+    assert rc == 0, f"export --precision {precision} --output {out.name} failed"
+    assert out.is_file() and Path(str(out) + ".manifest.json").is_file()
+    return out
+
+
+def _fallback_fp32_onnx(ckpt: Path, out: Path) -> Path:
+    """Stand-in while the export CLI is not there: plain fp32 ONNX + manifest from the checkpoint."""
+    import warnings
+
+    import torch
+
+    from rn50.checkpoint import load_model
+    from rn50.manifest import new_manifest, preprocessing_of, write_manifest
+
+    model, man = load_model(ckpt)
+    p = preprocessing_of(man)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(2, *p.input_shape), str(out), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    write_manifest(out, new_manifest("onnx", classes=man["classes"], preprocessing=p, precision="fp32", source=ckpt))
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_fp32_onnx(tmp_path_factory, trained_run) -> Path:
+    return _export_engine(tmp_path_factory, trained_run, "fp32", ".onnx")
+
+
+@pytest.fixture(scope="session")
+def engine_int8_onnx(tmp_path_factory, trained_run) -> Path:
+    return _export_engine(tmp_path_factory, trained_run, "int8", ".onnx")
+
+
+@pytest.fixture(scope="session")
+def engine_pt2(tmp_path_factory, trained_run) -> Path:
+    return _export_engine(tmp_path_factory, trained_run, "fp32", ".pt2")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photographs from scikit-image as files: JPEG, PNG, grayscale JPEG, CMYK JPEG and a
+    JPEG whose pixels are stored rotated with EXIF orientation 6 (display = rotate 90 cw)."""
+    from PIL import Image
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    out = {}
+    Image.fromarray(data.astronaut()).save(d / "astronaut.jpg", quality=92)
+    out["jpeg"] = d / "astronaut.jpg"
+    Image.fromarray(data.coffee()).save(d / "coffee.png")
+    out["png"] = d / "coffee.png"
+    Image.fromarray(data.camera()).save(d / "camera_gray.jpg", quality=92)
+    out["gray"] = d / "camera_gray.jpg"
+    Image.fromarray(data.chelsea()).convert("CMYK").save(d / "chelsea_cmyk.jpg", quality=92)
+    out["cmyk"] = d / "chelsea_cmyk.jpg"
+    # Store the upright image rotated 90 degrees ccw and tag it "rotate 90 cw to display".
+    upright = Image.fromarray(data.rocket())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(d / "rocket_exif6.jpg", quality=92, exif=exif)
+    out["exif"] = d / "rocket_exif6.jpg"
+    out["exif_upright"] = d / "rocket_upright.jpg"
+    upright.save(out["exif_upright"], quality=92)
+    return out

@@ -1,0 +1,114 @@
+"""The shared core: ResNet50 v1.5 layout and initialisation, checkpoints, manifests, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint
+from rn50.errors import CheckpointError, ManifestError
+from rn50.manifest import manifest_path, new_manifest, read_manifest, write_manifest
+from rn50.model import build_model, check_v15, param_groups
+from rn50.preprocess import Preprocessing
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(10)
+
+
+def test_v15_stride_on_3x3(model):
+    check_v15(model)
+    downs = [m for m in model.modules() if isinstance(m, Bottleneck) and m.conv2.stride == (2, 2)]
+    assert len(downs) == 3  # layer2, layer3, layer4 each start with a stride-2 3x3
+    assert all(m.conv1.stride == (1, 1) for m in downs)
+
+
+def test_kaiming_fan_out_init(model):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.weight.numel() > 10_000:
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            expected = math.sqrt(2.0 / fan_out)
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), name
+
+
+def test_batchnorm_init_and_zero_gamma_on_last_bn(model):
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 16
+    last = {id(b.bn3) for b in blocks}
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.all(m.bias == 0)
+            assert torch.all(m.weight == (0 if id(m) in last else 1))
+
+
+def test_weight_decay_only_on_conv_and_fc_weights(model):
+    decay, no_decay = param_groups(model, 1 / 32768)
+    assert decay["weight_decay"] == 1 / 32768 and no_decay["weight_decay"] == 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in decay["params"]:
+        assert names[id(p)].endswith("weight") and p.ndim in (2, 4)
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    bn_params = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for k in ("weight", "bias")}
+    assert bn_params <= undecayed and "fc.bias" in undecayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _manifest(classes=10):
+    return new_manifest("checkpoint", classes=[f"c{i}" for i in range(classes)],
+                        preprocessing=Preprocessing.for_image_size(32), precision="fp32")
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path, model):
+    path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _manifest(), epoch=3)
+    obj = torch.load(path, weights_only=True)
+    assert obj["epoch"] == 3
+    m2, man = load_model(path)
+    for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert read_manifest(path) == man
+    assert {p.name for p in tmp_path.iterdir()} == {"m.pt", "m.pt.manifest.json"}  # no temp files left
+
+
+def test_truncated_checkpoint_is_named(tmp_path, model):
+    path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _manifest())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="m.pt"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_class_count_mismatch(tmp_path, model):
+    path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _manifest(classes=7))
+    with pytest.raises(CheckpointError, match="10 outputs but its manifest lists 7"):
+        load_model(path)
+
+
+def test_missing_and_bad_manifest(tmp_path):
+    art = tmp_path / "x.onnx"
+    art.write_bytes(b"x")
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_manifest(art)
+    manifest_path(art).write_text("{not json")
+    with pytest.raises(ManifestError, match="unreadable"):
+        read_manifest(art)
+    manifest_path(art).write_text(json.dumps({"schema": 1}))
+    with pytest.raises(ManifestError, match="lacks"):
+        read_manifest(art)
+    m = _manifest()
+    write_manifest(art, m)
+    assert read_manifest(art)["classes"] == m["classes"]
+
+
+def test_contract_margin_even_and_round_trip():
+    for s in (32, 64, 100, 224, 288):
+        p = Preprocessing.for_image_size(s)
+        assert (p.resize_size - p.image_size) % 2 == 0
+        assert Preprocessing.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert Preprocessing.for_image_size(224).resize_size == 256

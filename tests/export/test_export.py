@@ -1,0 +1,252 @@
+"""`python -m export`: ONNX parity, dynamic batch, FP16, AOTInductor, TensorRT, manifests, bad inputs.
+
+The engines come from the shared session fixtures in tests/conftest.py (built once with
+``export.main`` from the small trained model), so these tests add little build time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export
+from export import tensorrt_engine as te
+from rn50.batches import balanced_subset, iter_split
+from rn50.checkpoint import load_model, save_checkpoint
+from rn50.layout import load_dataset
+from rn50.manifest import new_manifest, read_manifest, sha256_file
+from rn50.model import build_model
+from rn50.preprocess import Preprocessing
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def _val_batch(data: Path, n: int, p: Preprocessing) -> np.ndarray:
+    _, val = load_dataset(data)
+    f, y = balanced_subset(val.files, val.labels, per_class=-(-n // len(val.classes)), seed=1)
+    x, _ = next(iter_split(f[:n], y[:n], p, batch_size=n))
+    return x
+
+
+def _leftovers(folder: Path, allowed: set[str] = frozenset()) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n not in allowed)
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+
+def test_onnx_parity_and_manifest(engine_fp32_onnx: Path, trained_run: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(engine_fp32_onnx))
+    m = read_manifest(engine_fp32_onnx)  # validates the round trip
+    ck = read_manifest(trained_run / "best.pt")
+    assert m["kind"] == "onnx" and m["precision"] == "fp32"
+    assert m["classes"] == ck["classes"] and m["preprocessing"] == ck["preprocessing"]
+    assert m["source"]["sha256"] == sha256_file(trained_run / "best.pt")
+    par = m["parity"]
+    assert par["passed"] and par["images"] >= 200
+    assert par["max_abs_logit_diff"] <= 1e-3 * max(1.0, par["max_abs_logit"])
+    assert par["top1_agreement"] >= 99.5
+    assert 0 <= m["accuracy"]["top1"] <= m["accuracy"]["top5"] <= 100
+    g = onnx.load(str(engine_fp32_onnx), load_external_data=False).graph
+    assert [i.name for i in g.input] == ["input"] and [o.name for o in g.output] == ["logits"]
+    assert g.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_onnx_dynamic_batch_matches_pytorch(engine_fp32_onnx: Path, trained_run: Path, fmnist_small: Path,
+                                            batch: int) -> None:
+    from rn50.ort import session
+
+    model, man = load_model(trained_run / "best.pt")
+    p = Preprocessing.from_dict(man["preprocessing"])
+    x = _val_batch(fmnist_small, batch, p)
+    assert x.shape == (batch, 3, p.image_size, p.image_size)
+    s = session(engine_fp32_onnx, prefer_gpu=False)
+    got = s.run(None, {"input": x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert got.shape == ref.shape == (batch, len(man["classes"]))
+    assert np.abs(got - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_fp16_onnx(tmp_path: Path, trained_run: Path) -> None:
+    import onnx
+
+    out = tmp_path / "rn50.fp16.onnx"
+    assert export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp16", "--output", str(out),
+                        "--parity-images", "32"]) == 0
+    g = onnx.load(str(out)).graph
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert g.input[0].type.tensor_type.elem_type == f32 and g.output[0].type.tensor_type.elem_type == f32
+    conv_w = {n.input[1] for n in g.node if n.op_type == "Conv"}
+    assert conv_w and all(i.data_type == f16 for i in g.initializer if i.name in conv_w)
+    m = read_manifest(out)
+    assert m["precision"] == "fp16" and m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 99.0
+    assert _leftovers(tmp_path) == ["rn50.fp16.onnx", "rn50.fp16.onnx.manifest.json"]
+
+
+# ------------------------------------------------------------------------------------------ AOTInductor
+
+def test_pt2_loads_and_matches_pytorch(engine_pt2: Path, trained_run: Path, fmnist_small: Path) -> None:
+    from torch._inductor import aoti_load_package
+
+    m = read_manifest(engine_pt2)
+    assert m["kind"] == "aoti" and m["parity"]["passed"] and m["max_batch"] >= 32
+    model, man = load_model(trained_run / "best.pt")
+    p = Preprocessing.from_dict(man["preprocessing"])
+    pkg = aoti_load_package(str(engine_pt2))
+    for b in (1, 7):
+        x = _val_batch(fmnist_small, b, p)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+            got = pkg(torch.from_numpy(x))
+        got = (got[0] if isinstance(got, (list, tuple)) else got).numpy()
+        assert np.abs(got - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------------------------------ TensorRT
+
+def test_plan_without_tensorrt_writes_onnx_and_explains(tmp_path: Path, trained_run: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    if te.missing() is None:
+        pytest.skip("TensorRT and a GPU are present: the real build is tested in test_tensorrt_engine")
+    out = tmp_path / "rn50.fp32.plan"
+    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp32", "--output", str(out),
+                      "--parity-images", "40"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("TensorRT" in last or "GPU" in last)
+    assert "serve.infer --engine" in last and str(tmp_path / "rn50.fp32.onnx") in last
+    assert _leftovers(tmp_path) == ["rn50.fp32.onnx", "rn50.fp32.onnx.manifest.json"]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, precision: str) -> None:
+    why = te.missing()
+    if why:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {why}")
+    out = tmp_path / f"rn50.{precision}.plan"
+    cache = tmp_path / "timing.cache"
+    args = ["--checkpoint", str(trained_run / "best.pt"), "--precision", precision, "--output", str(out),
+            "--timing-cache", str(cache), "--batch-max", "64", "--parity-images", "64", "--calib-size", "128"]
+    assert export.main(args) == 0
+    assert out.is_file() and cache.is_file() and (tmp_path / f"rn50.{precision}.onnx").is_file()
+    m = read_manifest(out)
+    assert m["kind"] == "tensorrt" and m["tensorrt_version"] == te.version() and m["gpu"]["compute_capability"]
+    assert m["onnx_source"]["sha256"] == sha256_file(tmp_path / f"rn50.{precision}.onnx")
+    model, man = load_model(trained_run / "best.pt")
+    p = Preprocessing.from_dict(man["preprocessing"])
+    run = te.runner(out)
+    for b in (1, 7, 32):
+        x = _val_batch(fmnist_small, b, p)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = run(x)
+        assert got.shape == ref.shape
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= (0.85 if precision == "int8" else 0.95)
+
+
+def test_tensorrt_module_typechecks() -> None:
+    from mypy import api
+
+    out, err, rc = api.run(["--strict", str(Path(export.__file__).parent / "tensorrt_engine.py")])
+    assert rc == 0, out + err
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained but valid checkpoint (argument checks never run the network)."""
+    d = tmp_path_factory.mktemp("ck")
+    p = Preprocessing.for_image_size(32)
+    return save_checkpoint(d / "ck.pt", build_model(10).state_dict(),
+                           new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"))
+
+
+def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str,
+         out_dir: Path | None = None) -> None:
+    out_dir = out_dir or tmp_path / "out"
+    before = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
+    rc = export.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err and err[-1].startswith("error: ") and needle in err[-1], err
+    after = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
+    assert after == before, f"left behind: {sorted(after - before)}"
+
+
+def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _bad(tmp_path, capsys, ["--checkpoint", str(tmp_path / "nope.pt"), "--precision", "fp32",
+                            "--output", str(tmp_path / "out" / "m.onnx")], "not found")
+
+
+def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, ["--checkpoint", str(bad), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.onnx")],
+         "corrupt")
+
+
+def test_classifier_size_differs_from_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = Preprocessing.for_image_size(32)
+    ck = save_checkpoint(tmp_path / "ck3.pt", build_model(3).state_dict(),
+                         new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"))
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, ["--checkpoint", str(ck), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.pt2")],
+         "3 outputs")
+
+
+def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
+    blocker = tmp_path / "out" / "file"
+    blocker.parent.mkdir()
+    blocker.write_text("a file, not a folder")
+    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(blocker / "m.onnx")],
+         "not writable")
+    if os.geteuid() != 0:  # root writes anywhere; the permission case only means something for users
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(ro / "m.onnx")],
+             "not writable", out_dir=ro)
+
+
+@pytest.mark.parametrize("precision,name,needle", [
+    ("fp64", "m.onnx", "--precision"),
+    ("fp32", "m.tflite", "unknown suffix"),
+    ("fp32", "m", "unknown suffix"),
+    ("int8", "m.pt2", "not available for .pt2"),
+])
+def test_bad_precision_or_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path,
+                                 precision: str, name: str, needle: str) -> None:
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", precision,
+                            "--output", str(tmp_path / "out" / name)], needle)
+
+
+def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
+    (tmp_path / "out").mkdir()
+    base = ["--checkpoint", str(tiny_ckpt), "--precision", "int8", "--output", str(tmp_path / "out" / "m.plan")]
+    _bad(tmp_path, capsys, base + ["--calib-method", "magic"], "--calib-method")
+    _bad(tmp_path, capsys, base + ["--int8-flavour", "u4"], "--int8-flavour")
+    _bad(tmp_path, capsys, base + ["--hardware-compat", "any"], "--hardware-compat")
+    _bad(tmp_path, capsys, base + ["--batch-min", "8", "--batch-opt", "4"], "batch profile")
+    _bad(tmp_path, capsys, base + ["--no-such-flag"], "unrecognized")
+
+
+def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output",
+                            str(tmp_path / "out" / "m.onnx"), "--data", str(tmp_path / "nodata")], "not found")
+
+
+def test_help() -> None:
+    assert export.main(["--help"]) == 0

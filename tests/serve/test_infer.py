@@ -1,0 +1,255 @@
+"""serve.infer on real images: predictions against PyTorch, bad inputs, exit codes, output file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve import infer
+
+
+def run_infer(capsys, engine: Path, inputs: list, *extra: str) -> tuple[int, list[dict], str]:
+    rc = infer.main(["--engine", str(engine), *map(str, inputs), "--quiet", *extra])
+    cap = capsys.readouterr()
+    lines = [json.loads(ln) for ln in cap.out.splitlines() if ln.strip()]
+    return rc, lines, cap.err
+
+
+def good_images(fmnist: Path, n: int = 6) -> list[Path]:
+    files = sorted((fmnist / "val").rglob("*.jpg"))
+    return files[:: max(1, len(files) // n)][:n]
+
+
+def pytorch_top1(ckpt: Path, paths: list[Path]) -> dict[str, int]:
+    """Top-1 of the eager PyTorch checkpoint on the same DALI preprocessing (rn50.batches)."""
+    import torch
+
+    from rn50.batches import Preprocessor, read_encoded
+    from rn50.checkpoint import load_model
+    from rn50.manifest import preprocessing_of
+
+    model, man = load_model(ckpt)
+    pre = Preprocessor(preprocessing_of(man), len(paths))
+    x = pre([read_encoded(p) for p in paths])
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x)).numpy()
+    return {str(p): int(i) for p, i in zip(paths, logits.argmax(1))}
+
+
+# --------------------------------------------------------------------------- predictions
+
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
+def test_top1_matches_pytorch(request, capsys, engine_fixture, trained_run, fmnist_small, photos):
+    engine = request.getfixturevalue(engine_fixture)
+    imgs = good_images(fmnist_small, 20) + [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
+    rc, lines, err = run_infer(capsys, engine, imgs, "--batch-size", "8")
+    assert rc == 0, err
+    assert [ln["path"] for ln in lines] == [str(p) for p in imgs]  # input order kept
+    ref = pytorch_top1(trained_run / "best.pt", imgs)
+    for ln in lines:
+        assert ln["topk"][0] == ref[ln["path"]], ln["path"]
+        assert len(ln["topk"]) == len(ln["classes"]) == len(ln["probs"]) == 5
+        assert ln["probs"] == sorted(ln["probs"], reverse=True) and 0 < sum(ln["probs"]) <= 1.0001
+
+
+def test_int8_agrees_with_pytorch(capsys, engine_int8_onnx, trained_run, fmnist_small):
+    imgs = good_images(fmnist_small, 60)
+    rc, lines, err = run_infer(capsys, engine_int8_onnx, imgs, "--batch-size", "16")
+    assert rc == 0, err
+    ref = pytorch_top1(trained_run / "best.pt", imgs)
+    agree = np.mean([ln["topk"][0] == ref[ln["path"]] for ln in lines])
+    assert agree >= 0.9, f"int8 top-1 agreement with PyTorch only {agree:.0%}"
+
+
+def test_dali_matches_pil_reference_on_photos(photos):
+    """The serving preprocessing (DALI) handles PNG, grayscale, CMYK and EXIF rotation like the
+    PIL reference (load_rgb + torchvision_val); the EXIF one must match the upright image."""
+    from rn50.batches import Preprocessor, read_encoded
+    from rn50.preprocess import Preprocessing, load_rgb, torchvision_val
+
+    p = Preprocessing.for_image_size(64)
+    pre = Preprocessor(p, 1)
+    tv = torchvision_val(p)
+    for k in ("jpeg", "png", "gray", "cmyk", "exif"):
+        d = pre([read_encoded(photos[k])])[0]
+        r = tv(load_rgb(photos[k])).numpy()
+        assert np.abs(d - r).mean() < 0.08, k  # normalised units (1/std of 0-255 pixels)
+    exif = pre([read_encoded(photos["exif"])])[0]
+    upright = pre([read_encoded(photos["exif_upright"])])[0]
+    assert np.abs(exif - upright).mean() < 0.08
+    assert np.abs(exif - np.rot90(upright, 1, axes=(1, 2))).mean() > 0.3
+
+
+def test_summary_and_topk_clipping(capsys, engine_fp32_onnx, fmnist_small):
+    rc = infer.main(["--engine", str(engine_fp32_onnx), str(good_images(fmnist_small, 1)[0]), "--topk", "50",
+                     "--batch-size", "100000"])
+    cap = capsys.readouterr()
+    assert rc == 0
+    (line,) = [json.loads(x) for x in cap.out.splitlines()]
+    assert len(line["topk"]) == 10  # clipped to the number of classes
+    assert "summary: 1 images, 1 classified, 0 failed" in cap.err
+    assert "p50" in cap.err and "p99" in cap.err and "onnxruntime" in cap.err and "ExecutionProvider" in cap.err
+
+
+def test_output_file_is_written_atomically(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    out = tmp_path / "preds" / "p.jsonl"
+    folder = fmnist_small / "val" / "bag"
+    rc, stdout_lines, _ = run_infer(capsys, engine_fp32_onnx, [folder], "--output", str(out))
+    assert rc == 0 and stdout_lines == []
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == len(list(folder.glob("*.jpg")))
+    assert all(ln["classes"][0] in ("bag", "ankle_boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker",
+                                    "t-shirt_top", "trouser") for ln in lines)
+    assert [p.name for p in out.parent.iterdir()] == ["p.jsonl"]  # no temporary left behind
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _jpeg_with_size(src: Path, dst: Path, w: int, h: int) -> Path:
+    """A real JPEG whose SOF header claims w x h (a decompression bomb's header)."""
+    b = bytearray(src.read_bytes())
+    i = 2
+    while i < len(b):
+        assert b[i] == 0xFF
+        marker, seg = b[i + 1], int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            b[i + 5:i + 7] = h.to_bytes(2, "big")
+            b[i + 7:i + 9] = w.to_bytes(2, "big")
+            break
+        i += 2 + seg
+    dst.write_bytes(bytes(b))
+    return dst
+
+
+def _make_bad(kind: str, d: Path, photos: dict[str, Path]) -> tuple[Path, str]:
+    """Create one bad input in folder d; return (path, substring expected in its error)."""
+    jpg = photos["jpeg"].read_bytes()
+    if kind == "truncated":
+        (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
+        return d / "truncated.jpg", "cannot decode"
+    if kind == "corrupt":
+        b = bytearray(jpg)
+        b[200:] = np.random.default_rng(0).integers(0, 256, len(b) - 200, dtype=np.uint8).tobytes()
+        (d / "corrupt.jpg").write_bytes(bytes(b))
+        return d / "corrupt.jpg", ""
+    if kind == "zero_bytes":
+        (d / "empty.jpg").write_bytes(b"")
+        return d / "empty.jpg", "empty file"
+    if kind == "text_as_jpg":
+        (d / "notes.jpg").write_text("this is a text file, not an image\n" * 20)
+        return d / "notes.jpg", "not an image"
+    if kind == "dangling_symlink":
+        os.symlink(d / "does-not-exist.jpg", d / "link.jpg")
+        return d / "link.jpg", "cannot read"
+    if kind == "bomb_20000":
+        return _jpeg_with_size(photos["jpeg"], d / "huge.jpg", 20000, 20000), "too large"
+    if kind == "over_limit_120mp":
+        return _jpeg_with_size(photos["jpeg"], d / "big.jpg", 12000, 10000), "too large"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = ["truncated", "corrupt", "zero_bytes", "text_as_jpg", "dangling_symlink", "bomb_20000", "over_limit_120mp"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_input_is_isolated(capsys, tmp_path, kind, engine_fp32_onnx, fmnist_small, photos):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = good_images(fmnist_small, 5)
+    for i, g in enumerate(good):  # names sort around the bad one so it sits inside a batch
+        shutil.copy(g, d / f"{'a' if i < 2 else 'z'}{i}.jpg")
+    bad, expect = _make_bad(kind, d, photos)
+    rc, lines, err = run_infer(capsys, engine_fp32_onnx, [d], "--batch-size", "4")
+    by_path = {ln["path"]: ln for ln in lines}
+    if kind == "corrupt" and "error" not in by_path[str(bad)]:
+        pytest.skip("this random corruption decoded (libjpeg tolerates some damaged scans)")
+    assert rc == 1, err
+    assert len(lines) == len(good) + 1
+    assert expect in by_path[str(bad)]["error"], by_path[str(bad)]
+    classified = [ln for p, ln in by_path.items() if p != str(bad)]
+    assert len(classified) == len(good) and all("topk" in ln for ln in classified)
+
+
+def test_unreadable_file(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root reading (covered by the dangling-symlink case)")
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(good_images(fmnist_small, 1)[0], d / "ok.jpg")
+    shutil.copy(good_images(fmnist_small, 1)[0], d / "locked.jpg")
+    os.chmod(d / "locked.jpg", 0)
+    rc, lines, _ = run_infer(capsys, engine_fp32_onnx, [d])
+    assert rc == 1 and "cannot read" in lines[0]["error"] and "topk" in lines[1]
+
+
+# --------------------------------------------------------------------------- usage / engine errors
+
+def _expect_exit2(capsys, argv: list[str], needle: str) -> None:
+    rc = infer.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and needle in err, err
+
+
+def test_missing_engine(capsys, tmp_path, fmnist_small):
+    _expect_exit2(capsys, ["--engine", str(tmp_path / "nope.onnx"), str(fmnist_small)], "engine not found")
+
+
+def test_missing_manifest(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    eng = tmp_path / "copy.onnx"
+    shutil.copy(engine_fp32_onnx, eng)
+    _expect_exit2(capsys, ["--engine", str(eng), str(fmnist_small)], "manifest not found")
+
+
+def test_manifest_kind_mismatch(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    eng = tmp_path / "m.onnx"
+    shutil.copy(engine_fp32_onnx, eng)
+    m = json.loads(Path(str(engine_fp32_onnx) + ".manifest.json").read_text())
+    m["kind"] = "checkpoint"
+    Path(str(eng) + ".manifest.json").write_text(json.dumps(m))
+    _expect_exit2(capsys, ["--engine", str(eng), str(fmnist_small)], "'checkpoint' artifact")
+
+
+def test_manifest_class_count_mismatch(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    eng = tmp_path / "m.onnx"
+    shutil.copy(engine_fp32_onnx, eng)
+    m = json.loads(Path(str(engine_fp32_onnx) + ".manifest.json").read_text())
+    m["classes"] = m["classes"][:3]
+    Path(str(eng) + ".manifest.json").write_text(json.dumps(m))
+    rc = infer.main(["--engine", str(eng), str(fmnist_small), "--quiet"])
+    err = capsys.readouterr().err
+    if rc != 2:  # output width not recorded statically in this ONNX
+        pytest.skip("the engine's output width is dynamic: class count not checkable before running")
+    assert "outputs 10 classes but its manifest lists 3" in err
+
+
+def test_no_inputs(capsys, tmp_path, engine_fp32_onnx):
+    _expect_exit2(capsys, ["--engine", str(engine_fp32_onnx)], "no input images")
+    (tmp_path / "empty").mkdir()
+    _expect_exit2(capsys, ["--engine", str(engine_fp32_onnx), str(tmp_path / "empty")], "no image files found")
+
+
+def test_plan_without_tensorrt_is_a_clear_error(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    from serve.backends.tensorrt import _import_trt
+
+    try:
+        _import_trt()
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are present: covered by the tensorrt tests")
+    except Exception:
+        pass
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"not a plan")
+    m = json.loads(Path(str(engine_fp32_onnx) + ".manifest.json").read_text())
+    m["kind"] = "tensorrt"
+    Path(str(plan) + ".manifest.json").write_text(json.dumps(m))
+    rc = infer.main(["--engine", str(plan), str(fmnist_small)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and ("TensorRT" in err or "GPU" in err), err

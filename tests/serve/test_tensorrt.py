@@ -1,0 +1,57 @@
+"""TensorRT backend: runs only where the TensorRT runtime and a CUDA GPU are present."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _trt_reason() -> str | None:
+    try:
+        from serve.backends.tensorrt import _import_trt
+
+        _import_trt()
+    except Exception as e:
+        return f"TensorRT runtime not available: {e}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: TensorRT plans need one"
+    return None
+
+
+REASON = _trt_reason()
+pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, trained_run) -> Path:
+    from tests.conftest import _export_engine
+
+    return _export_engine(tmp_path_factory, trained_run, "fp32", ".plan")
+
+
+def test_plan_matches_onnx(capsys, plan, engine_fp32_onnx, fmnist_small):
+    from serve import infer
+
+    imgs = [str(fmnist_small / "val")]
+    assert infer.main(["--engine", str(plan), *imgs, "--quiet", "--device", "gpu"]) == 0
+    trt_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert infer.main(["--engine", str(engine_fp32_onnx), *imgs, "--quiet"]) == 0
+    ort_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    agree = sum(a["topk"][0] == b["topk"][0] for a, b in zip(trt_lines, ort_lines)) / len(ort_lines)
+    assert agree >= 0.99
+
+
+def test_foreign_plan_is_a_clear_error(tmp_path, plan):
+    from rn50.errors import EngineError
+    from serve.backends import load_engine
+
+    bad = tmp_path / "other.plan"
+    bad.write_bytes(plan.read_bytes()[:64] + b"\0" * 1024)
+    shutil.copy(str(plan) + ".manifest.json", str(bad) + ".manifest.json")
+    with pytest.raises(EngineError, match="cannot load this plan.*built with TensorRT"):
+        load_engine(bad)

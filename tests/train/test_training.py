@@ -1,0 +1,130 @@
+"""Real short training runs on Fashion-MNIST: loss goes down, resume is exact, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from rn50.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["--profile", "cpu", "--image-size", "32", "--batch-size", "20", "--workers", "1", "--no-compile",
+        "--min-crop-scale", "0.35"]
+
+
+def run(data, out, *extra):
+    return train.main(["--data", str(data), "--output", str(out), *BASE, *extra])
+
+
+def test_trained_run_learns(trained_run):
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_top1"] > 40.0  # 10 classes: chance is 10%
+    man = json.loads((trained_run / "best.pt.manifest.json").read_text())
+    assert man["kind"] == "checkpoint" and man["num_classes"] == 10 and man["image_size"] == 32
+    assert man["accuracy"]["top1"] == max(r["val_top1"] for r in rows)
+    for f in ("last.pt", "manifest.json", "curves.png"):
+        assert (trained_run / f).is_file()
+    assert any((trained_run / "tb").iterdir())
+
+
+def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
+    assert run(fmnist_tiny, tmp_path / "a", "--epochs", "2") == 0
+    assert run(fmnist_tiny, tmp_path / "b", "--epochs", "2", "--stop-after", "1") == 0
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 0
+    assert train.main(["--output", str(tmp_path / "b"), "--resume", "--workers", "1"]) == 0
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+    hist_a = [r["train_loss"] for r in a["history"]]
+    hist_b = [r["train_loss"] for r in b["history"]]
+    assert hist_a == pytest.approx(hist_b, abs=1e-6)
+
+
+def test_evaluate_checkpoint(trained_run, fmnist_small, capsys):
+    assert train.main(["--evaluate", str(trained_run / "best.pt"), "--data", str(fmnist_small), "--workers", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    man = json.loads((trained_run / "best.pt.manifest.json").read_text())
+    assert res["images"] == 300 and res["top1"] == pytest.approx(man["accuracy"]["top1"], abs=0.01)
+
+
+def test_two_process_gloo_ddp(fmnist_tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "train", "--data", str(fmnist_tiny), "--output", str(out), *BASE, "--epochs", "1", "--batch-size", "10"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(out / "last.pt")
+    cfg = ck["manifest"]["train_config"]
+    assert cfg["world_size"] == 2 and cfg["global_batch_size"] == 20
+    assert cfg["lr"] == pytest.approx(0.256 * 20 / 256)
+    assert ck["step"] == 200 // 20  # each rank took half the images per step
+    assert ck["history"][0]["val_images"] == 50  # both ranks' validation shards counted once
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert run(tmp_path / "missing", tmp_path / "o", "--epochs", "1") == 2
+    assert "missing: data folder not found" in capsys.readouterr().err
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    assert run(tmp_path / "d", tmp_path / "o", "--epochs", "1") == 2
+    assert "no class folders" in capsys.readouterr().err
+
+
+def test_class_mismatch(fmnist_tiny, tmp_path, capsys):
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    shutil.rmtree(d / "val" / "bag")
+    assert run(d, tmp_path / "o", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "class folders differ" in err and "bag" in err
+
+
+def test_corrupt_image_is_named(fmnist_tiny, tmp_path, capsys):
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    victim = sorted((d / "train" / "coat").iterdir())[0]
+    victim.write_bytes(b"this is not a jpeg at all")
+    assert run(d, tmp_path / "o", "--epochs", "1", "--batch-size", "200") == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "not an image" in err
+
+
+def test_resume_with_other_class_count(fmnist_tiny, trained_run, tmp_path, capsys):
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    for split in ("train", "val"):
+        shutil.rmtree(d / split / "bag")
+    out = tmp_path / "o"
+    out.mkdir()
+    shutil.copy(trained_run / "last.pt", out / "last.pt")
+    rc = train.main(["--data", str(d), "--output", str(out), "--resume", *BASE])
+    err = capsys.readouterr().err
+    assert rc == 2 and "10 classes but the data has 9" in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist_tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(fmnist_tiny, out, "--epochs", "1") == 0
+    before = (out / "last.pt").read_bytes()
+    rc = run(fmnist_tiny, out, "--epochs", "1", "--lr", "1e30")
+    err = capsys.readouterr().err
+    assert rc == 2 and ("loss is nan" in err or "loss is inf" in err)
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
