@@ -52,8 +52,12 @@ def compare(model: nn.Module, run: Callable[[np.ndarray], np.ndarray], files: Se
                 for k, v in topk_correct(lg, y, (1, 5)).items():
                     c[k] += v
             n += len(y)
-    pct = lambda v: 100.0 * v / max(n, 1)  # noqa: E731
-    return {"images": n, "max_abs_logit_diff": max_diff, "rel_logit_diff": max_diff / max(1.0, scale), "max_abs_logit": scale, "top1_agreement": pct(agree),
+
+    def pct(v: float) -> float:
+        return 100.0 * v / max(n, 1)
+
+    return {"images": n, "max_abs_logit_diff": max_diff, "rel_logit_diff": max_diff / max(1.0, scale),
+            "max_abs_logit": scale, "top1_agreement": pct(agree),
             "torch_top1": pct(ref_c[1]), "torch_top5": pct(ref_c[5]), "top1": pct(got_c[1]), "top5": pct(got_c[5])}
 
 

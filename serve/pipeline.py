@@ -19,12 +19,10 @@ Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entr
 
 from __future__ import annotations
 
-import io
 import os
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
