@@ -127,6 +127,8 @@ class Trainer:
             raise CheckpointError(f"{path}: has no training state to resume from (is it a best.pt from an older run?)")
         saved = dict(obj["manifest"]["train_config"])
         saved["output"] = cfg["output"]
+        if args.data is not None:  # the data may have moved since
+            saved["data"] = str(args.data)
         if args.epochs:
             saved["epochs"] = args.epochs
         return saved, obj
