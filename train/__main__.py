@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+CHECK_IMAGES_AUTO_MAX = 200_000
+
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": dict(image_size=224, preset=90, batch_size=256, amp=True, amp_dtype="fp16", compile=True,
                 memory_format="channels_last", data_backend="dali-gpu", limit_train=None),
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
     a("--memory-format", choices=["channels_last", "contiguous"])
     a("--workers", type=int, help="data threads/workers per process")
+    a("--check-images", choices=["auto", "on", "off"], default="auto",
+      help="header-check every image before training: auto = only when the selected files are at most "
+           f"{CHECK_IMAGES_AUTO_MAX:,} (not for ImageNet's 1.2M); without it an undecodable file is still "
+           "named, when DALI fails on its batch (default: %(default)s)")
     a("--seed", type=int, default=0)
     a("--limit-train", type=int, help="train on a class-balanced subset of N images")
     a("--limit-val", type=int, help="validate on a class-balanced subset of N images")
@@ -98,8 +104,10 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
         "lr_per_256": args.lr,
         "lr": effective_lr(args.lr, global_batch),
         "lr_schedule": "cosine",
+        # --warmup-epochs, else the recipe's rule (preset warmup at a global batch >= 512), else
+        # the profile's (the cpu profile's short warmup for its small batch), else none
         "warmup_epochs": float(args.warmup_epochs if args.warmup_epochs is not None
-                               else prof.get("warmup_epochs", default_warmup(p_warm, global_batch))),
+                               else default_warmup(p_warm, global_batch) or prof.get("warmup_epochs", 0)),
         "momentum": args.momentum,
         "nesterov": False,
         "weight_decay": args.weight_decay,
@@ -117,6 +125,7 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
         "seed": args.seed,
         "limit_train": pick("limit_train"),
         "limit_val": args.limit_val,
+        "check_images": args.check_images,
         "synthetic_steps": args.synthetic_steps,
         "output": str(args.output),
     }

@@ -130,11 +130,15 @@ class DaliLoader(_Base):
             except RuntimeError as e:
                 # DALI names the operator, not the file: find the undecodable one(s) in this batch
                 # and the prefetched ones after it, and name them.
-                window = files[step * self.batch_size:(step + 3) * self.batch_size]
-                bad = find_bad_images(window)
+                # First the failing batch and the two prefetched after it, then (rarely needed)
+                # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.load_rgb).
+                lo, hi = step * self.batch_size, (step + 3) * self.batch_size
+                bad = find_bad_images(files[lo:hi]) or find_bad_images(files[:lo] + files[hi:])
                 if bad:
                     raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
-                raise
+                first = next((ln for ln in str(e).splitlines() if "rror" in ln), str(e).splitlines()[0] if str(e) else "")
+                raise DataError(f"DALI failed on batch {step + 1} of {len(files)} files "
+                                f"(PIL decodes all of them; DALI says: {first.strip()})") from None
             n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
             yield self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
 

@@ -40,6 +40,15 @@ def _subset(files, labels, n, num_classes, seed):
     return f[:n], l[:n]
 
 
+def _should_check(mode: str, n_files: int) -> bool:
+    """Header pre-scan: ``on``/``off``, or ``auto`` = only for data sets small enough that it is
+    cheap (seconds). For ImageNet-sized sets the loaders name an undecodable file when DALI fails
+    on its batch instead (see ``train.loaders.DaliLoader``)."""
+    from .__main__ import CHECK_IMAGES_AUTO_MAX
+
+    return mode == "on" or (mode == "auto" and n_files <= CHECK_IMAGES_AUTO_MAX)
+
+
 def rng_state() -> dict[str, Any]:
     st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
@@ -77,8 +86,9 @@ class Trainer:
             self.classes = train.classes
             tr_files, tr_labels = _subset(train.files, train.labels, cfg["limit_train"], len(self.classes), cfg["seed"])
             va_files, va_labels = _subset(val.files, val.labels, cfg["limit_val"], len(self.classes), cfg["seed"])
-            # every rank checks its own copy: cheap (headers only), and no rank starts on bad data
-            check_files(tr_files + va_files, progress=d.main)
+            if _should_check(cfg.get("check_images", "auto"), len(tr_files) + len(va_files)):
+                # headers only (no pixels decoded); every rank checks, so no rank starts on bad data
+                check_files(tr_files + va_files, progress=d.main)
         common = dict(batch_size=cfg["batch_size"], device=d.device, shard=shard, seed=cfg["seed"],
                       workers=cfg["workers"], num_classes=len(self.classes), synthetic_steps=cfg["synthetic_steps"])
         self.train_loader = make_loader(cfg["data_backend"], tr_files, tr_labels, self.p, train=True, **common)
@@ -242,7 +252,13 @@ class Trainer:
         model, man = load_model(args.evaluate, map_location=d.device)
         cfg = man.get("train_config", {})
         data = Path(args.data or cfg.get("data", "data/fashion-mnist"))
-        val = scan_split(data / "val", classes=man["classes"])
+        try:
+            val = scan_split(data / "val", classes=man["classes"])
+        except DataError as e:
+            if not (data / "val").is_dir():
+                raise
+            raise CheckpointError(f"{args.evaluate}: its {len(man['classes'])} classes do not match the "
+                                  f"data: {e}") from None
         p = Preprocessing.from_dict(man["preprocessing"])
         files, labels = _subset(val.files, val.labels, args.limit_val, len(val.classes), args.seed)
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")

@@ -24,15 +24,31 @@ def _loader(backend, split, train, size=64, bs=16, seed=0):
                        device=torch.device("cpu"), shard=Shard(), seed=seed, workers=1)
 
 
-def test_dali_cpu_val_matches_torchvision_reference(split):
-    loader = _loader("dali-cpu", split, train=False)
+@pytest.mark.parametrize("size", [64, 224])
+def test_dali_cpu_val_matches_torchvision_reference(split, size):
+    loader = _loader("dali-cpu", split, train=False, size=size)
     xs, ys = zip(*loader)
     x, y = torch.cat(xs), torch.cat(ys)
     val = split[1]
-    assert x.shape == (len(val), 3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (len(val), 3, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.is_contiguous()  # NCHW (CHW per image), not channels_last
     assert y.tolist() == val.labels
-    ref = torch.stack([torchvision_val(Preprocessing.for_image_size(64))(load_rgb(f)) for f in val.files])
+    ref = torch.stack([torchvision_val(Preprocessing.for_image_size(size))(load_rgb(f)) for f in val.files])
     assert (x - ref).abs().max().item() < DALI_VS_PIL_TOL
+
+
+def test_normalisation_per_channel(split):
+    """(x - mean) / std with ImageNet statistics: undo it and the pixels are back in 0..255, and the
+    three channels of these grayscale images differ by exactly the per-channel constants."""
+    p = Preprocessing.for_image_size(32)
+    x = torch.cat([b for b, _ in _loader("dali-cpu", split, train=False, size=32)])
+    mean = torch.tensor(p.mean).view(1, 3, 1, 1)
+    std = torch.tensor(p.std).view(1, 3, 1, 1)
+    pix = x * std + mean
+    assert pix.min().item() > -1.0 and pix.max().item() < 256.0
+    assert (pix[:, 0] - pix[:, 1]).abs().max().item() < 1e-3  # gray: R == G == B before normalising
+    # the per-channel mean of normalised real images is O(1) around 0, not O(100) (unnormalised)
+    assert x.mean(dim=(0, 2, 3)).abs().max().item() < 2.5
 
 
 def test_dali_cpu_train_batches(split):
