@@ -3,9 +3,14 @@
 One DALI preprocessing pass (``rn50.batches``, with the engine manifest's preprocessing) feeds
 both the eager fp32 PyTorch model (``rn50.checkpoint.load_model``) and the engine, so any
 difference is the engine's. Reports top-1/top-5 of both, their difference, top-1 agreement and
-the max abs logit difference, and passes when the engine's top-1 is within the bound for its
-precision (from the engine's manifest) of PyTorch's (fp32 0.05 point, fp16 0.1, int8 0.5) and the engine
-picks PyTorch's top-1 class on at least 99 % (fp32), 98 % (fp16) or 90 % (int8) of the images.
+the max abs logit difference, and passes when the engine loses at most the bound for its
+precision (from the engine's manifest) of PyTorch's top-1 (fp32 0.05 point, fp16 0.1, int8 0.5)
+and picks PyTorch's top-1 class on at least 99 % (fp32), 98 % (fp16) or 90 % (int8) of the images.
+
+The accuracy bound is one-sided, as in MLPerf's "99 % of the reference" rule: an engine that
+scores higher on the sample is reported (``diff``) but is not a failure, since on a finite sample
+the images int8 flips go both ways. Divergence in either direction is what the agreement floor
+catches.
 
 The report goes to ``PREFIX.json`` and ``PREFIX.md`` (default PREFIX ``<engine>.validate``),
 written atomically; the Markdown table is printed. Exit status: 0 pass, 1 fail, 2 usage or
@@ -36,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m serve.validate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compare an engine with its PyTorch checkpoint on a labelled ImageNet-layout split "
                     "(VAL_DIR/<class>/*.jpg), through one shared DALI preprocessing pass.",
-        epilog="pass: |top-1(engine) - top-1(PyTorch)| <= bound for the engine's precision "
-               "(fp32 0.05, fp16 0.1, int8 0.5 points) and top-1 agreement >= 99/98/90 %.\nexit status: 0 pass; 1 fail; 2 usage or engine error.")
+        epilog="pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
+               "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed) and "
+               "top-1 agreement >= 99/98/90 %.\nexit status: 0 pass; 1 fail; 2 usage or engine error.")
     ap.add_argument("--engine", required=True, help=".plan, .onnx or .pt2 with its manifest beside it")
     ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
     ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
@@ -65,7 +71,7 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
         "max_abs_logit_diff": float(np.abs(ref_logits - eng_logits).max()) if len(labels) else 0.0,
         "bound_top1_points": bound,
         "min_top1_agreement": MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"]),
-        "passed": bool(abs(d1) <= bound + 1e-9 and agree >= MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"])),
+        "passed": bool(-d1 <= bound + 1e-9 and agree >= MIN_AGREEMENT.get(precision, MIN_AGREEMENT["int8"])),
     }
 
 
@@ -82,7 +88,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"| difference (engine - PyTorch) | {r['diff']['top1']:+.2f} | {r['diff']['top5']:+.2f} |",
         "",
         f"top-1 agreement {r['top1_agreement']:.2f} %, max abs logit difference {r['max_abs_logit_diff']:.4g}; "
-        f"bounds for {r['precision']}: |top-1 difference| <= {r['bound_top1_points']} point and top-1 agreement "
+        f"bounds for {r['precision']}: top-1 loss <= {r['bound_top1_points']} point and top-1 agreement "
         f">= {r['min_top1_agreement']} % -> **{verdict}**",
         "",
     ])

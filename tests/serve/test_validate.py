@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from serve import validate
@@ -13,14 +14,16 @@ from serve import validate
 
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx"])
 def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run, fmnist_small):
+    """The whole val split (500 images): the same images the export's INT8 gate measured
+    (ONNX Runtime fp32 vs int8), so what the gate promised must hold against PyTorch here."""
     engine = request.getfixturevalue(engine_fixture)
     prefix = tmp_path / "rep"
     rc = validate.main(["--engine", str(engine), "--checkpoint", str(trained_run / "best.pt"),
-                        str(fmnist_small / "val"), "--limit", "200", "--report", str(prefix), "--quiet"])
+                        str(fmnist_small / "val"), "--report", str(prefix), "--quiet"])
     out = capsys.readouterr().out
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
-    assert r["passed"] and r["images"] == 200
+    assert r["passed"] and r["images"] == 500
     assert Path(f"{prefix}.md").read_text() in out + "\n" or "| PyTorch (eager fp32) |" in out
     for k in ("pytorch", "engine_acc", "diff"):
         assert set(r[k]) == {"top1", "top5"}
@@ -28,6 +31,31 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
     if r["precision"] == "fp32":
         assert r["max_abs_logit_diff"] < 1e-3
         assert abs(r["diff"]["top1"]) <= 0.05
+
+
+def _logits(pred: list[int], n_classes: int = 4) -> np.ndarray:
+    out = np.zeros((len(pred), n_classes), np.float32)
+    out[np.arange(len(pred)), pred] = 5.0
+    return out
+
+
+def test_compare_bounds_are_one_sided_on_accuracy():
+    """Losing more than the bound fails; gaining does not; low agreement fails whatever the accuracy."""
+    labels = np.array([0] * 100)
+    ref = _logits([0] * 98 + [1] * 2)                       # PyTorch: 98 % top-1
+    lose = _logits([0] * 97 + [1] * 3)                      # engine loses 1 point, 99 % agreement
+    gain = _logits([0] * 99 + [1])                          # engine gains 1 point, 99 % agreement
+    assert validate.compare(ref, lose, labels, "int8")["passed"] is False
+    r = validate.compare(ref, gain, labels, "int8")
+    assert r["passed"] is True and r["diff"]["top1"] == pytest.approx(1.0)
+    assert validate.compare(ref, lose, labels, "int8")["diff"]["top1"] == pytest.approx(-1.0)
+    # same accuracy, but the engine's right answers are other images: agreement 80 % < 90 %
+    ref90, other90 = _logits([0] * 90 + [1] * 10), _logits([1] * 10 + [0] * 90)
+    r = validate.compare(ref90, other90, labels, "int8")
+    assert r["diff"]["top1"] == 0 and r["top1_agreement"] == 80 and r["passed"] is False
+    # fp32's bound is tighter: 1 point lost of 100 images fails there too, 0 lost passes
+    assert validate.compare(ref, lose, labels, "fp32")["passed"] is False
+    assert validate.compare(ref, ref, labels, "fp32")["passed"] is True
 
 
 def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small):
