@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         files = calibration_set(train.files, train.labels, args.calib_size)
         for fl in ("u8s8", "s8s8"):
             log(f"calibrating INT8 {fl} on {len(files)} training images")
-            calibrate(d_ / "fp32.onnx", d_ / f"int8_{fl}.onnx", files, p, method="entropy", flavour=fl,
+            calibrate(d_ / "fp32.onnx", d_ / f"int8_{fl}.onnx", files, p, flavour=fl,
                       cache_dir=d_ / "cache")
         log("compiling the AOTInductor package (about a minute on 2 cores)")
         t0 = time.perf_counter()

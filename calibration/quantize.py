@@ -4,15 +4,19 @@
   from the *training* split (never the validation images the gate scores), through
   :func:`rn50.batches.iter_split`, i.e. exactly the validation preprocessing the engine will
   see at serving time. 512 follows TensorRT's guidance of about 500 images for ImageNet-size
-  classifiers; on 10 classes that is 51 per class, and the entropy calibrator's histograms are
+  classifiers; on 10 classes that is 51 per class, and the calibrators' histograms are
   stable well before that.
 * Weights: int8, symmetric, per output channel (axis 0). Activations: per tensor.
 * Flavours: ``s8s8`` (int8 activations, symmetric, zero point 0): what TensorRT's explicit
   quantization wants, used for ``.plan``; ``u8s8`` (uint8 activations): what ONNX Runtime's
   x86 CPU kernels are fast with (3.5x FP32 in our measurement, against 1.06x for s8s8), used for
   an int8 ``.onnx``.
-* Methods: ``entropy`` (default: KL-divergence thresholds, TensorRT's classic choice for
-  ResNets), ``minmax``, ``percentile`` (99.999th).
+* Methods: ``percentile`` (default: the 99.999th percentile of |activation| from a 2048-bin
+  histogram), ``entropy`` (KL-divergence thresholds over 2048 bins, TensorRT's classic
+  calibrator), ``minmax``. The default is measured: on the CPU profile's model (Fashion-MNIST,
+  32 px) percentile kept 99.45 % (u8s8) / 99.15 % (s8s8) top-1 agreement with FP32 and lost at
+  most 0.2 point, against 96.45 / 96.55 % and 0.75 / 0.45 point for entropy and 99.0 / 98.65 %
+  and 0.65 / 0.15 point for minmax (docs/tensorrt.md).
 * Cache: the result is keyed by the FP32 model's sha256, the calibration file list, method,
   size and flavour, and stored under ``<output folder>/.calib-cache/``; an unchanged request
   reuses it without recalibrating.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -40,7 +45,7 @@ from rn50.preprocess import Preprocessing
 
 METHODS = ("entropy", "minmax", "percentile")
 FLAVOURS = ("s8s8", "u8s8")
-DEFAULT_METHOD = "entropy"
+DEFAULT_METHOD = "percentile"
 
 
 class _Reader:
@@ -66,10 +71,63 @@ class _Reader:
         raise NotImplementedError
 
 
+class _Once:
+    """A CalibrationDataReader that yields one batch."""
+
+    def __init__(self, batch: dict[str, np.ndarray]):
+        self._batch: dict[str, np.ndarray] | None = batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch, self._batch = self._batch, None
+        return batch
+
+
+# Calibrator settings, passed to ORT's calibrators directly. quantize_static cannot pass the
+# histogram sizes, and its Entropy default (128 bins searched for a 128-bin window) has exactly one
+# candidate threshold, the full range: it returns the min-max ranges bit for bit (checked on
+# onnxruntime 1.31.1). 2048 bins searched for the best 128-bin window is TensorRT's entropy
+# calibration.
+CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+    "minmax": {"moving_average": False},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+}
+
+
+def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: str) -> Any:
+    """Collect activation ranges with ORT's calibrator for ``method``; saves them to ``out`` (the
+    calibration cache ``quantize_static`` reads) and returns the ``CalibrationMethod``."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+             "percentile": CalibrationMethod.Percentile}[method]
+    options = dict(CALIBRATOR_OPTIONS[method])
+    # percentile keeps ORT's symmetric histogram; the others follow the activation flavour
+    options["symmetric"] = True if method == "percentile" else flavour == "s8s8"
+    with tempfile.TemporaryDirectory(prefix="rn50-calib-") as tmp:
+        calibrator = create_calibrator(
+            model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+            augmented_model_path=os.path.join(tmp, "augmented.onnx"), calibrate_method=calib,
+            extra_options=options)
+        # one batch per collect_data call: ORT then keeps a running min/max or histogram instead
+        # of every intermediate output of every batch (about 45 MB per 224 px image for
+        # ResNet50, so 23 GB for 512 images), and a short last batch works (its histogram
+        # collector cannot stack batches of unequal size)
+        while (batch := reader.get_next()) is not None:
+            with contextlib.redirect_stdout(io.StringIO()):  # a "Collecting ..." line per call
+                calibrator.collect_data(_Once(batch))
+        save_tensors_data(calibrator.compute_data(), out)
+    return calib
+
+
 def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str) -> str:
     h = hashlib.sha256()
     h.update(sha256_file(fp32).encode())
-    h.update(json.dumps([list(files), method, size, flavour]).encode())
+    h.update(json.dumps([list(files), method, size, flavour, CALIBRATOR_OPTIONS[method]]).encode())
     return h.hexdigest()[:32]
 
 
@@ -77,7 +135,7 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
               method: str = DEFAULT_METHOD, flavour: str = "s8s8", cache_dir: str | os.PathLike[str] | None = None
               ) -> dict[str, Any]:
     """Write the Q/DQ model to ``dest``; returns what was done (for the manifest)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in METHODS:
@@ -98,18 +156,18 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
 
     input_name = onnx.load(os.fspath(fp32), load_external_data=False).graph.input[0].name
     cache.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache / f"{key}.pre.onnx") as pre, atomic_path(cached) as out:
+    with atomic_path(cache / f"{key}.pre.onnx") as pre, atomic_path(cache / f"{key}.ranges.json") as ranges, \
+            atomic_path(cached) as out:
         quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
-        calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-                 "percentile": CalibrationMethod.Percentile}[method]
         with contextlib.redirect_stdout(sys.stderr):  # ORT prints its calibration notes to stdout
+            calib = _compute_ranges(pre, ranges, _Reader(list(files), p, input_name), method, flavour)
             quantize_static(
-                os.fspath(pre), os.fspath(out), _Reader(list(files), p, input_name),
+                os.fspath(pre), os.fspath(out), None,
                 quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                 activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
-                calibrate_method=calib,
-                extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True,
-                               "CalibMovingAverage": False})
+                calibrate_method=calib, calibration_cache_path=os.fspath(ranges),
+                extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True})
     (cache / f"{key}.pre.onnx").unlink(missing_ok=True)
+    (cache / f"{key}.ranges.json").unlink(missing_ok=True)
     shutil.copyfile(cached, dest)
     return {**info, "cache_hit": False}
