@@ -10,8 +10,7 @@
 * Flavours: ``s8s8`` (int8 activations, symmetric, zero point 0): what TensorRT's explicit
   quantization wants, used for ``.plan``; ``u8s8`` (uint8 activations): what ONNX Runtime's
   x86 CPU kernels are fast with (1.8-2.6x FP32 against 0.4-0.9x for s8s8 in bench/inference.py,
-  docs/benchmarks.md), used for
-  an int8 ``.onnx``.
+  docs/benchmarks.md), used for an int8 ``.onnx``.
 * Methods: ``percentile`` (default: the 99.999th percentile of |activation| from a 2048-bin
   histogram), ``entropy`` (KL-divergence thresholds over 2048 bins, TensorRT's classic
   calibrator), ``minmax``. The default is measured: on the CPU profile's model (Fashion-MNIST,
