@@ -90,7 +90,8 @@ class _Once:
 CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
     "minmax": {"moving_average": False},
-    "percentile": {"num_bins": 2048, "percentile": 99.999},
+    # percentile keeps ORT's symmetric |activation| histogram; the others follow the flavour
+    "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True},
 }
 
 
@@ -105,9 +106,7 @@ def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: s
 
     calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
              "percentile": CalibrationMethod.Percentile}[method]
-    options = dict(CALIBRATOR_OPTIONS[method])
-    # percentile keeps ORT's symmetric histogram; the others follow the activation flavour
-    options["symmetric"] = True if method == "percentile" else flavour == "s8s8"
+    options = {"symmetric": flavour == "s8s8", **CALIBRATOR_OPTIONS[method]}
     with tempfile.TemporaryDirectory(prefix="rn50-calib-") as tmp:
         calibrator = create_calibrator(
             model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--timing-cache", type=Path, help="TensorRT timing cache file (loaded if present, saved after the build)")
     a("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     a("--hardware-compat", default="none", help="TensorRT hardware compatibility: none, same-cc, ampere+")
-    a("--calib-method", default="percentile", choices=["percentile", "entropy", "minmax"], help="INT8 calibration method (default: %(default)s; see docs/serving.md)")
+    a("--calib-method", default="percentile", help="INT8 calibration: percentile (default), entropy, minmax (see docs/tensorrt.md)")
     a("--calib-size", type=int, default=512, help="INT8 calibration images from the training split (default 512)")
     a("--int8-flavour", default="auto", help="auto (s8s8 for .plan, u8s8 for .onnx), s8s8 or u8s8")
     a("--gate-images", type=int, default=2000,

@@ -38,16 +38,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     a("--resume", nargs="?", const="", metavar="CKPT", help="continue from CKPT (default: OUTPUT/last.pt) exactly")
     a("--stop-after", type=int, metavar="N", help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)")
-    a("--evaluate", metavar="CKPT", help="score CKPT on the validation split and exit")
+    a("--evaluate", metavar="CKPT", help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)")
     a("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--cpu", action="store_true", help="ignore CUDA even if present")
     return ap
@@ -91,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
     """Fill every unset flag from the profile and the recipe; returns the run configuration."""
-    from .recipe import PRESETS, default_warmup, effective_lr
+    from .recipe import PRESETS, default_warmup, effective_lr, resolve_amp
 
     profile = args.profile if args.profile != "auto" else ("gpu" if cuda else "cpu")
     prof = PROFILES[profile]
@@ -129,7 +119,7 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
         "mixup": float(args.mixup if args.mixup is not None else p_mix),
         "image_size": int(pick("image_size")),
         "min_crop_scale": float(pick("min_crop_scale", 0.08)),
-        "amp": _resolve_amp(pick("amp"), pick("amp_dtype"), cuda),
+        "amp": resolve_amp(pick("amp"), pick("amp_dtype"), cuda),
         "amp_dtype": pick("amp_dtype"),
         "tf32": cuda,
         "compile": bool(pick("compile")),
@@ -143,12 +133,6 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
         "output": str(args.output),
     }
     return cfg
-
-
-def _resolve_amp(amp: Any, dtype: str, cuda: bool) -> bool:
-    if amp == "native-bf16":
-        return cuda or (dtype == "bf16" and cpu_has_native_bf16())
-    return bool(amp) and (cuda or dtype == "bf16")
 
 
 def _default_workers() -> int:

@@ -26,7 +26,7 @@ from rn50.preprocess import Preprocessing
 
 from . import distributed
 from .loaders import Shard, make_loader
-from .recipe import WarmupCosine, make_optimizer, mixup, smooth_one_hot, soft_cross_entropy
+from .recipe import WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
 
 
 class TrainingError(PipelineError):
@@ -226,7 +226,8 @@ class Trainer:
                             train_config=self.cfg, history=self.history)
 
     def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
-        acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1}
+        acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1,
+               "autocast": self.cfg["amp_dtype"] if self.cfg["amp"] else None}
         man = new_manifest("checkpoint", classes=self.classes, preprocessing=self.p, precision="fp32",
                            accuracy=acc, train_config=self.cfg)
         state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
@@ -262,13 +263,24 @@ class Trainer:
         p = Preprocessing.from_dict(man["preprocessing"])
         files, labels = _subset(val.files, val.labels, args.limit_val, len(val.classes), args.seed)
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
-        loader = make_loader(backend, files, labels, p, batch_size=args.batch_size or 128, train=False,
+        # score it the way its training run did (autocast, memory format, batch size), so the result
+        # reproduces the accuracy in its manifest; --amp/--no-amp, --memory-format, --batch-size override
+        dtype = args.amp_dtype or cfg.get("amp_dtype") or "bf16"
+        amp = resolve_amp(args.amp if args.amp is not None else ("native-bf16" if cfg.get("amp") else False),
+                          dtype, d.device.type == "cuda")
+        memory_format = args.memory_format or cfg.get("memory_format", "channels_last")
+        batch_size = args.batch_size or cfg.get("batch_size") or 128
+        loader = make_loader(backend, files, labels, p, batch_size=batch_size, train=False,
                              device=d.device, shard=Shard(d.rank, d.world), seed=args.seed,
                              workers=args.workers or 2)
-        top1, top5, n = run_eval(model, loader, d, False, torch.float32, False)
+        amp_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+        if memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        top1, top5, n = run_eval(model, loader, d, amp, amp_dtype, memory_format == "channels_last")
         if d.main:
             print(json.dumps({"checkpoint": str(args.evaluate), "data": str(data / "val"), "images": n,
-                              "top1": top1, "top5": top5}))
+                              "top1": top1, "top5": top5, "autocast": dtype if amp else None,
+                              "memory_format": memory_format}))
         return 0
 
 

@@ -27,6 +27,22 @@ MIXUP_ALPHA = 0.2
 PRESETS = {50: (50, 2, 0.0), 90: (90, 2, 0.0), 250: (250, 5, MIXUP_ALPHA)}
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: object, dtype: str, cuda: bool) -> bool:
+    """Whether autocast runs: "native-bf16" means on with CUDA, and on a CPU only where bf16 is
+    native; True means on with CUDA, and on a CPU for bf16 only (CPU autocast has no fp16)."""
+    if amp == "native-bf16":
+        return cuda or (dtype == "bf16" and cpu_has_native_bf16())
+    return bool(amp) and (cuda or dtype == "bf16")
+
+
 def effective_lr(lr_per_256: float, global_batch: int) -> float:
     return lr_per_256 * global_batch / BASE_BATCH
 

@@ -37,10 +37,10 @@ def test_lr_scales_with_global_batch_and_warmup_default():
 
 
 def test_cpu_profile_amp_follows_native_bf16(monkeypatch):
-    import train.__main__ as tm
+    import train.recipe as tr
 
     for native in (True, False):
-        monkeypatch.setattr(tm, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda native=native: native)
         c = cfg("--profile", "cpu")
         assert c["amp"] is native and c["amp_dtype"] == "bf16"
         assert c["batch_size"] == 64 and c["lr"] == pytest.approx(0.064) and c["limit_train"] is None
@@ -48,7 +48,7 @@ def test_cpu_profile_amp_follows_native_bf16(monkeypatch):
         assert cfg("--profile", "cpu", "--amp")["amp"] is True  # asked for: bf16 even if emulated
         assert cfg("--profile", "cpu", "--amp-dtype", "fp16")["amp"] is False  # no fp16 autocast on CPU
     assert cfg("--profile", "cpu", cuda=True)["amp"] is True
-    assert isinstance(tm.cpu_has_native_bf16(), bool)
+    assert isinstance(tr.cpu_has_native_bf16(), bool)
 
 
 def test_presets_and_mixup():

@@ -53,10 +53,19 @@ def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
 
 
 def test_evaluate_checkpoint(trained_run, fmnist_small, capsys):
-    assert train.main(["--evaluate", str(trained_run / "best.pt"), "--data", str(fmnist_small), "--workers", "1"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ck = str(trained_run / "best.pt")
     man = json.loads((trained_run / "best.pt.manifest.json").read_text())
-    assert res["images"] == len(list((fmnist_small / "val").rglob("*.jpg"))) and res["top1"] == pytest.approx(man["accuracy"]["top1"], abs=0.01)
+    # scored as its training run scored it (autocast, memory format, batch): the manifest's figure
+    assert train.main(["--evaluate", ck, "--data", str(fmnist_small), "--workers", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == len(list((fmnist_small / "val").rglob("*.jpg")))
+    assert res["autocast"] == man["accuracy"]["autocast"] and res["memory_format"] == "channels_last"
+    assert res["top1"] == pytest.approx(man["accuracy"]["top1"], abs=0.01)
+    # --no-amp scores the fp32 weights in fp32 (within a few images of the autocast figure)
+    assert train.main(["--evaluate", ck, "--data", str(fmnist_small), "--workers", "1", "--no-amp"]) == 0
+    fp32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fp32["autocast"] is None and fp32["images"] == res["images"]
+    assert fp32["top1"] == pytest.approx(res["top1"], abs=2.0)
 
 
 def test_two_process_gloo_ddp(fmnist_tiny, tmp_path):
