@@ -7,7 +7,7 @@ serving time (calibrating with other preprocessing is a known way to lose all ac
 NVIDIA/TensorRT#2255).
 
 Default size 512: TensorRT's documentation suggests about 500 images for ImageNet classifiers;
-with 10 classes that is 52 per class, far more than the activation histograms need to settle,
+with 10 classes that is 51 or 52 per class, far more than the activation histograms need to settle,
 and it calibrates in well under a minute on 2 CPU cores at 32 px.
 """
 

@@ -4,7 +4,7 @@
   from the *training* split (never the validation images the gate scores), through
   :func:`rn50.batches.iter_split`, i.e. exactly the validation preprocessing the engine will
   see at serving time. 512 follows TensorRT's guidance of about 500 images for ImageNet-size
-  classifiers; on 10 classes that is 51 per class, and the calibrators' histograms are
+  classifiers; on 10 classes that is 51 or 52 per class, and the calibrators' histograms are
   stable well before that.
 * Weights: int8, symmetric, per output channel (axis 0). Activations: per tensor.
 * Flavours: ``s8s8`` (int8 activations, symmetric, zero point 0): what TensorRT's explicit
@@ -17,8 +17,8 @@
   32 px) percentile kept 99.45 % (u8s8) / 99.15 % (s8s8) top-1 agreement with FP32 and lost at
   most 0.2 point, against 96.45 / 96.55 % and 0.75 / 0.45 point for entropy and 99.0 / 98.65 %
   and 0.65 / 0.15 point for minmax (docs/tensorrt.md).
-* Cache: the result is keyed by the FP32 model's sha256, the calibration file list, method,
-  size and flavour, and stored under ``<output folder>/.calib-cache/``; an unchanged request
+* Cache: the result is keyed by the FP32 model's sha256, the calibration images' names and
+  sha256, the preprocessing, method, size and flavour, and stored under ``<output folder>/.calib-cache/``; an unchanged request
   reuses it without recalibrating.
 """
 
@@ -123,10 +123,16 @@ def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: s
     return calib
 
 
-def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str) -> str:
+def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str,
+              p: Preprocessing | None = None) -> str:
+    """What a calibration depends on: the model's bytes, each image's bytes (a data set converted
+    again in place under the same names is new data), the preprocessing, method, size, flavour."""
     h = hashlib.sha256()
     h.update(sha256_file(fp32).encode())
-    h.update(json.dumps([list(files), method, size, flavour, CALIBRATOR_OPTIONS[method]]).encode())
+    for f in files:
+        h.update(os.fspath(f).encode() + b"\0" + sha256_file(f).encode())
+    h.update(json.dumps([method, size, flavour, CALIBRATOR_OPTIONS[method],
+                         p.to_dict() if p is not None else None]).encode())
     return h.hexdigest()[:32]
 
 
@@ -142,7 +148,7 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown int8 flavour {flavour!r} (choose from {', '.join(FLAVOURS)})")
     dest = Path(dest)
-    key = cache_key(fp32, files, method, len(files), flavour)
+    key = cache_key(fp32, files, method, len(files), flavour, p)
     cache = Path(cache_dir) if cache_dir else dest.parent / ".calib-cache"
     cached = cache / f"{key}.onnx"
     info = {"method": method, "flavour": flavour, "calibration_images": len(files), "cache_key": key,

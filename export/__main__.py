@@ -47,7 +47,7 @@ def log(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m export", description=__doc__.split("\n\n")[0],
+    ap = _Parser(prog="python -m export", description=(__doc__ or "").replace("``", "`"),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--checkpoint", required=True, type=Path, help="the trained checkpoint (best.pt)")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--calib-cache", type=Path, help="calibration cache folder (default: <output folder>/.calib-cache)")
     a("--force", action="store_true", help="write the artifact even if it fails its parity bound or the INT8 gate")
     a("--parity-images", type=int,
-      help="validation images (class-balanced) for the parity check (default 256; fp16 on CPU: 64)")
+      help="validation images (class-balanced) for the parity check (default 256; fp16: 64, as fp16 runs slowly on CPU)")
     return ap
 
 

@@ -75,6 +75,25 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return obj
 
 
+def state_dict_mismatch(expected: dict[str, Any], got: dict[str, Any]) -> str | None:
+    """What keeps ``got`` from loading where ``expected`` (a model's own state dict) is: the first
+    missing or other-shaped tensor in the model's order, else the first unexpected one; None if
+    it fits."""
+    missing = [k for k in expected if k not in got]
+    for k, v in expected.items():
+        if k not in got:
+            return f"tensor {k} is missing ({len(missing)} of the model's {len(expected)} are)"
+        g = got[k]
+        if not isinstance(g, torch.Tensor):
+            return f"{k} is a {type(g).__name__}, not a tensor"
+        if tuple(g.shape) != tuple(v.shape):
+            return f"{k} has shape {tuple(g.shape)} but the model's is {tuple(v.shape)}"
+    extra = [k for k in got if k not in expected]
+    if extra:
+        return f"unexpected tensor {extra[0]} ({len(extra)} in all)"
+    return None
+
+
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the network from a checkpoint; returns ``(model in eval mode, manifest)``."""
     obj = load_checkpoint(path, map_location)
@@ -88,6 +107,9 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         raise CheckpointError(f"{path}: the checkpoint's classifier has {n} outputs but its manifest lists "
                               f"{len(classes)} classes")
     model = build_model(n)
+    why = state_dict_mismatch(model.state_dict(), obj["model"])
+    if why is not None:
+        raise CheckpointError(f"{path}: weights do not fit ResNet50 v1.5 with {n} classes: {why}")
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:

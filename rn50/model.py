@@ -5,7 +5,7 @@ the first 1x1; torchvision's ``Bottleneck`` does exactly that.  The recipe's ini
 Kaiming-normal (fan_out, ReLU) for every convolution, BatchNorm gamma=1 / beta=0, and gamma=0 on
 the last BatchNorm of each residual block (``bn3``) so every block starts as the identity.
 torchvision does the first two in its constructor and the third with ``zero_init_residual=True``;
-``tests/core/test_model.py`` checks all three rather than assuming them.
+``tests/core/test_core.py`` checks all three rather than assuming them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entr
    otherwise try to allocate the full image);
 3. DALI: if a batch fails (truncated or corrupt data the header did not reveal), the pipeline is
    rebuilt and the batch is retried image by image to find the culprits; the others are kept.
+   A culprit's cause comes from decoding it once more with PIL (:func:`decode_cause`), as
+   DALI's exception does not say what is wrong with the data.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _first_line(e: BaseException) -> str:
     """The useful line of a (DALI) exception: DALI's messages start with pipeline boilerplate."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in lines:
+        if ln.lower().startswith("failed to decode"):
+            return ln.rstrip(" :")[:300]
+    for ln in lines:
         low = ln.lower()
         if ("error" in low and "critical error in pipeline" not in low and "operator" not in low) or "decode" in low:
             return ln[:300]
@@ -57,6 +62,30 @@ def _first_line(e: BaseException) -> str:
         if not ln.startswith(("File ", "which was used", "^")) and "pipeline" not in ln.lower():
             return ln[:300]
     return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def decode_cause(data: np.ndarray, e: BaseException) -> str:
+    """Why DALI could not decode ``data``, for the ``error`` of its output line.
+
+    DALI's exception only says "Failed to decode sample #0" (libjpeg's own message goes to
+    stderr), so the image is decoded once more with PIL, which names the problem ("image file is
+    truncated (54 bytes not processed)", "broken data stream when reading image file"). Only
+    failed images get here, and their size has passed the header check, so this is cheap.
+    """
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                fmt = im.format or "image"
+                im.load()
+    except Exception as pe:  # any PIL failure is the answer
+        return f"cannot decode image: corrupt or truncated data ({type(pe).__name__}: {pe})"
+    return f"cannot decode image: DALI rejects this {fmt} that PIL decodes ({_first_line(e)})"
 
 
 def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS) -> str | None:
@@ -110,7 +139,7 @@ class BatchStream:
                         outs.append(self._run_dali([d]))
                         kept.append((i, path, d))
                     except Exception as e:
-                        errors.append((i, path, f"cannot decode image ({_first_line(e)})"))
+                        errors.append((i, path, decode_cause(d, e)))
                         self.pre.rebuild()
                 good = kept
                 if outs:

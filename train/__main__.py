@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--data", type=Path, help="ImageNet-layout folder with train/<class>/ and val/<class>/ (default: data/fashion-mnist)")
-    a("--data-backend", choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"], help="default: dali-gpu with CUDA, dali-cpu without")
+    a("--data-backend", choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"], help="default: dali-gpu with CUDA, dali-cpu without; asking for dali-gpu without CUDA is an error")
     a("--profile", choices=["auto", "gpu", "cpu"], default="auto", help="defaults for the flags below (see above)")
     a("--preset", type=int, choices=[50, 90, 250], help="recipe preset: epochs (and MixUp 0.2 for 250)")
     a("--epochs", type=int, help="number of epochs (default: from the preset or profile)")
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=1 / 32768, help="on conv/fc weights only (default: 1/32768)")
     a("--label-smoothing", type=float, default=0.1)
     a("--mixup", type=float, help="MixUp alpha (default: 0.2 with --preset 250, else off)")
-    a("--warmup-epochs", type=float, help="linear warmup length (default: 2 epochs, 5 for preset 250, when the global batch is >= 512; else 0)")
+    a("--warmup-epochs", type=float,
+      help="linear warmup length in epochs (default: the preset's, 2 or 5 for preset 250, when the global batch "
+           "is >= 512; else the profile's: " + ", ".join(f"{PROFILES[k].get('warmup_epochs', 0):g} for {k}"
+                                                        for k in ("cpu", "gpu")) + ")")
     a("--image-size", type=int, help="training/validation crop size in pixels")
     a("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop (recipe: 0.08)")
     a("--amp", action=argparse.BooleanOptionalAction, help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)")
@@ -98,7 +101,7 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
     cfg = {
         "profile": profile,
         "data": str(args.data or Path("data/fashion-mnist")),
-        "data_backend": pick("data_backend") if cuda or pick("data_backend") != "dali-gpu" else "dali-cpu",
+        "data_backend": _data_backend(args.data_backend, prof["data_backend"], cuda),
         "preset": preset,
         "epochs": int(epochs),
         "batch_size": int(batch),
@@ -133,6 +136,19 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
         "output": str(args.output),
     }
     return cfg
+
+
+def _data_backend(asked: str | None, profile_default: str, cuda: bool) -> str:
+    """The profile's dali-gpu falls back to dali-cpu without CUDA (``--profile gpu`` on a CPU
+    machine); dali-gpu asked for with --data-backend is honoured or refused, never replaced."""
+    if asked is None:
+        return "dali-cpu" if profile_default == "dali-gpu" and not cuda else profile_default
+    if asked == "dali-gpu" and not cuda:
+        from rn50.errors import DataError
+
+        raise DataError("--data-backend dali-gpu: CUDA is not available here (or --cpu was given); "
+                        "use --data-backend dali-cpu on this machine")
+    return asked
 
 
 def _default_workers() -> int:

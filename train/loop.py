@@ -16,12 +16,12 @@ from torch import nn
 
 from rn50.atomic import atomic_path, write_json, write_text
 from rn50.batches import balanced_subset
-from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint
+from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
 from rn50.layout import check_files, load_dataset, scan_split
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
-from rn50.model import build_model, num_classes_of
+from rn50.model import build_model
 from rn50.preprocess import Preprocessing
 
 from . import distributed
@@ -135,20 +135,41 @@ class Trainer:
         obj = load_checkpoint(path)
         if "optimizer" not in obj or "epoch" not in obj:
             raise CheckpointError(f"{path}: has no training state to resume from (is it a best.pt from an older run?)")
+        lacks = [k for k in ("scaler", "step", "rng") if k not in obj]
+        if lacks or "train_config" not in obj["manifest"]:
+            raise CheckpointError(f"{path}: incomplete training state (lacks "
+                                  f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it")
         saved = dict(obj["manifest"]["train_config"])
         saved["output"] = cfg["output"]
         if args.data is not None:  # the data may have moved since
             saved["data"] = str(args.data)
         if args.epochs:
             saved["epochs"] = args.epochs
-        return saved, obj
+        return saved, {**obj, "_path": str(path)}
 
     def _restore(self, obj: dict[str, Any]) -> None:
-        n = num_classes_of(obj["model"])
-        if n != len(self.classes):
-            raise CheckpointError(f"resume checkpoint has {n} classes but the data has {len(self.classes)}")
+        path = obj.get("_path", "resume checkpoint")
+        fc = obj["model"].get("fc.weight")
+        n = int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None
+        if n is not None and n != len(self.classes):
+            raise CheckpointError(f"{path}: resume checkpoint has {n} classes but the data has {len(self.classes)}")
+        # shapes first: load_state_dict's own error is a multi-line traceback
+        why = state_dict_mismatch(self.model.state_dict(), obj["model"])
+        if why is not None:
+            raise CheckpointError(f"{path}: its weights do not fit ResNet50 v1.5 with {len(self.classes)} classes: "
+                                  f"{why}")
         self.model.load_state_dict(obj["model"])
-        self.opt.load_state_dict(obj["optimizer"])
+        try:
+            self.opt.load_state_dict(obj["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this model: {e}") from e
+        for group in self.opt.param_groups:
+            for prm in group["params"]:
+                buf = self.opt.state.get(prm, {}).get("momentum_buffer")
+                if buf is not None and buf.shape != prm.shape:
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this model: a momentum "
+                                          f"buffer has shape {tuple(buf.shape)} for a parameter of shape "
+                                          f"{tuple(prm.shape)}")
         self.scaler.load_state_dict(obj["scaler"])
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
@@ -221,15 +242,26 @@ class Trainer:
         return run_eval(self.net, self.val_loader, self.d, self.cfg["amp"], self.amp_dtype, self.channels_last)
 
     # ------------------------------------------------------------------ files
+    def _source(self, epochs_done: int) -> dict[str, Any]:
+        """What a checkpoint or run manifest came from: the data folder (None for synthetic data
+        without one), the run folder and the number of epochs trained. Export's manifests record
+        their source file (path and sha256) the same way, under "source"."""
+        synthetic = self.cfg["data_backend"] == "synthetic" and not Path(self.cfg["data"]).is_dir()
+        return {"data": None if synthetic else str(self.cfg["data"]), "data_backend": self.cfg["data_backend"],
+                "run": str(self.out), "epoch": epochs_done}
+
     def _run_manifest(self) -> dict[str, Any]:
-        return new_manifest("run", classes=self.classes, preprocessing=self.p, precision="fp32",
-                            train_config=self.cfg, history=self.history)
+        m = new_manifest("run", classes=self.classes, preprocessing=self.p, precision="fp32",
+                         train_config=self.cfg, history=self.history)
+        m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
+        return m
 
     def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
         acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1,
                "autocast": self.cfg["amp_dtype"] if self.cfg["amp"] else None}
         man = new_manifest("checkpoint", classes=self.classes, preprocessing=self.p, precision="fp32",
                            accuracy=acc, train_config=self.cfg)
+        man["source"] = self._source(epoch + 1)  # new_manifest's source= is for a file (with its sha256)
         state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
                      step=self.step, rng=rng_state(), best_top1=max(self.best_top1, top1), history=self.history)
         save_checkpoint(self.out / "last.pt", self.model.state_dict(), man, **state)

@@ -8,13 +8,17 @@
 * ``input_dtype`` - "float32" or "float16"
 * ``max_batch``   - the largest batch the engine takes
 * ``num_classes`` - the engine's output width, or None when it cannot be read without running it
+* ``input_shape`` - the ``(channels, height, width)`` of one image the engine takes, a dimension
+  None where the engine leaves it dynamic; None altogether when the engine does not say
 * ``run(batch)``  - logits as float32 numpy ``(N, classes)``; ``batch`` is float32 NCHW numpy
   on the CPU or a torch CUDA tensor (DALI's GPU output) on the GPU.
 
-Loading checks the manifest beside the engine (:func:`load_engine`): kind against suffix, class
-count against the engine's output, and for TensorRT the GPU / TensorRT version the plan was built
-for. Every failure is an :class:`rn50.errors.EngineError` or ``ManifestError`` whose message names
-the file.
+Loading checks the manifest beside the engine (:func:`load_engine`): kind against suffix, the
+manifest's image size against the engine's input (the export makes only the batch dynamic, so an
+engine takes one height and width), class count against the engine's output, and for TensorRT the
+GPU / TensorRT version the plan was built for. Every failure is an
+:class:`rn50.errors.EngineError` or ``ManifestError`` whose message names the file; all of them
+come before any image is decoded.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rn50.errors import EngineError, ManifestError
-from rn50.manifest import read_manifest
+from rn50.manifest import preprocessing_of, read_manifest
 
 SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti"}
 # manifest "kind" values accepted for each suffix
@@ -47,6 +51,7 @@ class Backend(Protocol):
     input_dtype: str
     max_batch: int
     num_classes: int | None
+    input_shape: tuple[int | None, ...] | None
 
     def run(self, batch: Any) -> np.ndarray: ...
 
@@ -97,11 +102,33 @@ def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[
         raise ManifestError(f"{path}: the manifest beside it describes a '{kind}' artifact, not a {s} engine "
                             f"(expected kind {' or '.join(repr(k) for k in KINDS[s])}); "
                             f"is {path.name}{'.manifest.json'} the right manifest?")
+    size = preprocessing_of(m).image_size
+    if "image_size" in m and m["image_size"] != size:
+        raise ManifestError(f"{path}: its manifest is inconsistent: image_size {m['image_size']} but its "
+                            f"preprocessing crops {size} px")
     backend = load_backend(path, m, prefer_gpu=prefer_gpu)
+    check_input_shape(path, backend.input_shape, size)
     n = backend.num_classes
     if n is not None and n != len(m["classes"]):
         raise ManifestError(f"{path}: the engine outputs {n} classes but its manifest lists {len(m['classes'])}")
     return backend, m
+
+
+def _chw(shape: tuple[int | None, ...]) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
+def check_input_shape(path: Path, engine_shape: tuple[int | None, ...] | None, image_size: int) -> None:
+    """ManifestError unless the engine takes the 3 x image_size x image_size images the manifest's
+    preprocessing makes (dimensions the engine leaves dynamic, or does not report, pass)."""
+    if engine_shape is None:
+        return
+    want = (3, image_size, image_size)
+    if len(engine_shape) != 3 or any(g is not None and g != w for g, w in zip(engine_shape, want)):
+        raise ManifestError(
+            f"{path}: the engine takes {_chw(engine_shape)} (channels x height x width) images but its manifest "
+            f"({path.name}.manifest.json) says image_size {image_size}, i.e. {_chw(want)}: the manifest does not "
+            f"describe this engine (use the manifest written with it, or re-export at {image_size} px)")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

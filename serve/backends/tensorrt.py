@@ -94,6 +94,9 @@ class TrtBackend:
         self._out_dtype = self._torch_dtype(engine.get_tensor_dtype(self.output_name))
         self.input_dtype = "float16" if self._in_dtype == torch.float16 else "float32"
         in_shape = tuple(engine.get_tensor_shape(self.input_name))
+        # (C, H, W), -1 (dynamic) as None; load_engine compares it with the manifest's image size
+        self.input_shape: tuple[int | None, ...] | None = (
+            tuple(int(d) if d > 0 else None for d in in_shape[1:]) if len(in_shape) == 4 else None)
         if in_shape and in_shape[0] > 0:
             self.max_batch = int(in_shape[0])
         else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,7 @@ def test_u8s8_qdq_structure_and_accuracy(engine_int8_onnx: Path, engine_fp32_onn
     assert m["precision"] == "int8" and m["int8_flavour"] == "u8s8"
     assert m["int8"]["gate"]["passed"] and m["int8"]["method"] == "percentile"
     _qdq_checks(engine_int8_onnx, "u8s8")
-    # independent re-measure on the whole small validation split (300 images)
+    # independent re-measure on the whole small validation split (500 images)
     _, val = load_dataset(fmnist_small)
     r = score({"fp32": engine_fp32_onnx, "int8": engine_int8_onnx}, val.files, val.labels, preprocessing_of(m))
     assert r["fp32"]["top1"] > 30, "the shared test model should be well above chance"
@@ -96,13 +95,11 @@ def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytes
             "--calib-size", "128", "--calib-method", "minmax", "--parity-images", "64"]
     # 1. same inputs: the cached calibration is reused (no calibration pass)
     again = folder / "again.onnx"
-    t0 = time.perf_counter()
     assert export.main(base + ["--output", str(again), "--force"]) == 0
     err = capsys.readouterr().err
     assert "cache hit" in err and "calibrating" not in err, err
     assert read_manifest(again)["int8"]["cache_hit"] is True
     assert again.read_bytes() == s8s8.read_bytes()
-    assert time.perf_counter() - t0 < 120
     # 2. an impossible bound: refused, exit 3, nothing written
     refused = folder / "refused.onnx"
     before = set(os.listdir(folder))
@@ -115,6 +112,28 @@ def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytes
     assert read_manifest(refused)["int8"]["gate"]["passed"] is False
     # one calibration served all four runs
     assert len(list((folder / ".calib-cache").glob("*.onnx"))) == 1
+
+
+def test_cache_key_follows_image_bytes_and_preprocessing(tmp_path: Path) -> None:
+    from calibration.quantize import cache_key
+    from rn50.preprocess import Preprocessing
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    imgs = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for i, f in enumerate(imgs):
+        f.write_bytes(bytes([i]) * 10)
+    files = [str(f) for f in imgs]
+    p = Preprocessing(image_size=32)
+    key = cache_key(model, files, "percentile", 3, "u8s8", p)
+    assert cache_key(model, files, "percentile", 3, "u8s8", p) == key
+    # the data set converted again in place: same names, other bytes -> a new calibration
+    imgs[1].write_bytes(b"other pixels")
+    changed = cache_key(model, files, "percentile", 3, "u8s8", p)
+    assert changed != key
+    assert cache_key(model, files, "percentile", 3, "u8s8", Preprocessing(image_size=64)) != changed
+    assert cache_key(model, files, "entropy", 3, "u8s8", p) != changed
+    assert cache_key(model, files, "percentile", 3, "s8s8", p) != changed
 
 
 def test_entropy_calibration_is_not_minmax(engine_fp32_onnx: Path, fmnist_small: Path, tmp_path: Path) -> None:

@@ -75,6 +75,39 @@ def test_onnx_dynamic_batch_matches_pytorch(engine_fp32_onnx: Path, trained_run:
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+def test_polygraphy_runs_the_onnx_on_real_images(engine_fp32_onnx: Path, trained_run: Path, tmp_path: Path) -> None:
+    """`polygraphy run --onnxrt` with export/polygraphy_inputs.py: the same command compares a
+    TensorRT engine (`--trt`) where TensorRT exists. Its outputs must be PyTorch's on the same
+    real, preprocessed validation images."""
+    import subprocess
+    import sys
+
+    from polygraphy.comparator import RunResults
+
+    root = Path(__file__).resolve().parents[2]
+    out, inputs = tmp_path / "outputs.json", tmp_path / "inputs.json"
+    env = {**os.environ, "RN50_MODEL": str(engine_fp32_onnx), "RN50_BATCHES": "2", "RN50_BATCH_SIZE": "8",
+           "POLYGRAPHY_AUTOINSTALL_DEPS": "0"}
+    r = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "run", str(engine_fp32_onnx), "--onnxrt",
+                        "--data-loader-script", str(root / "export" / "polygraphy_inputs.py"),
+                        "--save-inputs", str(inputs), "--save-outputs", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    from polygraphy.json import load_json
+
+    feeds = load_json(str(inputs))
+    (_, runs), = RunResults.load(str(out)).items()
+    assert len(feeds) == len(runs) == 2
+    model, _ = load_model(trained_run / "best.pt")
+    for feed, outs in zip(feeds, runs):
+        x = feed["input"]
+        assert x.shape == (8, 3, 32, 32) and x.dtype == np.float32 and x.std() > 0.1  # real images, normalised
+        with torch.no_grad():
+            ref = model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        got = outs["logits"]
+        assert np.abs(got - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+
+
 def test_fp16_onnx(tmp_path: Path, trained_run: Path) -> None:
     import onnx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,10 +13,18 @@ import pytest
 from serve import validate
 
 
-@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx"])
+def _row(out: str, label: str) -> tuple[float, float]:
+    """(top-1, top-5) of the printed Markdown table's row ``label``."""
+    rows = re.findall(rf"^\| {re.escape(label)} \| ([-+0-9.]+) \| ([-+0-9.]+) \|$", out, re.M)
+    assert len(rows) == 1, f"no single '{label}' row in:\n{out}"
+    return float(rows[0][0]), float(rows[0][1])
+
+
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2"])
 def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run, fmnist_small):
     """The whole val split (500 images): the same images the export's INT8 gate measured
-    (ONNX Runtime fp32 vs int8), so what the gate promised must hold against PyTorch here."""
+    (ONNX Runtime fp32 vs int8), so what the gate promised must hold against PyTorch here.
+    The .pt2 (AOTInductor, fp32) is held to the fp32 bounds."""
     engine = request.getfixturevalue(engine_fixture)
     prefix = tmp_path / "rep"
     rc = validate.main(["--engine", str(engine), "--checkpoint", str(trained_run / "best.pt"),
@@ -23,14 +32,50 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
     out = capsys.readouterr().out
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
-    assert r["passed"] and r["images"] == 500
-    assert Path(f"{prefix}.md").read_text() in out + "\n" or "| PyTorch (eager fp32) |" in out
+    assert r["passed"] and r["images"] == 500 and r["failed_images"] == []
+    assert r["backend"].startswith({".onnx": "onnxruntime", ".pt2": "aoti"}[engine.suffix])
+    md = Path(f"{prefix}.md").read_text()
+    assert md.rstrip("\n") in out  # the report printed is the one written
+    # the printed table shows the JSON report's figures (to its 2 decimals), row by row
+    rows = {"PyTorch (eager fp32)": "pytorch", "engine": "engine_acc", "difference (engine - PyTorch)": "diff"}
+    for label, k in rows.items():
+        want = (pytest.approx(r[k]["top1"], abs=0.0051), pytest.approx(r[k]["top5"], abs=0.0051))
+        assert _row(out, label) == want, label
+    assert r["diff"]["top1"] == pytest.approx(r["engine_acc"]["top1"] - r["pytorch"]["top1"])
+    assert f"top-1 agreement {r['top1_agreement']:.2f} %" in out and "**PASS**" in out
+    # PyTorch's figures are the trained checkpoint's (>= 70 % on these images in tests/train; 60
+    # leaves room for the evaluation's differences), not an empty or untrained model's
+    assert r["pytorch"]["top1"] >= 60
     for k in ("pytorch", "engine_acc", "diff"):
         assert set(r[k]) == {"top1", "top5"}
     assert r["top1_agreement"] >= (99 if r["precision"] == "fp32" else 90)
     if r["precision"] == "fp32":
         assert r["max_abs_logit_diff"] < 1e-3
         assert abs(r["diff"]["top1"]) <= 0.05
+
+
+def error_line(err: str) -> str:
+    """The one ``error: ...`` line of stderr (libraries may log warnings around it), no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
+def test_validate_image_size_mismatch(request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture,
+                                      trained_run, fmnist_small):
+    """A manifest whose image_size is not the engine's: exit 2 before any image is run, no report."""
+    engine = request.getfixturevalue(engine_fixture)
+    eng = copy_engine(engine, lambda m: set_image_size(m, 64))
+    prefix = tmp_path / "rep"
+    rc = validate.main(["--engine", str(eng), "--checkpoint", str(trained_run / "best.pt"),
+                        str(fmnist_small / "val"), "--report", str(prefix), "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 2, cap.err
+    assert error_line(cap.err).startswith(
+        f"error: {eng}: the engine takes 3x32x32 (channels x height x width) images but its "
+        f"manifest ({eng.name}.manifest.json) says image_size 64, i.e. 3x64x64"), cap.err
+    assert cap.out == "" and list(tmp_path.glob("rep*")) == []
 
 
 def _logits(pred: list[int], n_classes: int = 4) -> np.ndarray:

@@ -25,8 +25,38 @@ def test_dry_run_prints_resolved_json(tmp_path):
     assert c["lr"] == pytest.approx(0.256) and c["momentum"] == 0.875
     assert c["weight_decay"] == pytest.approx(1 / 32768) and c["label_smoothing"] == 0.1
     assert c["epochs"] == 90 and c["lr_schedule"] == "cosine" and c["mixup"] == 0
-    assert c["batch_size"] == 256 and c["warmup_epochs"] == 0 and "data_backend" in c
+    assert c["batch_size"] == 256 and c["warmup_epochs"] == 0
+    # the gpu profile's dali-gpu, with CUDA; without, its silent fallback dali-cpu
+    assert c["data_backend"] == ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_data_backend_resolution():
+    from rn50.errors import DataError
+
+    assert cfg()["data_backend"] == "dali-cpu"                        # auto on CPU: the cpu profile
+    assert cfg("--profile", "gpu")["data_backend"] == "dali-cpu"      # the profile's dali-gpu falls back
+    assert cfg(cuda=True)["data_backend"] == "dali-gpu"
+    assert cfg("--profile", "cpu", cuda=True)["data_backend"] == "dali-cpu"
+    for b in ("pytorch", "synthetic", "dali-cpu"):                    # an explicit choice is honoured
+        for cuda in (False, True):
+            assert cfg("--data-backend", b, cuda=cuda)["data_backend"] == b
+            assert cfg("--profile", "gpu", "--data-backend", b, cuda=cuda)["data_backend"] == b
+    assert cfg("--data-backend", "dali-gpu", cuda=True)["data_backend"] == "dali-gpu"
+    with pytest.raises(DataError, match="CUDA is not available.*dali-cpu"):  # asked for: never replaced
+        cfg("--data-backend", "dali-gpu", "--profile", "gpu")
+
+
+def test_warmup_help_states_the_real_defaults():
+    from train.__main__ import PROFILES
+
+    text = " ".join(build_parser().format_help().split())
+    assert "else 0)" not in text
+    assert "else the profile's: 0.1 for cpu, 0 for gpu" in text
+    assert PROFILES["cpu"]["warmup_epochs"] == 0.1 and "warmup_epochs" not in PROFILES["gpu"]
+    assert cfg("--profile", "cpu")["warmup_epochs"] == 0.1                    # small batch: the profile's
+    assert cfg("--profile", "gpu", "--batch-size", "256")["warmup_epochs"] == 0
+    assert cfg("--profile", "cpu", "--batch-size", "512")["warmup_epochs"] == 2  # >= 512: the preset's
 
 
 def test_lr_scales_with_global_batch_and_warmup_default():

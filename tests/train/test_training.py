@@ -32,6 +32,15 @@ def test_trained_run_learns(trained_run):
     man = json.loads((trained_run / "best.pt.manifest.json").read_text())
     assert man["kind"] == "checkpoint" and man["num_classes"] == 10 and man["image_size"] == 32
     assert man["accuracy"]["top1"] == max(r["val_top1"] for r in rows)
+    # each manifest says what it came from: the data folder, the run and the epochs trained
+    data = load_checkpoint(trained_run / "last.pt")["manifest"]["train_config"]["data"]
+    best_epoch = max(rows, key=lambda r: r["val_top1"])["epoch"] + 1
+    assert man["source"] == {"data": data, "data_backend": "dali-cpu", "run": str(trained_run), "epoch": best_epoch}
+    assert load_checkpoint(trained_run / "best.pt")["manifest"]["source"] == man["source"]
+    last = json.loads((trained_run / "last.pt.manifest.json").read_text())
+    run_man = json.loads((trained_run / "manifest.json").read_text())
+    assert last["source"] == run_man["source"] == {**man["source"], "epoch": 3}
+    assert Path(data).is_dir() and (Path(data) / "train").is_dir()
     for f in ("last.pt", "manifest.json", "curves.png"):
         assert (trained_run / f).is_file()
     assert any((trained_run / "tb").iterdir())
@@ -160,7 +169,7 @@ def test_check_images_auto_only_for_small_sets():
     assert _should_check("on", 1_281_167) and not _should_check("off", 10)
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated", "other-shape"])
+@pytest.mark.parametrize("how", ["garbage", "truncated", "other-classes", "other-shape", "other-arch"])
 def test_bad_checkpoint_for_evaluate_and_resume(how, trained_run, fmnist_tiny, tmp_path, capsys):
     from rn50.checkpoint import save_checkpoint
     from rn50.manifest import new_manifest
@@ -168,22 +177,60 @@ def test_bad_checkpoint_for_evaluate_and_resume(how, trained_run, fmnist_tiny, t
     from rn50.preprocess import Preprocessing
 
     ck = tmp_path / "bad.pt"
+    expect_eval = expect_resume = None  # what the one error line must say, where it is specific
     if how == "garbage":
         ck.write_bytes(b"\x00not a checkpoint" * 100)
     elif how == "truncated":
         data = (trained_run / "last.pt").read_bytes()
         ck.write_bytes(data[: len(data) // 2])
-    else:  # a valid checkpoint whose fc has 7 outputs: does not fit 10-class data
+    elif how == "other-classes":  # a valid checkpoint whose fc has 7 outputs: does not fit 10-class data
         m = build_model(7)
         man = new_manifest("checkpoint", classes=[f"c{i}" for i in range(7)],
                            preprocessing=Preprocessing.for_image_size(32), precision="fp32")
         save_checkpoint(ck, m.state_dict(), man)
+        expect_eval, expect_resume = "7 classes do not match", "no training state"
+    else:  # the trained run's full training state, 10 classes, but weights of another shape
+        obj = load_checkpoint(trained_run / "last.pt")
+        state = {k: v for k, v in obj.items() if k not in ("format", "version", "model", "manifest")}
+        assert {"optimizer", "scaler", "epoch", "step", "rng"} <= state.keys()  # reaches the shape check
+        if how == "other-shape":  # one tensor of the wrong shape
+            weights = {**obj["model"], "layer2.0.conv2.weight": torch.zeros(128, 128, 1, 1)}
+            why = "layer2.0.conv2.weight has shape (128, 128, 1, 1) but the model's is (128, 128, 3, 3)"
+        else:  # another architecture with the same 10 classes (ResNet18: 3x3 convs in layer1.0)
+            import torchvision
+
+            weights = torchvision.models.resnet18(num_classes=10).state_dict()
+            why = "layer1.0.conv1.weight has shape (64, 64, 3, 3) but the model's is (64, 64, 1, 1)"
+        save_checkpoint(ck, weights, obj["manifest"], **state)
+        expect_eval = expect_resume = why
     assert train.main(["--evaluate", str(ck), "--data", str(fmnist_tiny), "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.pt" in err and "Traceback" not in err
+    if expect_eval:
+        assert expect_eval in err, err
     rc = run(fmnist_tiny, tmp_path / "o", "--resume", str(ck))
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "bad.pt" in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "bad.pt" in lines[0] and "Traceback" not in err, err
+    if expect_resume:
+        assert expect_resume in lines[0], err
+
+
+def test_explicit_dali_gpu_without_cuda_is_an_error(fmnist_tiny, tmp_path, capsys):
+    """--cpu: no CUDA on any machine. Asked for, dali-gpu is refused (dry run too); the gpu
+    profile's default dali-gpu still falls back to dali-cpu."""
+    nowhere = tmp_path / "nowhere"
+    assert train.main(["--dry-run", "--cpu", "--data-backend", "dali-gpu", "--data", str(nowhere)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "CUDA is not available" in err and "dali-cpu" in err
+    assert not nowhere.exists()
+    assert run(fmnist_tiny, tmp_path / "o", "--cpu", "--epochs", "1", "--data-backend", "dali-gpu") == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "CUDA is not available" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    assert train.main(["--dry-run", "--cpu", "--profile", "gpu", "--data", str(nowhere)]) == 0
+    assert json.loads(capsys.readouterr().out)["data_backend"] == "dali-cpu"
 
 
 class _Interrupt:
