@@ -79,14 +79,17 @@ class Preprocessing:
 
 # --------------------------------------------------------------------------- PIL / torchvision
 
-def load_rgb(path: str | os.PathLike[str]):
-    """Open an image file as an RGB PIL image, EXIF orientation applied; DataError on failure."""
+def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
+    """Open an image file (or its ``data``, already read) as an RGB PIL image, EXIF orientation
+    applied; DataError naming ``path`` and PIL's cause on failure."""
+    import io
+
     from PIL import Image, ImageOps
 
     from .errors import DataError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im = ImageOps.exif_transpose(im) if im.getexif() else im
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types

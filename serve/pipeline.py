@@ -64,28 +64,27 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
-def decode_cause(data: np.ndarray, e: BaseException) -> str:
-    """Why DALI could not decode ``data``, for the ``error`` of its output line.
+def decode_cause(path: str, data: np.ndarray, e: BaseException) -> str:
+    """Why DALI could not decode ``data`` (read from ``path``), for the ``error`` of its line.
 
     DALI's exception only says "Failed to decode sample #0" (libjpeg's own message goes to
-    stderr), so the image is decoded once more with PIL, which names the problem ("image file is
-    truncated (54 bytes not processed)", "broken data stream when reading image file"). Only
-    failed images get here, and their size has passed the header check, so this is cheap.
+    stderr), so the image is decoded once more with PIL (:func:`rn50.preprocess.load_rgb`), which
+    names the problem ("image file is truncated (54 bytes not processed)", "broken data stream
+    when reading image file"). Only failed images get here, and their size has passed the header
+    check, so this is cheap.
     """
-    import io
     import warnings
 
-    from PIL import Image
+    from rn50.errors import DataError
+    from rn50.preprocess import load_rgb
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data.tobytes())) as im:
-                fmt = im.format or "image"
-                im.load()
-    except Exception as pe:  # any PIL failure is the answer
-        return f"cannot decode image: corrupt or truncated data ({type(pe).__name__}: {pe})"
-    return f"cannot decode image: DALI rejects this {fmt} that PIL decodes ({_first_line(e)})"
+            load_rgb(path, data.tobytes())
+    except DataError as de:
+        return str(de).removeprefix(f"{path}: ")
+    return f"cannot decode image: DALI rejects an image that PIL decodes ({_first_line(e)})"
 
 
 def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS) -> str | None:
@@ -139,7 +138,7 @@ class BatchStream:
                         outs.append(self._run_dali([d]))
                         kept.append((i, path, d))
                     except Exception as e:
-                        errors.append((i, path, decode_cause(d, e)))
+                        errors.append((i, path, decode_cause(path, d, e)))
                         self.pre.rebuild()
                 good = kept
                 if outs:

@@ -26,7 +26,7 @@ from rn50.preprocess import Preprocessing
 
 from . import distributed
 from .loaders import Shard, make_loader
-from .recipe import WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
+from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
 
 
 class TrainingError(PipelineError):
@@ -106,7 +106,7 @@ class Trainer:
         self.opt = make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
         self.sched = WarmupCosine(cfg["lr"], cfg["epochs"] * self.steps_per_epoch,
                                   int(round(cfg["warmup_epochs"] * self.steps_per_epoch)))
-        self.amp_dtype = torch.float16 if cfg["amp_dtype"] == "fp16" else torch.bfloat16
+        self.amp_dtype = AMP_DTYPES[cfg["amp_dtype"]]
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["amp"] and self.amp_dtype == torch.float16)
         self.start_epoch, self.step, self.best_top1, self.history = 0, 0, -1.0, []
         if resume is not None:
@@ -305,10 +305,9 @@ class Trainer:
         loader = make_loader(backend, files, labels, p, batch_size=batch_size, train=False,
                              device=d.device, shard=Shard(d.rank, d.world), seed=args.seed,
                              workers=args.workers or 2)
-        amp_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
         if memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
-        top1, top5, n = run_eval(model, loader, d, amp, amp_dtype, memory_format == "channels_last")
+        top1, top5, n = run_eval(model, loader, d, amp, AMP_DTYPES[dtype], memory_format == "channels_last")
         if d.main:
             print(json.dumps({"checkpoint": str(args.evaluate), "data": str(data / "val"), "images": n,
                               "top1": top1, "top5": top5, "autocast": dtype if amp else None,

@@ -35,6 +35,9 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def resolve_amp(amp: object, dtype: str, cuda: bool) -> bool:
     """Whether autocast runs: "native-bf16" means on with CUDA, and on a CPU only where bf16 is
     native; True means on with CUDA, and on a CPU for bf16 only (CPU autocast has no fp16)."""
