@@ -205,13 +205,14 @@ def run(args: argparse.Namespace) -> int:
 
     # ------------------------------------------------------------------ AOTInductor
     if kind == "aoti":
-        from .aoti import compile_package, runner
+        from .aoti import check_loads, compile_package, runner
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with atomic_path(out) as tmp, _scratch(out) as scratch:
             pkg = scratch / "rn50.pt2"  # the packager insists on a name ending in .pt2
             _timed(f"torch.export + AOTInductor compile ({device}, batch 1..{args.batch_max})",
                    lambda: compile_package(model, p.image_size, pkg, args.batch_max, device))
+            _timed("loading it in a separate process", lambda: check_loads(pkg, device, p.image_size))
             par = _parity(model.cpu(), runner(pkg, device), par_files, par_labels, p, "pt2", args.force, out.name)
             os.replace(pkg, tmp)
         m = new_manifest("aoti", precision="fp32", accuracy=_accuracy(par), parity=par, device=device,

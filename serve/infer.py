@@ -1,11 +1,14 @@
 """Classify images with an exported engine: ``python -m serve.infer --engine X INPUT...``.
 
 * The engine is picked by suffix: ``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), ``.pt2``
-  (AOTInductor). The preprocessing (image size, resize, mean/std) and the class names come from
+  (AOTInductor), or a training checkpoint ``.pt`` (eager PyTorch FP32: no export, not the fast
+  path). The preprocessing (image size, resize, mean/std) and the class names come from
   the manifest beside the engine (``X.manifest.json``), never from flags.
 * Preprocessing is DALI's (``rn50.batches``): ``mixed`` nvJPEG decoding and GPU resizing when CUDA
   is available (the batch stays on the GPU and feeds the engine without a host copy), the CPU
-  otherwise. A background thread decodes the next batch while the engine runs this one.
+  otherwise; ``--decode-on cpu`` keeps decoding on the CPU while the engine runs on the GPU (the
+  batch is copied over), to compare the two or to spare the GPU. A background thread decodes the
+  next batch while the engine runs this one.
 * Inputs: files and folders (recursive, sorted). JPEG, PNG, BMP, TIFF, WebP; grayscale is
   replicated to RGB and CMYK converted; the EXIF orientation tag is applied (DALI
   ``adjust_orientation=True``, as in training and as ``PIL.ImageOps.exif_transpose`` in the
@@ -17,7 +20,8 @@
   stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
   renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
 * stderr: a progress bar and a summary (images, failures, images/s, per-batch engine latency
-  p50/p95/p99, backend and provider); ``--quiet`` turns both off.
+  p50/p95/p99, backend and provider); ``--quiet`` turns both off. ``--summary FILE`` writes the
+  summary as JSON too (what ``bench.gpu_check`` reads).
 
 Exit status: 0 every image classified, 1 some images failed, 2 usage or engine error (missing
 engine, missing or mismatched manifest, plan for another GPU / TensorRT version, no inputs).
@@ -41,12 +45,13 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m serve.infer", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2); "
+        description="Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2) or a checkpoint (.pt); "
                     "DALI preprocessing from the engine's manifest; one JSON line per image.",
         epilog="exit status: 0 all images classified; 1 some images failed (each has an \"error\" line); "
                "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
                "another GPU/TensorRT, no input images).\nSee docs/serving.md.")
-    ap.add_argument("--engine", required=True, help="engine file: .plan (TensorRT), .onnx (ONNX Runtime) or .pt2 (AOTInductor), "
+    ap.add_argument("--engine", required=True, help="engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
+                                                    "training checkpoint .pt (eager PyTorch FP32), "
                                                     "with its .manifest.json beside it")
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)")
@@ -54,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                     help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
+    ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",
+                    help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
+                         "and the batch is copied to the engine's GPU")
     ap.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this (default 100,000,000)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    ap.add_argument("--summary", metavar="FILE", help="also write the summary as JSON to FILE (images, failed, seconds, "
+                                                       "images_per_s, batch_size, latency_ms p50/p95/p99, backend, "
+                                                       "provider, dali_device, engine_device)")
     return ap
 
 
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if device == "gpu" and backend.device != "cuda":
         device = "cpu"  # the engine runs on the CPU (e.g. a CPU AOTInductor package): decode there too
+    if args.decode_on == "cpu":
+        device = "cpu"  # every backend takes a host batch and copies it to its own device
     if not args.inputs:
         err("no input images given (pass image files and/or folders)")
         return EXIT_USAGE
@@ -144,8 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         err(str(e))
         return EXIT_USAGE
     wall = time.perf_counter() - t0
+    pc = percentiles([x * 1000 for x in lat])
+    if args.summary:
+        from rn50.atomic import write_json
+
+        write_json(args.summary, {
+            "engine": str(args.engine), "images": len(paths), "classified": n_ok, "failed": n_bad,
+            "seconds": wall, "images_per_s": len(paths) / wall if wall > 0 else 0.0, "batch_size": bs,
+            "batches": len(lat), "latency_ms": {k: v if v == v else None for k, v in pc.items()},  # no NaN in JSON
+            "backend": backend.name, "provider": backend.provider,
+            "dali_device": device, "engine_device": backend.device})
     if not args.quiet:
-        pc = percentiles([x * 1000 for x in lat])
         print(f"summary: {len(paths)} images, {n_ok} classified, {n_bad} failed in {wall:.2f} s "
               f"({len(paths) / wall if wall > 0 else 0:.1f} images/s end to end); batch {bs}, "
               f"{len(lat)} batches, engine latency per batch p50 {pc['p50']:.1f} ms, p95 {pc['p95']:.1f} ms, "

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
                "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed) and "
                "top-1 agreement >= 99/98/90 %.\nexit status: 0 pass; 1 fail; 2 usage or engine error.")
-    ap.add_argument("--engine", required=True, help=".plan, .onnx or .pt2 with its manifest beside it")
+    ap.add_argument("--engine", required=True, help=".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
+                                                    "computation as the reference) with its manifest beside it")
     ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
     ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
     ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
@@ -96,6 +97,20 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    # The reference is FP32: no TF32 convolutions or matmuls (PyTorch's default allows them in
+    # cuDNN convolutions on Ampere and newer, which would move the reference by ~1e-3). Set before
+    # the engine loads (a .pt engine reports it), and put back for in-process callers.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _run(args)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 

@@ -126,6 +126,12 @@ def engine_pt2(tmp_path_factory, trained_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def engine_checkpoint(trained_run) -> Path:
+    """The training checkpoint itself, which serve runs as an eager PyTorch engine."""
+    return trained_run / "best.pt"
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, Path]:
     """Real photographs from scikit-image as files: JPEG, PNG, grayscale JPEG, CMYK JPEG and a
     JPEG whose pixels are stored rotated with EXIF orientation 6 (display = rotate 90 cw)."""

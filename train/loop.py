@@ -68,6 +68,8 @@ def set_rng_state(st: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, cfg: dict[str, Any], d: distributed.Dist, resume: dict[str, Any] | None = None):
         self.cfg, self.d = cfg, d
+        # "elapsed" in the history counts from here: image checks, loaders and model set-up included
+        self._t0, self._elapsed_before = time.time(), 0.0
         self.out = Path(cfg["output"])
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
@@ -174,6 +176,9 @@ class Trainer:
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
+        # a checkpoint from before "elapsed" was recorded: its epochs' own times are the best estimate
+        self._elapsed_before = (float(self.history[-1].get("elapsed", sum(r.get("time", 0.0) for r in self.history)))
+                                if self.history else 0.0)
         set_rng_state(obj["rng"])
 
     # ------------------------------------------------------------------ loop
@@ -190,7 +195,10 @@ class Trainer:
             train_time = time.time() - t0
             top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
             rec = {"epoch": epoch, "train_loss": loss, "lr": lr, "img_per_s": n_img * d.world / train_time,
-                   "val_top1": top1, "val_top5": top5, "val_images": n_val, "time": time.time() - t0}
+                   "val_top1": top1, "val_top5": top5, "val_images": n_val, "time": time.time() - t0,
+                   # wall seconds since the run started (set-up and compilation included; a resumed
+                   # run adds its own time to the elapsed time of the epochs it continues from)
+                   "elapsed": self._elapsed_before + time.time() - self._t0}
             self.history.append(rec)
             if d.main:
                 self._save(epoch, top1, top5, n_val)
@@ -239,7 +247,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, int]:
-        return run_eval(self.net, self.val_loader, self.d, self.cfg["amp"], self.amp_dtype, self.channels_last)
+        # The plain module, not the compiled (or DDP) one: validation is a short forward-only pass,
+        # and torch.compile would build two more graphs for it (eval mode, and the short last
+        # batch), which costs more than it saves. Each rank scores its own shard either way.
+        return run_eval(self.model, self.val_loader, self.d, self.cfg["amp"], self.amp_dtype, self.channels_last)
 
     # ------------------------------------------------------------------ files
     def _source(self, epochs_done: int) -> dict[str, Any]:

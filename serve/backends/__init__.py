@@ -1,8 +1,9 @@
 """Engines behind one small interface, picked by file suffix.
 
-``.plan`` -> TensorRT runtime, ``.onnx`` -> ONNX Runtime, ``.pt2`` -> AOTInductor. Each backend has
+``.plan`` -> TensorRT runtime, ``.onnx`` -> ONNX Runtime, ``.pt2`` -> AOTInductor, ``.pt`` -> the
+training checkpoint in eager PyTorch (the unexported reference). Each backend has
 
-* ``name``        - "tensorrt", "onnxruntime" or "aoti"
+* ``name``        - "tensorrt", "onnxruntime", "aoti" or "pytorch"
 * ``provider``    - what actually runs it (e.g. ``CPUExecutionProvider``, ``cuda:0``)
 * ``device``      - "cpu" or "cuda": where ``run`` wants its input
 * ``input_dtype`` - "float32" or "float16"
@@ -32,13 +33,14 @@ import numpy as np
 from rn50.errors import EngineError, ManifestError
 from rn50.manifest import preprocessing_of, read_manifest
 
-SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti"}
+SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}
 # manifest "kind" values accepted for each suffix
 KINDS = {
     ".plan": ("tensorrt", "plan", "trt"),
     ".engine": ("tensorrt", "plan", "trt"),
     ".onnx": ("onnx",),
     ".pt2": ("aoti", "pt2", "aotinductor"),
+    ".pt": ("checkpoint",),
 }
 # Without a fixed batch in the engine or a max_batch in its manifest, this is the cap.
 DEFAULT_MAX_BATCH = 1024
@@ -82,6 +84,10 @@ def load_backend(path: str | os.PathLike[str], manifest: dict[str, Any] | None =
         from .aoti import AotiBackend
 
         return AotiBackend(path, manifest, prefer_gpu=prefer_gpu)
+    if SUFFIXES[s] == "pytorch":
+        from .pytorch import TorchBackend
+
+        return TorchBackend(path, manifest, prefer_gpu=prefer_gpu)
     from .tensorrt import TrtBackend
 
     return TrtBackend(path, manifest)

@@ -194,6 +194,29 @@ def test_tensorrt_module_typechecks() -> None:
     assert rc == 0, out + err
 
 
+def test_pt2_load_check_runs_the_package_in_a_child(engine_pt2: Path, tmp_path: Path) -> None:
+    from export.aoti import check_loads
+    from rn50.errors import EngineError
+
+    check_loads(engine_pt2, "cpu", read_manifest(engine_pt2)["preprocessing"]["image_size"])  # loads and runs
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip archive")
+    with pytest.raises(EngineError, match="cannot load the package it has just compiled"):
+        check_loads(junk, "cpu", 32)
+
+
+def test_pt2_export_survives_a_loader_crash(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader segfaulted on the lent H100 (torch 2.11, any CUDA package): here a child that dies
+    of SIGSEGV stands in for it. The export must say so, exit 2 and leave nothing behind."""
+    import export.aoti
+
+    monkeypatch.setattr(export.aoti, "_LOAD_CHECK", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, ["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp32",
+                            "--output", str(tmp_path / "out" / "m.pt2")], "crashed (SIGSEGV)")
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 @pytest.fixture(scope="module")

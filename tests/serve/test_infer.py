@@ -43,7 +43,7 @@ def pytorch_top1(ckpt: Path, paths: list[Path]) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- predictions
 
-@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2", "engine_checkpoint"])
 def test_top1_matches_pytorch(request, capsys, engine_fixture, trained_run, fmnist_small, photos):
     engine = request.getfixturevalue(engine_fixture)
     imgs = good_images(fmnist_small, 20) + [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
@@ -124,6 +124,48 @@ def test_summary_and_topk_clipping(capsys, engine_fp32_onnx, fmnist_small):
     assert len(line["topk"]) == 10  # clipped to the number of classes
     assert "summary: 1 images, 1 classified, 0 failed" in cap.err
     assert "p50" in cap.err and "p99" in cap.err and "onnxruntime" in cap.err and "ExecutionProvider" in cap.err
+
+
+def test_summary_json(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
+    """--summary FILE: the figures bench.gpu_check reads, for a run with one undecodable file."""
+    imgs = good_images(fmnist_small, 5)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    summ = tmp_path / "s.json"
+    rc = infer.main(["--engine", str(engine_fp32_onnx), *map(str, imgs), str(bad), "--batch-size", "2",
+                     "--decode-on", "cpu", "--summary", str(summ), "--quiet"])
+    capsys.readouterr()
+    assert rc == 1
+    s = json.loads(summ.read_text())
+    assert (s["images"], s["classified"], s["failed"], s["batch_size"]) == (6, 5, 1, 2)
+    assert s["batches"] == 3 and s["images_per_s"] == pytest.approx(6 / s["seconds"])
+    assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p95"] <= s["latency_ms"]["p99"]
+    assert (s["backend"], s["dali_device"], s["engine_device"]) == ("onnxruntime", "cpu", "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU: --decode-on cpu only differs from auto where the engine runs on one")
+def test_decode_on_cpu_with_the_engine_on_the_gpu(capsys, tmp_path, engine_checkpoint, fmnist_small):
+    """The checkpoint engine on the GPU, fed once by DALI mixed and once by DALI on the CPU: the
+    summaries say where each part ran, and the two decodings pick the same classes (nvJPEG and
+    libjpeg-turbo differ by a few grey levels at most, far from moving a top-1 on most images)."""
+    imgs = good_images(fmnist_small, 40)
+    got = {}
+    for decode in ("auto", "cpu"):
+        summ = tmp_path / f"{decode}.json"
+        rc, lines, err = run_infer(capsys, engine_checkpoint, imgs, "--decode-on", decode, "--summary", str(summ))
+        assert rc == 0, err
+        s = json.loads(summ.read_text())
+        assert (s["dali_device"], s["engine_device"]) == ("gpu" if decode == "auto" else "cpu", "cuda")
+        got[decode] = [ln["topk"][0] for ln in lines]
+    same = sum(a == b for a, b in zip(got["auto"], got["cpu"]))
+    assert same >= 0.95 * len(imgs), (same, len(imgs))
 
 
 def test_output_file_is_written_atomically(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
@@ -288,9 +330,10 @@ def test_manifest_kind_mismatch(capsys, tmp_path, engine_fp32_onnx, fmnist_small
     _expect_exit2(capsys, ["--engine", str(eng), str(fmnist_small)], "'checkpoint' artifact")
 
 
-@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2", "engine_checkpoint"])
 def test_manifest_class_count_mismatch(request, capsys, copy_engine, engine_fixture, fmnist_small):
-    """ONNX records the output width (10) statically; the .pt2's comes from its load-time probe."""
+    """ONNX records the output width (10) statically; the .pt2's comes from its load-time probe,
+    the checkpoint's from its fc layer."""
     engine = request.getfixturevalue(engine_fixture)
     eng = copy_engine(engine, lambda m: m.update(classes=m["classes"][:3]))
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val"), "--quiet"])
@@ -323,6 +366,18 @@ def test_manifest_image_size_mismatch(request, capsys, tmp_path, copy_engine, se
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val" / "bag"), "--quiet", "--output", str(out)])
     assert rc == 2 and not out.exists() and list(tmp_path.glob("preds*")) == []
     capsys.readouterr()
+
+
+def test_checkpoint_engine_errors(capsys, copy_engine, engine_checkpoint, engine_fp32_onnx, fmnist_small):
+    """A .pt that is not a readable checkpoint, or whose manifest is not a checkpoint's: exit 2."""
+    bad = copy_engine(engine_checkpoint, lambda m: None)
+    bad.write_bytes(bad.read_bytes()[:4096])  # truncated
+    _expect_exit2(capsys, ["--engine", str(bad), str(fmnist_small / "val" / "bag")],
+                  "not a readable checkpoint (truncated or corrupt?)")
+    onnx_as_pt = bad.parent / "onnx-renamed.pt"
+    shutil.copy(engine_fp32_onnx, onnx_as_pt)
+    shutil.copy(str(engine_fp32_onnx) + ".manifest.json", str(onnx_as_pt) + ".manifest.json")
+    _expect_exit2(capsys, ["--engine", str(onnx_as_pt), str(fmnist_small / "val" / "bag")], "'onnx' artifact")
 
 
 def test_manifest_image_size_inconsistent(capsys, copy_engine, engine_fp32_onnx, fmnist_small):

@@ -20,7 +20,8 @@ def _row(out: str, label: str) -> tuple[float, float]:
     return float(rows[0][0]), float(rows[0][1])
 
 
-@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2"])
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2",
+                                            "engine_checkpoint"])
 def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run, fmnist_small):
     """The whole val split (500 images): the same images the export's INT8 gate measured
     (ONNX Runtime fp32 vs int8), so what the gate promised must hold against PyTorch here.
@@ -33,7 +34,7 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
     assert r["passed"] and r["images"] == 500 and r["failed_images"] == []
-    assert r["backend"].startswith({".onnx": "onnxruntime", ".pt2": "aoti"}[engine.suffix])
+    assert r["backend"].startswith({".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}[engine.suffix])
     md = Path(f"{prefix}.md").read_text()
     assert md.rstrip("\n") in out  # the report printed is the one written
     # the printed table shows the JSON report's figures (to its 2 decimals), row by row

@@ -28,6 +28,10 @@ def test_trained_run_learns(trained_run):
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # "elapsed" (what time-to-accuracy reads) grows by at least each epoch's own time
+    for prev, r in zip(rows, rows[1:]):
+        assert r["elapsed"] >= prev["elapsed"] + r["time"] - 1e-6
+    assert rows[0]["elapsed"] >= rows[0]["time"]
     assert rows[-1]["val_top1"] >= 70.0  # 10 classes: chance is 10%; the fixture promises >= 70 %
     man = json.loads((trained_run / "best.pt.manifest.json").read_text())
     assert man["kind"] == "checkpoint" and man["num_classes"] == 10 and man["image_size"] == 32
@@ -49,7 +53,12 @@ def test_trained_run_learns(trained_run):
 def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
     assert run(fmnist_tiny, tmp_path / "a", "--epochs", "2") == 0
     assert run(fmnist_tiny, tmp_path / "b", "--epochs", "2", "--stop-after", "1") == 0
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 0
+    first = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert first["epoch"] == 0
+    # make the first job look long (as a 1-hour job would), to see that the resumed run's elapsed
+    # time continues from it instead of starting again from zero
+    first["history"][-1]["elapsed"] = 3600.0
+    torch.save(first, tmp_path / "b" / "last.pt")
     assert train.main(["--output", str(tmp_path / "b"), "--resume", "--workers", "1"]) == 0
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
@@ -59,6 +68,9 @@ def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
     hist_a = [r["train_loss"] for r in a["history"]]
     hist_b = [r["train_loss"] for r in b["history"]]
     assert hist_a == pytest.approx(hist_b, abs=1e-6)
+    # the resumed run's elapsed time continues from the first job's, not from zero
+    eb = [r["elapsed"] for r in b["history"]]
+    assert eb[0] == 3600.0 and 3600.0 + b["history"][1]["time"] <= eb[1] < 3600.0 + 600
 
 
 def test_evaluate_checkpoint(trained_run, fmnist_small, capsys):
