@@ -17,10 +17,10 @@ IMAGES     ?= $(DATA)/val
 TRAIN_ARGS ?=
 FMNIST_SRC := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup fmnist data train export infer validate demo test typecheck bench clean help
+.PHONY: setup fmnist data train export infer validate demo test typecheck bench gpu-check clean help
 
 help:
-	@sed -n '1,4p' Makefile; echo; grep -E '^[a-z]+:' Makefile | cut -d: -f1 | tr '\n' ' '; echo
+	@sed -n '1,4p' Makefile; echo; grep -E '^[a-z-]+:' Makefile | cut -d: -f1 | tr '\n' ' '; echo
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -80,6 +80,14 @@ bench: data
 	$(PY) -m bench.data_loaders
 	$(PY) -m bench.inference
 	$(PY) -m bench.serve
+
+# The GPU check (docs/benchmarks.md): training speed, accuracy, inference, DALI serving, one table
+# last. STAGES picks some of: speed data train infer serve (default all); GPU_CHECK_ARGS adds flags
+# (e.g. --epochs 26 --train-timeout 500); bench/gpu_check.sh --help explains.
+STAGES         ?=
+GPU_CHECK_ARGS ?=
+gpu-check: data
+	PY=$(PY) bench/gpu_check.sh $(STAGES) --data $(DATA) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs artifacts .pytest_cache .mypy_cache
