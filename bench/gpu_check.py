@@ -235,6 +235,8 @@ def stage_train(a: argparse.Namespace, res: Results, cuda: bool) -> None:
 
 
 def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
+    from rn50.manifest import manifest_path
+
     best = res.root / "train" / "best.pt"
     if not best.is_file():
         log(f"infer: {best} is missing: run the train stage first")
@@ -243,10 +245,10 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     val = Path(a.data) / "val"
     pt2, onnx = res.root / "rn50.pt2", res.root / "rn50.fp32.onnx"
     for key, out, extra in (("export/pt2", pt2, ["--precision", "fp32"]), ("export/onnx-fp32", onnx, ["--precision", "fp32"])):
-        for f in (out, Path(str(out) + ".manifest.json")):  # an earlier run's must not stand in for a failed export
+        mf = manifest_path(out)
+        for f in (out, mf):  # an earlier run's must not stand in for a failed export
             f.unlink(missing_ok=True)
         r = run(res, key.replace("/", "-"), ["-m", "export", "--checkpoint", best, "--output", out, *extra])
-        mf = Path(str(out) + ".manifest.json")
         par = json.loads(mf.read_text()).get("parity") if r["rc"] == 0 and mf.is_file() else None
         res.put(key, {**r, "parity": par})
     r = run(res, "gpu-inference", ["-m", "bench.gpu_inference", "--checkpoint", best,

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, warmup: int = 3) -> dict[str, float]:
     """Per-call latency (ms: mean, p50, p90) of ``fn`` after ``warmup`` calls, at least 5 calls."""
-    import numpy as np
+    from serve.pipeline import percentiles
 
     for _ in range(warmup):
         fn()
@@ -40,9 +40,9 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, warmu
         fn()
         sync()
         lat.append(time.perf_counter() - t)
-    a = np.asarray(lat) * 1000
-    return {"mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
-            "p90_ms": float(np.percentile(a, 90)), "iters": len(lat)}
+    ms = [x * 1000 for x in lat]
+    pc = percentiles(ms, (50, 90))
+    return {"mean_ms": sum(ms) / len(ms), "p50_ms": pc["p50"], "p90_ms": pc["p90"], "iters": len(lat)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,20 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json(args.out, {"env": env, "rows": rows})
 
-    def pt2_engine() -> tuple[Callable[[Any], Any], Any]:
-        from torch._inductor import aoti_load_package
-
-        return aoti_load_package(str(args.pt2)), x32.contiguous()
-
-    # the package loads last, when every other row is saved
-    todo: list[tuple[str, Any]] = list(engines.items())
-    if args.pt2 is not None:
-        todo.append(("aotinductor fp32 (.pt2)", pt2_engine))
-    for name, item in todo:
-        if callable(item):
-            log(f"loading {args.pt2}")
-            item = item()
-        fn, x = item
+    def time_engine(name: str, fn: Callable[[Any], Any], x: Any) -> None:
         for b in batches:
             xb = x[:b]
             log(f"timing {name} at batch {b}")
@@ -137,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                      first_call_s=time.perf_counter() - t_first)
             rows.append(r)
             save()
+
+    for name, (fn, x) in engines.items():
+        time_engine(name, fn, x)
+    if args.pt2 is not None:  # loaded last, when every other row is saved
+        from torch._inductor import aoti_load_package
+
+        log(f"loading {args.pt2}")
+        time_engine("aotinductor fp32 (.pt2)", aoti_load_package(str(args.pt2)), x32.contiguous())
     save()
     print(f"\nResNet50 v1.5 inference, {p.image_size} px, {env['device']}, torch {env['torch']}\n")
     print("| engine | batch | images/s | latency p50 ms | p90 ms |\n| --- | ---: | ---: | ---: | ---: |")

@@ -1,7 +1,8 @@
 """Engine vs PyTorch on a labelled split: ``python -m serve.validate --engine X --checkpoint CKPT VAL_DIR``.
 
 One DALI preprocessing pass (``rn50.batches``, with the engine manifest's preprocessing) feeds
-both the eager fp32 PyTorch model (``rn50.checkpoint.load_model``) and the engine, so any
+both the eager fp32 PyTorch model (the checkpoint through ``serve.backends.pytorch``, as serve
+runs a ``.pt`` engine) and the engine, so any
 difference is the engine's. Reports top-1/top-5 of both, their difference, top-1 agreement and
 the max abs logit difference, and passes when the engine loses at most the bound for its
 precision (from the engine's manifest) of PyTorch's top-1 (fp32 0.05 point, fp16 0.1, int8 0.5)
@@ -111,16 +112,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from rn50.atomic import write_json, write_text
-    from rn50.checkpoint import load_model
     from rn50.errors import PipelineError
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
     from .backends import load_engine
+    from .backends.pytorch import TorchBackend
     from .pipeline import BatchStream, env_threads, pick_device
 
     def err(msg: str) -> int:
@@ -132,17 +132,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         device = pick_device(args.device)
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
-        model, ck_manifest = load_model(args.checkpoint, "cuda" if device == "gpu" else "cpu")
-        if list(ck_manifest["classes"]) != list(manifest["classes"]):
+        if device == "gpu" and backend.device != "cuda":
+            device = "cpu"
+        # the reference: the checkpoint as serve runs a .pt engine, beside the engine
+        reference = TorchBackend(Path(args.checkpoint), {}, prefer_gpu=device == "gpu")
+        ck_classes = reference.manifest["classes"]
+        if list(ck_classes) != list(manifest["classes"]):
             return err(f"{args.engine}: the engine's classes {manifest['classes']} differ from the checkpoint's "
-                       f"{ck_manifest['classes']} ({args.checkpoint}): not exported from this checkpoint?")
+                       f"{ck_classes} ({args.checkpoint}): not exported from this checkpoint?")
         p = preprocessing_of(manifest)
         split = scan_split(args.val_dir, classes=manifest["classes"])
     except PipelineError as e:
         return err(str(e))
-    if device == "gpu" and backend.device != "cuda":
-        device = "cpu"
-        model = model.cpu()
     files, labels = split.files, split.labels
     if args.limit and args.limit < len(files):
         from rn50.batches import balanced_subset
@@ -159,9 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         for b in stream:
             failed += [{"path": pth, "error": c} for _, pth, c in b.errors]
             if b.x is not None and b.indices:
-                x = b.x if device == "gpu" else torch.from_numpy(b.x)
-                with torch.inference_mode():
-                    ref_l.append(model(x.float()).float().cpu().numpy())
+                ref_l.append(reference.run(b.x))
                 eng_l.append(backend.run(b.x))
                 lab_l.append(np.asarray([labels[i] for i in b.indices], np.int64))
             bar.update(len(b.indices) + len(b.errors))

@@ -39,6 +39,7 @@ class TorchBackend:
         except CheckpointError as e:
             raise EngineError(str(e)) from e
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.manifest: dict[str, Any] = ckpt_manifest  # the one embedded in the checkpoint
         # load_model has checked that the classifier's width is the embedded manifest's class count
         self.num_classes: int | None = len(ckpt_manifest["classes"])
         self.max_batch = int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
