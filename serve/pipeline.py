@@ -92,6 +92,40 @@ def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS) -> str | No
     return check_header(data.tobytes(), max_pixels)
 
 
+def preprocess_encoded(pre: Preprocessor, items: list[tuple[int, str, np.ndarray]], copy: bool = False
+                       ) -> tuple[Any, list[tuple[int, str, np.ndarray]], list[tuple[int, str, str]]]:
+    """Run ``pre`` on already read and sniffed ``(index, name, data)`` items, isolating bad ones.
+
+    Returns ``(x, kept, errors)``: the batch of the images DALI decoded (None when none did), the
+    items it holds (in order) and an ``(index, name, cause)`` for each image DALI rejected. When
+    the whole batch fails, the pipeline is rebuilt and the images are retried one by one, so one
+    corrupt image costs only its own slot (see the module docstring, step 3).
+    """
+    if not items:
+        return None, [], []
+    try:
+        return pre([d for _, _, d in items], copy=copy), list(items), []
+    except Exception:
+        pre.rebuild()  # pipeline state after an error: start from a fresh one
+    kept: list[tuple[int, str, np.ndarray]] = []
+    errors: list[tuple[int, str, str]] = []
+    outs = []
+    for i, name, d in items:
+        try:
+            outs.append(pre([d], copy=copy))
+            kept.append((i, name, d))
+        except Exception as e:
+            errors.append((i, name, decode_cause(name, d, e)))
+            pre.rebuild()
+    if not outs:
+        return None, kept, errors
+    if pre.device == "gpu":
+        import torch
+
+        return torch.cat(outs), kept, errors
+    return np.concatenate(outs), kept, errors
+
+
 class BatchStream:
     """Iterate :class:`Prepared` batches over ``paths``, preprocessing ahead in a thread."""
 
@@ -106,9 +140,6 @@ class BatchStream:
         self._thread: threading.Thread | None = None
 
     # -- producer ---------------------------------------------------------------------------
-    def _run_dali(self, encoded: list[np.ndarray]) -> Any:
-        return self.pre(encoded, copy=self.device == "gpu")
-
     def _prepare(self, span: list[tuple[int, str]]) -> Prepared:
         t0 = time.perf_counter()
         good: list[tuple[int, str, np.ndarray]] = []
@@ -124,30 +155,8 @@ class BatchStream:
                 errors.append((i, path, cause))
             else:
                 good.append((i, path, data))
-        x = None
-        if good:
-            try:
-                x = self._run_dali([d for _, _, d in good])
-            except Exception:
-                # Find the culprits one by one; rebuild first (pipeline state after an error).
-                self.pre.rebuild()
-                kept: list[tuple[int, str, np.ndarray]] = []
-                outs = []
-                for i, path, d in good:
-                    try:
-                        outs.append(self._run_dali([d]))
-                        kept.append((i, path, d))
-                    except Exception as e:
-                        errors.append((i, path, decode_cause(path, d, e)))
-                        self.pre.rebuild()
-                good = kept
-                if outs:
-                    if self.device == "gpu":
-                        import torch
-
-                        x = torch.cat(outs)
-                    else:
-                        x = np.concatenate(outs)
+        x, good, failed = preprocess_encoded(self.pre, good, copy=self.device == "gpu")
+        errors.extend(failed)
         errors.sort()
         return Prepared([i for i, _, _ in good], [pth for _, pth, _ in good], x, errors,
                         time.perf_counter() - t0)

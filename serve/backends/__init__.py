@@ -142,3 +142,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
     return out
+
+
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best classes of each row, best first (ties in class order), and their softmax
+    probabilities: ``(indices int (N, k), probs float32 (N, k))``."""
+    idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(softmax(logits), idx, axis=1)
