@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from .repo import write_repo
 
         try:
-            out = write_repo(args.engine, args.write_repo, max_batch=args.max_batch, topk=args.topk,
+            out = write_repo(args.engine, args.write_repo, max_batch=args.max_batch,
                              queue_delay_us=args.queue_delay_us, version=args.model_version)
         except PipelineError as e:
             err(str(e))

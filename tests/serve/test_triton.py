@@ -1,0 +1,335 @@
+"""serve.triton: the live Triton server (PyTriton) on loopback, and the stock-Triton model repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (`make setup` installs it)")
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_REQUEST_BYTES = 1_000_000
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "Z" not in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Server:
+    """``python -m serve.triton`` in a child process on free loopback ports."""
+
+    def __init__(self, engine: Path, log: Path, *extra: str):
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serve.triton", "--engine", str(engine), "--http-port", str(self.http),
+             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra],
+            cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import tritonclient.http as th
+
+        client = th.InferenceServerClient(f"127.0.0.1:{self.http}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve.triton exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if client.is_model_ready("rn50"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"serve.triton not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, set[int]]:
+        """Send ``sig``; the exit status and the processes it had started that are still alive."""
+        kids = descendants(self.proc.pid)
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return rc, {p for p in kids if alive(p)}
+
+
+def infer_grpc(port: int, files: list[bytes]) -> dict[str, np.ndarray]:
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(f"127.0.0.1:{port}")
+    arr = np.array([[f] for f in files], dtype=object)
+    inp = tg.InferInput("image", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    r = client.infer("rn50", [inp])
+    return {k: r.as_numpy(k) for k in ("topk", "classes", "probs", "error")}
+
+
+def offline(capsys, engine: Path, paths: list[Path]) -> dict[str, dict]:
+    """serve.infer's records for ``paths``, by path."""
+    from serve import infer
+
+    infer.main(["--engine", str(engine), "--quiet", *map(str, paths)])
+    return {(rec := json.loads(ln))["path"]: rec for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+
+
+@pytest.fixture(scope="module")
+def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
+    """Good images (Fashion-MNIST val + photographs) and bad ones (not an image, truncated, too big)."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "text.jpg").write_bytes(b"this is not an image\n" * 10)
+    data = photos["jpeg"].read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / "big.png")  # incompressible: larger than MAX_REQUEST_BYTES
+    assert (d / "big.png").stat().st_size > MAX_REQUEST_BYTES
+    val = sorted((fmnist_small / "val").rglob("*.jpg"))[::25][:20]
+    good = val + [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
+    return {"good": good, "bad": [d / "text.jpg", d / "truncated.jpg", d / "big.png"]}
+
+
+@pytest.fixture(scope="module")
+def server(engine_fp32_onnx, tmp_path_factory):
+    s = Server(engine_fp32_onnx, tmp_path_factory.mktemp("triton") / "server.log",
+               "--max-request-bytes", str(MAX_REQUEST_BYTES), "--queue-delay-us", "20000")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+# --------------------------------------------------------------------------- live server
+
+def test_predictions_equal_serve_infer(capsys, server, engine_fp32_onnx, images):
+    good = images["good"]
+    ref = offline(capsys, engine_fp32_onnx, good)
+    out = infer_grpc(server.grpc, [p.read_bytes() for p in good])
+    for row, p in enumerate(good):
+        want = ref[str(p)]
+        assert out["error"][row, 0] == b"", p
+        assert out["topk"][row].tolist() == want["topk"], p
+        assert [c.decode() for c in out["classes"][row]] == want["classes"], p
+        np.testing.assert_allclose(out["probs"][row], want["probs"], atol=2e-6, err_msg=str(p))
+
+
+def test_burst_with_bad_images_loses_no_answer(capsys, server, engine_fp32_onnx, images):
+    """32 concurrent clients, 4 requests each, one image per request, a bad image in every fourth:
+    every request is answered; each bad one names its cause, each good one is serve.infer's answer."""
+    good, bad = images["good"], images["bad"]
+    ref = offline(capsys, engine_fp32_onnx, good)
+    plan = [[(bad[(c + j) % len(bad)] if (c + j) % 4 == 0 else good[(c * 4 + j) % len(good)]) for j in range(4)]
+            for c in range(32)]
+    answers: dict[tuple[int, int], dict[str, np.ndarray] | BaseException] = {}
+
+    def client(c: int) -> None:
+        for j, p in enumerate(plan[c]):
+            try:
+                answers[c, j] = infer_grpc(server.grpc, [p.read_bytes()])
+            except BaseException as e:  # recorded and asserted below
+                answers[c, j] = e
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(answers) == 32 * 4
+    causes = {"text.jpg": "not an image", "truncated.jpg": "cannot decode image", "big.png": "request too large"}
+    for (c, j), a in answers.items():
+        p = plan[c][j]
+        assert not isinstance(a, BaseException), f"{p}: {a!r}"
+        if p in bad:
+            assert causes[p.name] in a["error"][0, 0].decode(), (p, a["error"])
+            assert a["topk"][0].tolist() == [-1] * a["topk"].shape[1]
+        else:
+            assert a["error"][0, 0] == b"" and a["topk"][0].tolist() == ref[str(p)]["topk"], p
+    assert server.proc.poll() is None  # still up
+
+
+def test_endpoints_health_metrics_and_no_model_control(server):
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.http as th
+
+    base = f"http://127.0.0.1:{server.http}"
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/rn50/ready"):
+        assert urllib.request.urlopen(base + path, timeout=10).status == 200, path
+    meta = json.load(urllib.request.urlopen(base + "/v2/models/rn50/config", timeout=10))
+    assert meta["max_batch_size"] >= 1 and meta["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=10).read().decode()
+    assert 'nv_inference_request_success{model="rn50"' in metrics
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http}")
+    with pytest.raises(Exception, match="restricted"):
+        client.unload_model("rn50")
+    assert client.is_model_ready("rn50")
+    # Bound to loopback only: the listening sockets are on 127.0.0.1, not on every interface.
+    listen = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    ours = {int(ln.split()[1].split(":")[1], 16): ln.split()[1].split(":")[0] for ln in listen if ln.split()[3] == "0A"}
+    for port in (server.http, server.grpc, server.metrics):
+        assert ours.get(port) == "0100007F", f"port {port} listens on {ours.get(port)}"
+
+
+def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
+    s = Server(engine_fp32_onnx, tmp_path / "server.log")
+    s.wait_ready()
+    kids = descendants(s.proc.pid)
+    assert any("tritonserver" in cmdline(p) for p in kids) and any("stub" in cmdline(p) for p in kids), \
+        [cmdline(p) for p in kids]
+    rc, left = s.stop(signal.SIGINT)
+    assert rc == 0, s.log.read_text()[-2000:]
+    assert not left, [cmdline(p) for p in left]
+
+
+def test_sigterm_stops_everything(server):
+    """Runs last in this module: stops the shared server with SIGTERM."""
+    kids = descendants(server.proc.pid)
+    assert any("tritonserver" in cmdline(p) for p in kids)
+    rc, left = server.stop(signal.SIGTERM)
+    assert rc == 0, server.log.read_text()[-2000:]
+    assert not left, [cmdline(p) for p in left]
+
+
+# --------------------------------------------------------------------------- usage errors
+
+def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
+    from serve import triton
+
+    assert triton.main(["--engine", str(tmp_path / "missing.onnx")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert triton.main(["--engine", str(engine_fp32_onnx), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- model repository
+
+def test_write_repo_configs_parse_with_tritons_schema(engine_fp32_onnx, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from rn50.manifest import preprocessing_of, read_manifest
+    from serve import triton
+    from serve.triton.repo import dali_pipeline
+
+    repo = tmp_path / "repo"
+    assert triton.main(["--engine", str(engine_fp32_onnx), "--write-repo", str(repo), "--max-batch", "16",
+                        "--queue-delay-us", "500"]) == 0
+    m = read_manifest(engine_fp32_onnx)
+    p = preprocessing_of(m)
+    cfg = {d.name: text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig()) for d in repo.iterdir()}
+    assert set(cfg) == {"rn50", "rn50_preprocess", "rn50_engine"}
+    ens, pre, eng = cfg["rn50"], cfg["rn50_preprocess"], cfg["rn50_engine"]
+    assert all(c.name == n for n, c in cfg.items())
+    assert ens.platform == "ensemble" and pre.backend == "dali" and eng.platform == "onnxruntime_onnx"
+    assert {c.max_batch_size for c in cfg.values()} == {16}
+    assert eng.dynamic_batching.max_queue_delay_microseconds == 500
+    for c in (pre, eng):
+        assert [g.kind for g in c.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert list(eng.input[0].dims) == [3, p.image_size, p.image_size] == list(pre.output[0].dims)
+    assert list(eng.output[0].dims) == [len(m["classes"])] == list(ens.output[0].dims)
+    # The ensemble's wiring names real tensors of the models it joins.
+    s1, s2 = ens.ensemble_scheduling.step
+    assert (s1.model_name, s2.model_name) == ("rn50_preprocess", "rn50_engine")
+    assert set(s1.input_map) == {i.name for i in pre.input} and set(s1.output_map) == {o.name for o in pre.output}
+    assert set(s2.input_map) == {i.name for i in eng.input} and set(s2.output_map) == {o.name for o in eng.output}
+    assert s1.output_map[pre.output[0].name] == s2.input_map[eng.input[0].name]
+    assert s2.output_map[eng.output[0].name] == ens.output[0].name
+    assert set(s1.input_map.values()) == {i.name for i in ens.input}
+    for d in ("rn50", "rn50_engine"):
+        assert (repo / d / "labels.txt").read_text().splitlines() == m["classes"]
+    assert (repo / "rn50_engine" / "1" / "model.onnx").read_bytes() == engine_fp32_onnx.read_bytes()
+    assert (repo / "rn50" / "1").is_dir()
+    dali = (repo / "rn50_preprocess" / "1" / "model.dali").read_bytes()
+    assert b"mixed" in dali  # GPU (nvJPEG) decoding
+    assert dali == dali_pipeline(p, 16, decode="mixed").serialize()
+
+
+def test_repo_dali_pipeline_on_cpu_equals_the_contract(engine_fp32_onnx, photos, fmnist_small):
+    """The repository's DALI pipeline, serialized with CPU decoding, deserialized and run on real
+    images, gives the tensors the offline preprocessing (rn50.batches.Preprocessor) gives."""
+    from nvidia.dali import Pipeline
+
+    from rn50.batches import Preprocessor, read_encoded
+    from rn50.manifest import preprocessing_of, read_manifest
+    from serve.triton.repo import DALI_INPUT, dali_pipeline
+
+    p = preprocessing_of(read_manifest(engine_fp32_onnx))
+    files = [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")] + sorted((fmnist_small / "val").rglob("*.jpg"))[:3]
+    enc = [read_encoded(f) for f in files]
+    pipe = Pipeline.deserialize(serialized_pipeline=dali_pipeline(p, len(files), decode="cpu").serialize())
+    pipe.build()
+    pipe.feed_input(DALI_INPUT, enc)
+    (out,) = pipe.run()
+    got = np.array(out.as_tensor())
+    want = Preprocessor(p, len(files))(enc)
+    assert got.shape == want.shape == (len(files), *p.input_shape)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_write_repo_refuses(capsys, engine_fp32_onnx, engine_checkpoint, tmp_path):
+    from serve import triton
+
+    assert triton.main(["--engine", str(engine_checkpoint), "--write-repo", str(tmp_path / "r1")]) == 2
+    assert "not '.pt'" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "keep").write_text("x")
+    assert triton.main(["--engine", str(engine_fp32_onnx), "--write-repo", str(tmp_path / "r2")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [f.name for f in (tmp_path / "r2").iterdir()] == ["keep"]
