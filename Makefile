@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned to the pair this machine carries on disk (cu130 builds).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q 'torch>=2.11' 'torchvision>=0.26'
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,triton]'
+	# serve.triton: PyTriton (tritonserver 2.51 + its Python backend) without its numpy<2 pin; the
+	# backend stub, built against numpy 1, runs in a small numpy<2 environment of its own.
+	$(PY) -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
+	$(PY) -m venv --clear .venv/triton-stub
+	.venv/triton-stub/bin/python -m pip install -q 'numpy<2' 'pyzmq>=23'
 	# Type stubs for the TensorRT module (the stubs' own dependency, the tensorrt sdist, cannot install here).
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
 	touch $(STAMP)

@@ -19,6 +19,10 @@
   empty, not an image, corrupt or truncated, more than --max-pixels pixels). Bad images never
   stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
   renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
+* Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, one GPU per rank: ``LOCAL_RANK``) each rank
+  takes its contiguous share of the sorted input list and writes ``FILE.rankR-of-N`` (from
+  ``--output FILE``, required there); concatenating those files in rank order gives the lines of
+  a single-process run.
 * stderr: a progress bar and a summary (images, failures, images/s, per-batch engine latency
   p50/p95/p99, backend and provider); ``--quiet`` turns both off. ``--summary FILE`` writes the
   summary as JSON too (what ``bench.gpu_check`` reads).
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)")
     ap.add_argument("--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)")
-    ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout")
+    ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout; "
+                                         "under torchrun, rank R of N writes preds.rankR-of-N.jsonl for --output preds.jsonl")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                     help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
     ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",
@@ -74,6 +80,40 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def torchrun_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's ``RANK`` / ``WORLD_SIZE``; ``(0, 1)`` outside it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_share(paths: list[str], rank: int, world: int) -> list[str]:
+    """This rank's contiguous block of ``paths``: the blocks of ranks 0..world-1, concatenated in
+    rank order, are ``paths`` in order (so the ranks' files, concatenated, are one run's lines)."""
+    n = len(paths)
+    return paths[rank * n // world:(rank + 1) * n // world]
+
+
+def rank_file(path: str, rank: int, world: int) -> str:
+    """``preds.jsonl`` -> ``preds.rank03-of-16.jsonl`` (zero-padded, so a sorted glob is rank order)."""
+    p = Path(path)
+    width = len(str(world - 1))
+    return str(p.with_name(f"{p.stem}.rank{rank:0{width}d}-of-{world}{p.suffix}"))
+
+
+def pin_local_gpu() -> None:
+    """Under torchrun, make this rank see only its own GPU (``LOCAL_RANK``-th of the visible ones),
+    before anything initialises CUDA: every backend and DALI then use "GPU 0", which is its own."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d for d in visible.split(",") if d.strip()]
+        if len(ids) > int(local):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(local)]
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = local
+
+
 @contextlib.contextmanager
 def _sink(output: str | None) -> Iterator[IO[str]]:
     if output is None:
@@ -86,7 +126,32 @@ def _sink(output: str | None) -> Iterator[IO[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rank, world = torchrun_rank()
+    if world == 1:
+        return classify(argv)
+    # Under torchrun a rank that exits non-zero (some images failed) makes torchrun stop the others:
+    # every rank waits at a barrier until all have written their files.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return classify(argv, rank, world)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> int:
+    """serve.infer's work for one process (rank ``rank`` of ``world``)."""
     args = build_parser().parse_args(argv)
+    if world > 1:
+        if not args.output:
+            err(f"under torchrun (WORLD_SIZE={world}) give --output FILE: each rank writes its own FILE.rankR-of-N")
+            return EXIT_USAGE
+        pin_local_gpu()
+        args.output = rank_file(args.output, rank, world)
+        if args.summary:
+            args.summary = rank_file(args.summary, rank, world)
     from rn50.errors import PipelineError
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of
@@ -119,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         err(f"no image files found in {', '.join(args.inputs)}")
         return EXIT_USAGE
+    if world > 1:
+        paths = rank_share(paths, rank, world)  # empty for some ranks when there are fewer files than ranks
 
     classes: list[str] = manifest["classes"]
     k = min(args.topk, len(classes))
