@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)")
     ap.add_argument("--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)")
     ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout; "
-                                         "under torchrun, rank R of N writes preds.rankR-of-N.jsonl for --output preds.jsonl")
+                                     "under torchrun (required there) rank R of N writes preds.rankR-of-N.jsonl "
+                                     "for --output preds.jsonl")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                     help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
     ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",

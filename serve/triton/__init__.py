@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="largest dynamic batch in images (default: the engine's maximum batch from its profile or "
-                         f"manifest, {FALLBACK_MAX_BATCH} where the engine sets no bound); at most the engine's maximum")
+                         f"manifest, {FALLBACK_MAX_BATCH} where the engine sets no bound); at most the engine's "
+                         "maximum")
     ap.add_argument("--queue-delay-us", type=int, default=2000,
                     help="how long (microseconds) Triton may hold a request to fill a larger batch (default 2000)")
     ap.add_argument("--topk", type=int, default=5, help="classes returned per image (default 5; clipped to the "

@@ -83,7 +83,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"serve.triton exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(f"serve.triton exited with {self.proc.returncode}:\n"
+                                     f"{self.log.read_text()[-3000:]}")
             try:
                 if client.is_model_ready("rn50"):
                     return
@@ -311,7 +312,8 @@ def test_repo_dali_pipeline_on_cpu_equals_the_contract(engine_fp32_onnx, photos,
     from serve.triton.repo import DALI_INPUT, dali_pipeline
 
     p = preprocessing_of(read_manifest(engine_fp32_onnx))
-    files = [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")] + sorted((fmnist_small / "val").rglob("*.jpg"))[:3]
+    files = [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
+    files += sorted((fmnist_small / "val").rglob("*.jpg"))[:3]
     enc = [read_encoded(f) for f in files]
     pipe = Pipeline.deserialize(serialized_pipeline=dali_pipeline(p, len(files), decode="cpu").serialize())
     pipe.build()
