@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics http://{args.host}:{args.metrics_port}/metrics; SIGINT or SIGTERM stops it",
               file=sys.stderr, flush=True)
 
-    serve(clf, version=version, max_batch=max_batch, queue_delay_us=args.queue_delay_us, host=args.host,
-          http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-          verbose=args.verbose, on_ready=ready)
+    try:
+        serve(clf, version=version, max_batch=max_batch, queue_delay_us=args.queue_delay_us, host=args.host,
+              http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+              verbose=args.verbose, on_ready=ready)
+    except PipelineError as e:
+        err(str(e))
+        return EXIT_USAGE
     print("stopped", file=sys.stderr)
     return EXIT_OK

@@ -112,7 +112,14 @@ def serve(classifier: Any, *, version: int, max_batch: int, queue_delay_us: int,
         with Triton(config=triton_config(host, http_port, grpc_port, metrics_port, verbose)) as triton:
             bind(triton, classifier, version, max_batch, queue_delay_us)
             try:
-                triton.run()
+                try:
+                    triton.run()
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # PyTriton raises several types (timeouts, validation, server exit)
+                    raise EngineError(f"Triton Inference Server did not start ({type(e).__name__}: {e}); "
+                                      f"is a port of {http_port}/{grpc_port}/{metrics_port} in use? "
+                                      f"(--verbose shows Triton's log)") from e
                 if on_ready is not None:
                     on_ready()
                 while triton.is_alive():
