@@ -85,6 +85,7 @@ bench: data
 	$(PY) -m bench.data_loaders
 	$(PY) -m bench.inference
 	$(PY) -m bench.serve
+	$(PY) -m bench.triton
 
 # The GPU check (docs/benchmarks.md): training speed, accuracy, inference, DALI serving, one table
 # last. STAGES picks some of: speed data train infer serve (default all); GPU_CHECK_ARGS adds flags
