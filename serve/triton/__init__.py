@@ -99,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     from serve.pipeline import env_threads, pick_device
 
     from .model import Classifier
-    from .server import MODEL_NAME, serve, stub_env
+    from .server import MODEL_NAME, check_ports, serve, stub_env
 
     try:
         device = pick_device(args.device)
+        check_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                                "--metrics-port": args.metrics_port})
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
         stub_env()
     except PipelineError as e:

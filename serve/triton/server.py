@@ -111,20 +111,29 @@ def serve(classifier: Any, *, version: int, max_batch: int, queue_delay_us: int,
     try:
         with Triton(config=triton_config(host, http_port, grpc_port, metrics_port, verbose)) as triton:
             bind(triton, classifier, version, max_batch, queue_delay_us)
-            try:
-                try:
-                    triton.run()
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # PyTriton raises several types (timeouts, validation, server exit)
-                    raise EngineError(f"Triton Inference Server did not start ({type(e).__name__}: {e}); "
-                                      f"is a port of {http_port}/{grpc_port}/{metrics_port} in use? "
-                                      f"(--verbose shows Triton's log)") from e
-                if on_ready is not None:
-                    on_ready()
-                while triton.is_alive():
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            triton.run()
+            if on_ready is not None:
+                on_ready()
+            while triton.is_alive():
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except EngineError:
+        raise
+    except Exception as e:  # PyTriton raises several types (timeouts, validation, the server exiting)
+        raise EngineError(f"Triton Inference Server failed ({type(e).__name__}: {e}); --verbose shows its log") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """EngineError naming the flag of a port that cannot be bound on ``host`` (in use, or not
+    allowed), before Triton is started: Triton itself would only time out."""
+    import socket
+
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise EngineError(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror or e})") from e

@@ -257,6 +257,12 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
     assert "error:" in capsys.readouterr().err
     assert triton.main(["--engine", str(engine_fp32_onnx), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert triton.main(["--engine", str(engine_fp32_onnx), "--grpc-port", str(port)]) == 2
+    assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- model repository
