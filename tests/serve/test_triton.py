@@ -221,11 +221,18 @@ def test_endpoints_health_metrics_and_no_model_control(server):
     with pytest.raises(Exception, match="restricted"):
         client.unload_model("rn50")
     assert client.is_model_ready("rn50")
-    # Bound to loopback only: the listening sockets are on 127.0.0.1, not on every interface.
-    listen = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    ours = {int(ln.split()[1].split(":")[1], 16): ln.split()[1].split(":")[0] for ln in listen if ln.split()[3] == "0A"}
+    # Bound to loopback only: every listening socket of the three ports is on 127.0.0.1 (IPv4, or
+    # IPv4-mapped IPv6), none on every interface.
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    listening: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for ln in Path(table).read_text().splitlines()[1:]:
+            local, state = ln.split()[1], ln.split()[3]
+            if state == "0A":  # LISTEN
+                addr, port = local.rsplit(":", 1)
+                listening.setdefault(int(port, 16), set()).add(addr)
     for port in (server.http, server.grpc, server.metrics):
-        assert ours.get(port) == "0100007F", f"port {port} listens on {ours.get(port)}"
+        assert listening.get(port) and listening[port] <= loopback, f"port {port} listens on {listening.get(port)}"
 
 
 def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
