@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (`make setup` installs it)")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
+
+
+def need_pytriton() -> None:
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (`make setup` installs it)")
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 1_000_000
@@ -146,6 +149,7 @@ def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
 
 @pytest.fixture(scope="module")
 def server(engine_fp32_onnx, tmp_path_factory):
+    need_pytriton()
     s = Server(engine_fp32_onnx, tmp_path_factory.mktemp("triton") / "server.log",
                "--max-request-bytes", str(MAX_REQUEST_BYTES), "--queue-delay-us", "20000")
     try:
@@ -236,6 +240,7 @@ def test_endpoints_health_metrics_and_no_model_control(server):
 
 
 def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
+    need_pytriton()
     s = Server(engine_fp32_onnx, tmp_path / "server.log")
     s.wait_ready()
     kids = descendants(s.proc.pid)
