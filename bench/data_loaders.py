@@ -49,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench.data_loaders", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data/fashion-mnist")
-    ap.add_argument("--images", type=int, default=4096, help="images timed per backend (after one warm-up batch)")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--data", default="data/fashion-mnist",
+                    help="ImageNet-layout folder whose train/ split is read (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=4096,
+                    help="images timed per backend, after one warm-up batch (default: %(default)s)")
+    ap.add_argument("--image-size", type=int, default=224, help="training crop size in pixels (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)),
+                    help="DALI threads and DataLoader worker processes (default: the CPU count, %(default)s here)")
     add_output_flag(ap, "data_loaders")
     a = ap.parse_args(argv)
     train, _ = load_dataset(a.data)

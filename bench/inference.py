@@ -59,7 +59,9 @@ def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"),
+                    help="trained checkpoint to export and time; without it an untrained 32 px model (default: "
+                         "%(default)s)")
     ap.add_argument("--data", type=Path, help="data root (default: the checkpoint's, else data/fashion-mnist)")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing per measurement (default 4)")
     ap.add_argument("--calib-size", type=int, default=128, help="calibration images per INT8 flavour (default 128)")

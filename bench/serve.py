@@ -46,10 +46,12 @@ def timed(fn, min_seconds: float = 3.0, min_iters: int = 2) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx")
-    ap.add_argument("--data", default="data/fashion-mnist/val")
-    ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx",
+                    help="engine to time, with its manifest beside it (default: %(default)s)")
+    ap.add_argument("--data", default="data/fashion-mnist/val", help="folder of images (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="images per batch, clipped to the engine's maximum (default: %(default)s)")
     add_output_flag(ap, "serve")
     args = ap.parse_args(argv)
 

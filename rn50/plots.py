@@ -55,14 +55,15 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     """
     plt = _pyplot()
     fig, ((a_loss, a_lr), (a_val, a_ips)) = plt.subplots(2, 2, figsize=(11, 7))
-    ep_x = [r["epoch"] + 1 for r in history]
+    ep_x = [r["epoch"] + 1 for r in history]  # validation: at the end of its epoch
+    mid_x = [r["epoch"] + 0.5 for r in history]  # an epoch's mean: in its middle
     marker = "o" if len(history) <= 30 else None
     window = max(1, len(steps) // 30)
 
     def per_step(ax: Any, key: str, label: str) -> None:
         x = np.asarray([r["epoch"] for r in steps], dtype=np.float64)
         y = [r[key] for r in steps]
-        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label=f"{label}, every {_every(steps)} steps")
+        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label=f"{label}, every {_every(steps)} steps" if _every(steps) > 1 else f"{label}, every step")
         if window > 1:
             pos, sm = smooth(y, window)
             ax.plot(np.interp(pos, np.arange(len(x)), x), sm, color="tab:blue", lw=2,
@@ -70,7 +71,7 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
 
     if steps:
         per_step(a_loss, "loss", "training loss")
-    a_loss.plot(ep_x, [r["train_loss"] for r in history], color="tab:orange", marker=marker, lw=1,
+    a_loss.plot(mid_x, [r["train_loss"] for r in history], color="tab:orange", marker=marker, lw=1,
                 label="epoch mean")
     a_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
     if steps:
@@ -83,16 +84,16 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     top1 = [r["val_top1"] for r in history]
     a_val.plot(ep_x, top1, marker=marker, label="top-1")
     a_val.plot(ep_x, [r["val_top5"] for r in history], marker=marker, label="top-5")
-    finite = [(v, x) for v, x in zip(top1, ep_x) if isinstance(v, (int, float)) and math.isfinite(v)]
+    finite = [(v, -x) for v, x in zip(top1, ep_x) if isinstance(v, (int, float)) and math.isfinite(v)]
+    best = ""
     if finite:
-        best, at = max(finite)
-        a_val.annotate(f"best top-1 {best:.2f} % (epoch {at})", (at, best), textcoords="offset points",
-                       xytext=(0, -18), ha="center" if len(ep_x) > 1 and at != ep_x[-1] else "right", fontsize=9)
-    a_val.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy per epoch")
+        v, at = max(finite)  # the first epoch that reached the best
+        best = f"; best top-1 {v:.2f} % (epoch {-at})"
+    a_val.set(xlabel="epoch", ylabel="accuracy (%)", title=f"validation accuracy per epoch{best}")
 
     if steps:
         per_step(a_ips, "img_per_s", "images/s")
-    a_ips.plot(ep_x, [r["img_per_s"] for r in history], color="tab:orange", marker=marker, lw=1,
+    a_ips.plot(mid_x, [r["img_per_s"] for r in history], color="tab:orange", marker=marker, lw=1,
                label="epoch mean (with loader start)")
     a_ips.set(xlabel="epoch", ylabel="images/s", title="training throughput (all ranks)")
     a_ips.set_ylim(bottom=0)
@@ -119,16 +120,17 @@ def confusion_matrices(engine: np.ndarray, reference: np.ndarray, classes: Seque
     from matplotlib.colors import TwoSlopeNorm
 
     n = len(classes)
+    interp = "nearest" if n <= 200 else "antialiased"  # more classes than pixels: average, not drop, cells
     side = min(7.0, max(4.5, 0.45 * n))
     fig, (a_eng, a_diff) = plt.subplots(1, 2, figsize=(2 * side + 1.5, side + 0.8))
     rows = engine.sum(1, keepdims=True)
     share = np.divide(engine, rows, out=np.zeros(engine.shape, dtype=np.float64), where=rows > 0)
-    im = a_eng.imshow(share * 100, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    im = a_eng.imshow(share * 100, cmap="Blues", vmin=0, vmax=100, interpolation=interp)
     fig.colorbar(im, ax=a_eng, fraction=0.046, pad=0.04, label="% of the true class")
     a_eng.set_title(f"{engine_name}: confusion matrix", fontsize=10)
     diff = engine.astype(np.int64) - reference.astype(np.int64)
     lim = max(1, int(np.abs(diff).max()))
-    im2 = a_diff.imshow(diff, cmap="RdBu_r", norm=TwoSlopeNorm(0, -lim, lim), interpolation="nearest")
+    im2 = a_diff.imshow(diff, cmap="RdBu_r", norm=TwoSlopeNorm(0, -lim, lim), interpolation=interp)
     fig.colorbar(im2, ax=a_diff, fraction=0.046, pad=0.04, label="images")
     a_diff.set_title(f"{engine_name} minus {reference_name} (images)", fontsize=10)
     for ax, values, skip_zero in ((a_eng, engine, False), (a_diff, diff, True)):
