@@ -87,3 +87,20 @@ def test_resume_keeps_one_record_per_step(fmnist_tiny, tmp_path):
     assert [s for s, _ in shown] == [r["step"] for r in a]
     assert all(v != 99.0 for _, v in shown)
     check_png(tmp_path / "b" / "curves.png")
+
+
+def test_step_logger_starts_from_its_step(tmp_path):
+    """Fresh run: no records; resumed at step 5: the records up to 5 (a cut-off last line skipped)."""
+    import torch
+
+    from train.steplog import StepLogger
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 1.0, "lr": 0.1, "img_per_s": 1.0}) + "\n"
+                            for s in range(1, 9)) + '{"step": 9, "ep')
+    log = StepLogger(path, total_steps=12, steps_per_epoch=4, start_step=5)
+    assert [r["step"] for r in read_steps(path)] == [r["step"] for r in log.records] == [1, 2, 3, 4, 5]
+    for s in (6, 7):
+        log.step(s, torch.tensor(float(s)), 0.05, images=8)
+    assert [(r["step"], r["loss"]) for r in read_steps(path)][-2:] == [(6, 6.0), (7, 7.0)]
+    assert [r["step"] for r in StepLogger(path, 12, 4).records] == [] == read_steps(path)
