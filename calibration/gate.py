@@ -45,7 +45,8 @@ def score(models: dict[str, str | os.PathLike[str]], files: Sequence[str], label
 
 
 def gate(fp32: str | os.PathLike[str], int8: str | os.PathLike[str], files: Sequence[str], labels: Sequence[int],
-         p: Preprocessing, max_drop: float = MAX_TOP1_DROP, classes: Sequence[str] | None = None) -> dict[str, Any]:
+         p: Preprocessing, max_drop: float = MAX_TOP1_DROP,
+         classes: Sequence[str] | None = None) -> dict[str, Any]:
     r = score({"fp32": fp32, "int8": int8}, files, labels, p, classes=classes)
     drop = r["fp32"]["top1"] - r["int8"]["top1"]
     lost_most = min((c for c in r["per_class"] if c["images"]), key=lambda c: c["diff"])

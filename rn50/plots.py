@@ -63,7 +63,9 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     def per_step(ax: Any, key: str, label: str) -> None:
         x = np.asarray([r["epoch"] for r in steps], dtype=np.float64)
         y = [r[key] for r in steps]
-        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label=f"{label}, every {_every(steps)} steps" if _every(steps) > 1 else f"{label}, every step")
+        every = _every(steps)
+        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8,
+                label=f"{label}, every {every} steps" if every > 1 else f"{label}, every step")
         if window > 1:
             pos, sm = smooth(y, window)
             ax.plot(np.interp(pos, np.arange(len(x)), x), sm, color="tab:blue", lw=2,

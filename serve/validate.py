@@ -18,8 +18,9 @@ written atomically; the Markdown table is printed. Per class it gives both top-1
 difference and the share of the class's images on which the two pick different classes
 (``per_class``: ``reference_*`` is PyTorch), names the classes where they disagree most, and
 draws ``PREFIX.confusion.png``: the engine's confusion matrix and engine minus PyTorch, embedded
-in the Markdown. The JSON carries both confusion matrices up to 100 classes. Exit status: 0 pass, 1 fail, 2 usage or
-engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
+in the Markdown. The JSON carries both confusion matrices up to 100 classes.
+
+Exit status: 0 pass, 1 fail, 2 usage or engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
 differ, VAL_DIR not an ImageNet-layout folder with those classes).
 """
 
