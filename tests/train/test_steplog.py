@@ -104,3 +104,13 @@ def test_step_logger_starts_from_its_step(tmp_path):
         log.step(s, torch.tensor(float(s)), 0.05, images=8)
     assert [(r["step"], r["loss"]) for r in read_steps(path)][-2:] == [(6, 6.0), (7, 7.0)]
     assert [r["step"] for r in StepLogger(path, 12, 4).records] == [] == read_steps(path)
+
+
+def test_damaged_step_records_are_named(tmp_path):
+    """Only a cut-off last line is the mark of a killed run; damage before it is an error naming the file."""
+    from rn50.errors import DataError
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 2 is not a JSON record"):
+        read_steps(path)
