@@ -304,7 +304,8 @@ def _int8(args: argparse.Namespace, model: Any, p: Any, train: Any, val: Any, de
     g = _timed(f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
                lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop, classes=val.classes))
     lm = g["lost_most"]
-    lost = f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
+    lost = (f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
+            if lm["diff"] < 0 else "no class lost top-1")
     log(f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
         f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%; "
         f"{lost}")
