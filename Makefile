@@ -79,6 +79,7 @@ test: setup fmnist typecheck
 
 # The benchmarks time the trained model: `make train` runs first when $(CHECKPOINT) is missing,
 # and the FP32 ONNX that bench.serve times is exported when artifacts/rn50.fp32.onnx is missing.
+# Each script prints its table and writes it with a bar chart to runs/bench/NAME.{md,png}.
 bench: data
 	@test -f $(CHECKPOINT) || $(MAKE) --no-print-directory train
 	@test -f artifacts/rn50.fp32.onnx || $(MAKE) --no-print-directory export PRECISION=fp32 OUTPUT=artifacts/rn50.fp32.onnx

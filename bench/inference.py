@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .report import add_output_flag, publish
+
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -57,10 +59,13 @@ def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"),
+                    help="trained checkpoint to export and time; without it an untrained 32 px model (default: "
+                         "%(default)s)")
     ap.add_argument("--data", type=Path, help="data root (default: the checkpoint's, else data/fashion-mnist)")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing per measurement (default 4)")
     ap.add_argument("--calib-size", type=int, default=128, help="calibration images per INT8 flavour (default 128)")
+    add_output_flag(ap, "inference")
     args = ap.parse_args(argv)
 
     import torch
@@ -133,18 +138,19 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"timing {name} at batch {b}")
                 res[name, b] = throughput(fn, x, args.seconds)
 
-    print(f"\nResNet50 v1.5 inference on CPU, {p.image_size}x{p.image_size} input ({what})")
-    print(f"machine: {machine()}; torch {torch.__version__}, {threads} threads; "
-          f"onnxruntime {__import__('onnxruntime').__version__}")
-    print(f"AOTInductor compile time: {t_aoti:.0f} s; whole run {time.perf_counter() - t_all:.0f} s\n")
+    lines = [f"\nResNet50 v1.5 inference on CPU, {p.image_size}x{p.image_size} input ({what})",
+             f"machine: {machine()}; torch {torch.__version__}, {threads} threads; "
+             f"onnxruntime {__import__('onnxruntime').__version__}",
+             f"AOTInductor compile time: {t_aoti:.0f} s; whole run {time.perf_counter() - t_all:.0f} s\n"]
     head = f"| {'engine':<20} | {'img/s b=1':>10} | {'img/s b=32':>10} | {'ratio b=1':>18} | {'ratio b=32':>18} |"
-    print(head)
-    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|")
+    lines += [head, "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|"]
     for name in engines:
         ref = base[name]
         r = [f"{res[name, b] / res[ref, b]:.2f}x vs {ref.split()[0] if ref.startswith('pytorch') else 'ort fp32'}"
              if ref else "baseline" for b in (1, 32)]
-        print(f"| {name:<20} | {res[name, 1]:>10.1f} | {res[name, 32]:>10.1f} | {r[0]:>18} | {r[1]:>18} |")
+        lines.append(f"| {name:<20} | {res[name, 1]:>10.1f} | {res[name, 32]:>10.1f} | {r[0]:>18} | {r[1]:>18} |")
+    publish(args.output, "inference", "\n".join(lines), f"ResNet50 v1.5 inference on CPU, {p.image_size} px",
+            {f"batch {b}": {name: res[name, b] for name in engines} for b in inputs})
     return 0
 
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import add_output_flag, publish
+
 
 def cpu_name() -> str:
     try:
@@ -44,10 +46,13 @@ def timed(fn, min_seconds: float = 3.0, min_iters: int = 2) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx")
-    ap.add_argument("--data", default="data/fashion-mnist/val")
-    ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx",
+                    help="engine to time, with its manifest beside it (default: %(default)s)")
+    ap.add_argument("--data", default="data/fashion-mnist/val", help="folder of images (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="images per batch, clipped to the engine's maximum (default: %(default)s)")
+    add_output_flag(ap, "serve")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -108,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                      (f"PIL + torchvision preprocessing, {label}", pil_ips, f"DALI = {dali_ips / pil_ips:.2f} x PIL")]
 
     threads = os.environ.get("RN50_DALI_THREADS") or f"{max(1, min(8, os.cpu_count() or 1))}"
-    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} "
-          f"({man.get('precision')}); DALI threads {threads}; {len(files)} images end to end\n")
-    print("| measurement | images/s | ratio |")
-    print("| --- | ---: | --- |")
-    for name, ips, ratio in rows:
-        print(f"| {name} | {ips:,.1f} | {ratio} |")
+    lines = [f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} "
+             f"({man.get('precision')}); DALI threads {threads}; {len(files)} images end to end\n",
+             "| measurement | images/s | ratio |", "| --- | ---: | --- |"]
+    lines += [f"| {name} | {ips:,.1f} | {ratio} |" for name, ips, ratio in rows]
+    serving, prep = rows[:2], rows[2:]
+    publish(args.output, "serve", "\n".join(lines), f"Serving on CPU: {backend.name}, batch {bs}, {p.image_size} px",
+            {"serving: end to end vs model only": {n.split(",")[0]: v for n, v, _ in serving},
+             "preprocessing, single process": {n.replace(" preprocessing", ""): v for n, v, _ in prep}})
     return 0
 
 

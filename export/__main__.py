@@ -302,12 +302,16 @@ def _int8(args: argparse.Namespace, model: Any, p: Any, train: Any, val: Any, de
         log(f"calibration: cache hit ({q['cache_key']}), not recalibrated")
     g_files, g_labels = subset(val.files, val.labels, args.gate_images)
     g = _timed(f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
-               lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop))
+               lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop, classes=val.classes))
+    lm = g["lost_most"]
+    lost = (f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
+            if lm["diff"] < 0 else "no class lost top-1")
     log(f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
-        f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%")
+        f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%; "
+        f"{lost}")
     if not g["passed"]:
         msg = (f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) on "
-               f"{g['int8']['images']} validation images")
+               f"{g['int8']['images']} validation images; {lost}")
         if not args.force:
             raise GateError(f"{msg}; nothing written (try --calib-method, a larger --calib-size, or --force)")
         log(f"warning: {msg} (written anyway: --force)")

@@ -14,8 +14,13 @@ the images int8 flips go both ways. Divergence in either direction is what the a
 catches.
 
 The report goes to ``PREFIX.json`` and ``PREFIX.md`` (default PREFIX ``<engine>.validate``),
-written atomically; the Markdown table is printed. Exit status: 0 pass, 1 fail, 2 usage or
-engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
+written atomically; the Markdown table is printed. Per class it gives both top-1s, their
+difference and the share of the class's images on which the two pick different classes
+(``per_class``: ``reference_*`` is PyTorch), names the classes where they disagree most, and
+draws ``PREFIX.confusion.png``: the engine's confusion matrix and engine minus PyTorch, embedded
+in the Markdown. The JSON carries both confusion matrices up to 100 classes.
+
+Exit status: 0 pass, 1 fail, 2 usage or engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
 differ, VAL_DIR not an ImageNet-layout folder with those classes).
 """
 
@@ -96,6 +101,54 @@ def markdown(r: dict[str, Any]) -> str:
     ])
 
 
+PER_CLASS_ROWS = 50  # the Markdown lists every class up to this many, else the ones that changed most
+JSON_CONFUSION_MAX_CLASSES = 100
+
+
+def per_class_report(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, classes: list[str],
+                     png: str | Path) -> dict[str, Any]:
+    """The per-class part of the report; draws the confusion matrices to ``png``."""
+    from rn50.metrics import confusion_matrix, most_changed, per_class
+    from rn50.plots import confusion_matrices
+
+    rows = per_class(labels, ref_logits, eng_logits, classes)
+    n = len(classes)
+    cm_eng = confusion_matrix(labels, eng_logits.argmax(1), n)
+    cm_ref = confusion_matrix(labels, ref_logits.argmax(1), n)
+    confusion_matrices(cm_eng, cm_ref, classes, png)
+    out: dict[str, Any] = {"per_class": rows, "most_disagreement": [r["class"] for r in most_changed(rows)],
+                           "confusion_png": str(png)}
+    if n <= JSON_CONFUSION_MAX_CLASSES:
+        out["confusion_matrix"] = {"engine": cm_eng.tolist(), "pytorch": cm_ref.tolist()}
+    return out
+
+
+def per_class_markdown(r: dict[str, Any]) -> str:
+    from rn50.metrics import most_changed
+
+    rows = r["per_class"]
+    shown = rows if len(rows) <= PER_CLASS_ROWS else most_changed(rows, 20)
+    head = ("Per class" if shown is rows else
+            f"The {len(shown)} of {len(rows)} classes where they disagree most (all in the JSON report)")
+
+    def f(v: float | None, sign: str = "") -> str:
+        return "-" if v is None else f"{v:{sign}.2f}"
+
+    lines = [f"{head}: top-1 (%) of PyTorch and the engine, and disagreement (% of the class's images on which "
+             "they pick different classes)", "",
+             "| class | images | PyTorch | engine | difference | disagreement |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {x['class']} | {x['images']} | {f(x['reference_top1'])} | {f(x['top1'])} | {f(x['diff'], '+')} | "
+              f"{f(x['disagreement'])} |" for x in shown]
+    by_name = {x["class"]: x for x in rows}
+    worst = [by_name[c] for c in r["most_disagreement"]]
+    lines += ["", "Where they disagree most: " + (", ".join(
+        f"{x['class']} ({x['disagreement']:.1f} % of its images, {x['diff']:+.2f} points)" for x in worst)
+        if worst else "nowhere (the same top-1 class on every image)"), "",
+        f"![confusion matrices: the engine's, and engine minus PyTorch]({Path(r['confusion_png']).name})", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -172,13 +225,14 @@ def _run(args: argparse.Namespace) -> int:
     r.update(engine=str(args.engine), backend=f"{backend.name} ({backend.provider})", checkpoint=str(args.checkpoint),
              val_dir=str(args.val_dir), failed_images=failed, seconds=round(time.perf_counter() - t0, 2))
     prefix = args.report or f"{args.engine}.validate"
-    md = markdown(r)
+    r.update(per_class_report(ref, eng, lab, list(manifest["classes"]), f"{prefix}.confusion.png"))
+    md = markdown(r) + "\n" + per_class_markdown(r)
     write_json(f"{prefix}.json", r)
     write_text(f"{prefix}.md", md)
     print(md)
     if failed:
         print(f"warning: {len(failed)} images could not be decoded and were left out (listed in {prefix}.json)", file=sys.stderr)
-    print(f"report: {prefix}.json, {prefix}.md", file=sys.stderr)
+    print(f"report: {prefix}.json, {prefix}.md, {prefix}.confusion.png", file=sys.stderr)
     return EXIT_PASS if r["passed"] else EXIT_FAIL
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rn50.atomic import atomic_path, write_json, write_text
+from rn50.atomic import write_json, write_text
 from rn50.batches import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
@@ -22,11 +22,13 @@ from rn50.layout import check_files, load_dataset, scan_split
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
 from rn50.model import build_model
+from rn50.plots import training_curves
 from rn50.preprocess import Preprocessing
 
 from . import distributed
 from .loaders import Shard, make_loader
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
+from .steplog import StepLogger
 
 
 class TrainingError(PipelineError):
@@ -120,14 +122,18 @@ class Trainer:
             net = torch.compile(net)
         self.net = net
         self.tb = None
+        self.steplog: StepLogger | None = None
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out / "tb"))
+                # purge_step: a resumed run hides what the interrupted one logged past its checkpoint
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resume else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
+            self.steplog = StepLogger(self.out / "steps.jsonl", cfg["epochs"] * self.steps_per_epoch,
+                                      self.steps_per_epoch, start_step=self.step, tb=self.tb)
             write_json(self.out / "manifest.json", self._run_manifest())
 
     # ------------------------------------------------------------------ resume
@@ -217,6 +223,8 @@ class Trainer:
         total, count, lr = torch.zeros((), device=d.device), 0, 0.0
         bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                    disable=not d.main, file=sys.stderr, mininterval=2.0, unit="step")
+        if self.steplog is not None:
+            self.steplog.begin_epoch()
         for i, (x, y) in enumerate(bar):
             lr = self.sched.apply(self.opt, self.step)
             if self.channels_last:
@@ -232,6 +240,8 @@ class Trainer:
             total += loss.detach()
             count += 1
             self.step += 1
+            if self.steplog is not None:
+                self.steplog.step(self.step, loss, lr, int(x.shape[0]) * d.world)
             if d.device.type == "cpu" or i % 50 == 0:
                 v = loss.item()
                 if not math.isfinite(v):
@@ -288,7 +298,8 @@ class Trainer:
             for k in ("train_loss", "lr", "img_per_s", "val_top1", "val_top5"):
                 self.tb.add_scalar(k, r[k], epoch + 1)
             self.tb.flush()
-        plot_curves(self.history, self.out / "curves.png")
+        training_curves(self.steplog.records if self.steplog is not None else [], self.history,
+                        self.out / "curves.png")
 
     # ------------------------------------------------------------------ --evaluate
     @staticmethod
@@ -339,23 +350,3 @@ def run_eval(net: nn.Module, loader, d: distributed.Dist, amp: bool, amp_dtype, 
         c1, c5, n = c1 + c[1], c5 + c[5], n + int(y.shape[0])
     c1, c5, n = distributed.all_sum([c1, c5, n], d)
     return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] + 1 for r in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.plot(ep, [r["train_loss"] for r in history], marker="o")
-    a1.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    a2.plot(ep, [r["val_top1"] for r in history], marker="o", label="top-1")
-    a2.plot(ep, [r["val_top5"] for r in history], marker="o", label="top-5")
-    a2.set(xlabel="epoch", ylabel="val accuracy (%)", title="validation")
-    a2.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
