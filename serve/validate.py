@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)")
-    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate)")
+    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate); "
+                                                        "checked before any work: exit 2 if they cannot be written")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -121,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .backends import load_engine
     from .backends.pytorch import TorchBackend
-    from .pipeline import BatchStream, env_threads, pick_device
+    from .pipeline import BatchStream, check_outputs, env_threads, pick_device
 
     def err(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -129,6 +131,15 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         return err("--limit must be at least 1")
+    if args.batch_size < 1:
+        return err("--batch-size must be at least 1")
+    prefix = args.report or f"{args.engine}.validate"
+    if args.report and (args.report.endswith(("/", os.sep)) or Path(args.report).is_dir()):
+        return err(f"--report {args.report}: is a directory (PREFIX names the files PREFIX.json and PREFIX.md)")
+    # both report files, before any work (a bad path would otherwise lose a finished validation)
+    bad_output = check_outputs(report=f"{prefix}.json") or check_outputs(report=f"{prefix}.md")
+    if bad_output:
+        return err(bad_output)
     try:
         device = pick_device(args.device)
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
@@ -171,7 +182,6 @@ def _run(args: argparse.Namespace) -> int:
     r["engine_acc"] = r.pop("engine")
     r.update(engine=str(args.engine), backend=f"{backend.name} ({backend.provider})", checkpoint=str(args.checkpoint),
              val_dir=str(args.val_dir), failed_images=failed, seconds=round(time.perf_counter() - t0, 2))
-    prefix = args.report or f"{args.engine}.validate"
     md = markdown(r)
     write_json(f"{prefix}.json", r)
     write_text(f"{prefix}.md", md)
