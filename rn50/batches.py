@@ -19,7 +19,14 @@ from .preprocess import Preprocessing, dali_decode, dali_val
 
 
 def read_encoded(path: str | os.PathLike[str]) -> np.ndarray:
+    """The bytes of an image file; DataError naming ``path`` if it cannot be read, is empty, or is
+    not a regular file (a FIFO or device would block or never end)."""
+    import stat
+
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if os.path.isdir(path) else "not a regular file (a FIFO, socket or device)"
+            raise DataError(f"{path}: {kind}")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
