@@ -112,9 +112,10 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("tiff_deflate_corrupt_after_header", "deflate-corrupt.tif",
      lambda a: (lambda t, s: _flip(t, s[0] + 8, s[0] + s[1] - 8))(*(lambda t: (t, _tiff_strip(t)))(
          _encode(a, "TIFF", compression="tiff_adobe_deflate"))), "corrupt TIFF image"),
-    ("jpeg2000_corrupt", "corrupt.jp2", lambda a: (lambda j: _flip(j, len(j) // 2, len(j)))(_encode(a, "JPEG2000")),
+    ("jpeg2000_corrupt", "corrupt.jp2", lambda a: (lambda j: _flip(j, 200, len(j)))(_encode(a, "JPEG2000")),
      "corrupt JPEG 2000 image"),
-    ("webp_lossless_corrupt", "corrupt.webp", lambda a: (lambda w: _flip(w, 60, len(w)))(_encode(a, "WEBP", lossless=True)),
+    ("webp_lossless_corrupt", "corrupt.webp",
+     lambda a: (lambda w: _flip(w, 60, len(w)))(_encode(a, "WEBP", lossless=True)),
      "corrupt WebP image"),
     ("pnm_truncated", "truncated.ppm", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "PPM")), "corrupt PNM image"),
     # --- formats DALI does not decode: named

@@ -114,7 +114,8 @@ def test_stale_temporaries_are_removed_at_start(fmnist_tiny, tmp_path, monkeypat
     the trainer's own temporaries and nothing else."""
     out = tmp_path / "o"
     out.mkdir()
-    ours = [out / ".last.pt.k3j9x_2a.tmp", out / ".best.pt.manifest.json.abcdefgh.tmp", out / ".curves.png.12345678.tmp"]
+    ours = [out / ".last.pt.k3j9x_2a.tmp", out / ".best.pt.manifest.json.abcdefgh.tmp",
+            out / ".curves.png.12345678.tmp"]
     foreign = [out / ".notes.txt.abcdefgh.tmp", out / "last.pt.abcdefgh.tmp", out / ".last.pt.tmp",
                out / ".last.pt.abcdefghij.tmp"]
     for f in ours + foreign:
