@@ -56,7 +56,8 @@ def read_checked(files: Sequence[str], p: Preprocessing) -> list[np.ndarray]:
             bad.append(f"{f}: {cause}")
         out.append(data)
     if bad:
-        raise DataError("undecodable image(s): " + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError("undecodable image(s): " + "; ".join(bad[:5]) + more)
     return out
 
 

@@ -150,7 +150,9 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     if w < 1 or h < 1:
         return f"bad image size {w}x{h} in the {fmt} header"
     if resize_shorter is not None:
-        rw, rh = (resize_shorter, -(-resize_shorter * h // w)) if w <= h else (-(-resize_shorter * w // h), resize_shorter)
+        short, long = min(w, h), max(w, h)
+        rw, rh = (resize_shorter, -(-resize_shorter * long // short))
+        rw, rh = (rw, rh) if w <= h else (rh, rw)
         if rw * rh > max_pixels:
             return (f"image too thin: {w}x{h} resized to {rw}x{rh} = {rw * rh:,} pixels exceeds the limit of "
                     f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)")

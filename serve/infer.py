@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",
                     help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
                          "and the batch is copied to the engine's GPU")
-    ap.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this many pixels, as stored or once resized to the "
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="refuse images larger than this many pixels, as stored or once resized to the "
                          "engine's resize size (a very thin image); default 100,000,000")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
     ap.add_argument("--summary", metavar="FILE", help="also write the summary as JSON to FILE (images, failed, seconds, "
