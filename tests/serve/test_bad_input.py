@@ -126,9 +126,11 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("jpeg_truncated", "cut.jpg", lambda a: (lambda j: j[:len(j) // 2])(_encode(a, "JPEG", quality=90)), "truncated"),
     ("png_truncated", "cut.png", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "PNG")), "truncated"),
     ("bmp_truncated", "cut.bmp", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "BMP")), "truncated"),
-    ("webp_truncated", "cut.webp", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "WEBP", quality=80)), "WebP"),
+    ("webp_truncated", "cut.webp", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "WEBP", quality=80)),
+     "unreadable image header"),
+    # PIL writes a TIFF's directory after the pixel data: cut in half, the file has no directory left
     ("tiff_truncated", "cut.tif", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "TIFF", compression="tiff_lzw")),
-     "TIFF"),
+     "not an image"),
     # --- fuzzed files in five formats (fixed seeds): a prediction or an error, never a crash
     *[(f"fuzzed_{fmt.lower()}_{seed}", f"fuzz{seed}.{ext}",
        (lambda fmt, seed: lambda a: _fuzz(_encode(a, fmt), seed))(fmt, seed), EITHER)
