@@ -141,6 +141,9 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     except Image.DecompressionBombError as e:
         return f"image too large: {e} (limit {max_pixels:,} pixels)"
     except UnidentifiedImageError:
+        fmt = _signature_format(data)
+        if fmt:
+            return f"damaged {fmt} file (it starts like one, but its header cannot be read: truncated or corrupt)"
         return "not an image (unrecognised file format)"
     except Exception as e:
         return f"unreadable image header ({type(e).__name__}: {e})"
@@ -157,6 +160,23 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
             return (f"image too thin: {w}x{h} resized to {rw}x{rh} = {rw * rh:,} pixels exceeds the limit of "
                     f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)")
     return None
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The image format ``data`` starts like, from its first bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data.startswith((b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")):
+        return "JPEG 2000"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    return None  # (BMP's two-byte "BM" is too weak a signature to name)
 
 
 def check_files(files: list[str], max_report: int = 10, progress: bool = True,

@@ -130,7 +130,7 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
      "unreadable image header"),
     # PIL writes a TIFF's directory after the pixel data: cut in half, the file has no directory left
     ("tiff_truncated", "cut.tif", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "TIFF", compression="tiff_lzw")),
-     "not an image"),
+     "damaged TIFF file"),
     # --- fuzzed files in five formats (fixed seeds): a prediction or an error, never a crash
     *[(f"fuzzed_{fmt.lower()}_{seed}", f"fuzz{seed}.{ext}",
        (lambda fmt, seed: lambda a: _fuzz(_encode(a, fmt), seed))(fmt, seed), EITHER)
