@@ -82,12 +82,27 @@ def test_corrupt_tiff_stops_training(check, fmnist_tiny, tmp_path, capsys, no_ep
     assert str(bad) in line and "corrupt TIFF image" in line, line
 
 
+def _scan_start(jpeg: bytes) -> int:
+    """Offset of a JPEG's entropy-coded data (just after its SOS segment)."""
+    i = 2
+    while i < len(jpeg):
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            return i + 2 + length
+        i += 2 + length
+    raise AssertionError("no SOS segment")
+
+
 def test_truncated_val_image_stops_before_the_first_epoch(fmnist_tiny, tmp_path, capsys, no_epochs):
     d = tmp_path / "d"
     shutil.copytree(fmnist_tiny, d)
     victim = sorted((d / "val" / "dress").iterdir())[2]
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 3])  # the header is intact, the scan data is cut
+    scan = _scan_start(data)
+    victim.write_bytes(data[: scan + (len(data) - scan) // 3])  # the header is intact, the scan data is cut
+    from rn50.layout import check_header
+
+    assert check_header(victim.read_bytes()) is None  # so only decoding finds it
     assert run(d, tmp_path / "o") == 2
     line = error_line(capsys.readouterr().err)
     assert victim.name in line and "undecodable" in line, line
