@@ -16,7 +16,10 @@ catches.
 The report goes to ``PREFIX.json`` and ``PREFIX.md`` (default PREFIX ``<engine>.validate``),
 written atomically; the Markdown table is printed. Exit status: 0 pass, 1 fail, 2 usage or
 engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
-differ, VAL_DIR not an ImageNet-layout folder with those classes).
+differ, VAL_DIR not an ImageNet-layout folder with those classes, a --batch-size or --limit below
+1, report files that cannot be written: all checked before the engine loads). Images that cannot
+be used (``serve.pipeline``: unreadable, unsupported format, corrupt, too large) are left out of
+the scores and listed in the report's ``failed_images``.
 """
 
 from __future__ import annotations
