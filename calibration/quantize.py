@@ -64,6 +64,9 @@ class _Reader:
         except StopIteration:
             self._bar.close()
             return None
+        except BaseException:
+            self._bar.close()  # ends the bar's line, so the caller's error message starts its own
+            raise
         self._bar.update(len(x))
         return {self.input_name: x}
 
