@@ -64,6 +64,9 @@ class _Reader:
         except StopIteration:
             self._bar.close()
             return None
+        except BaseException:
+            self._bar.close()  # ends the bar's line, so the caller's error message starts its own
+            raise
         self._bar.update(len(x))
         return {self.input_name: x}
 
@@ -140,9 +143,6 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
               method: str = DEFAULT_METHOD, flavour: str = "s8s8", cache_dir: str | os.PathLike[str] | None = None
               ) -> dict[str, Any]:
     """Write the Q/DQ model to ``dest``; returns what was done (for the manifest)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
     if flavour not in FLAVOURS:
@@ -160,7 +160,25 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
     import onnx
 
     input_name = onnx.load(os.fspath(fp32), load_external_data=False).graph.input[0].name
+    created = not cache.exists()
     cache.mkdir(parents=True, exist_ok=True)
+    try:
+        _quantize(fp32, cache, key, cached, files, p, input_name, method, flavour)
+    except BaseException:
+        if created and not any(cache.iterdir()):  # a failed first calibration leaves no empty cache folder
+            cache.rmdir()
+        raise
+    (cache / f"{key}.pre.onnx").unlink(missing_ok=True)
+    (cache / f"{key}.ranges.json").unlink(missing_ok=True)
+    shutil.copyfile(cached, dest)
+    return {**info, "cache_hit": False}
+
+
+def _quantize(fp32: str | os.PathLike[str], cache: Path, key: str, cached: Path, files: Sequence[str],
+              p: Preprocessing, input_name: str, method: str, flavour: str) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with atomic_path(cache / f"{key}.pre.onnx") as pre, atomic_path(cache / f"{key}.ranges.json") as ranges, \
             atomic_path(cached) as out:
         quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
@@ -172,7 +190,3 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
                 activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
                 calibrate_method=calib, calibration_cache_path=os.fspath(ranges),
                 extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True})
-    (cache / f"{key}.pre.onnx").unlink(missing_ok=True)
-    (cache / f"{key}.ranges.json").unlink(missing_ok=True)
-    shutil.copyfile(cached, dest)
-    return {**info, "cache_hit": False}

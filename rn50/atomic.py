@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _umask() -> int:
@@ -55,3 +55,43 @@ def write_text(dest: str | os.PathLike[str], text: str) -> None:
 
 def write_json(dest: str | os.PathLike[str], obj: Any) -> None:
     write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def unwritable_reason(dest: str | os.PathLike[str]) -> str | None:
+    """Why :func:`atomic_path` could not put a file at ``dest``, or None if it can.
+
+    Checked before a long job starts, so that a bad output path fails in a second instead of
+    after the work: ``dest`` is a directory, a parent is a file, or the folder (or, when it does
+    not exist yet, the nearest existing folder above it, where it would be created) is not
+    writable.
+    """
+    dest = Path(dest)
+    if dest.is_dir():
+        return "is a directory (give a file name)"
+    folder = dest.parent if str(dest.parent) else Path(".")
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder (it is a file or a broken link)"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Delete the temporaries :func:`atomic_path` left in ``folder`` for ``names`` when a process was
+    killed mid-write (``.<name>.<8 random characters>.tmp``); nothing else is touched. Returns
+    what was removed. Call it only where no other process writes those names at the same time."""
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]{8}\.tmp")
+    removed = []
+    for f in folder.iterdir():
+        if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+    return removed

@@ -57,11 +57,16 @@ def save_checkpoint(path: str | os.PathLike[str], model_state: dict[str, torch.T
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file, or corrupt): "
+                              f"{_unpickling_cause(e)}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
@@ -73,6 +78,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     except Exception as e:
         raise CheckpointError(str(e)) from e
     return obj
+
+
+def _unpickling_cause(e: pickle.UnpicklingError) -> str:
+    """The unpickler's own reason, without torch's advice to retry with ``weights_only=False``: an
+    rn50 checkpoint holds only tensors and plain data, so that advice never applies to one (and
+    would run code from the file)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest or "unreadable pickle data"
+    return lines[0] if lines and "weights_only" not in lines[0] else "unreadable pickle data"
 
 
 def state_dict_mismatch(expected: dict[str, Any], got: dict[str, Any]) -> str | None:

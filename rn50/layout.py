@@ -16,6 +16,18 @@ from .errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
+# What DALI's image decoder reads, by PIL's format names (PPM is PIL's name for the PNM family;
+# MPO is a multi-picture JPEG whose first frame DALI decodes). Anything else (GIF, ICO, PSD, ...)
+# is refused by name before DALI sees it.
+DALI_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP",
+                "JPEG2000": "JPEG 2000", "PPM": "PNM"}
+# Formats whose DALI decoders (libtiff, OpenJPEG through OpenCV) report corrupt data only on
+# stderr and still return pixels: PIL decodes these in full first, so a corrupt one is refused
+# instead of classified. WebP and PNM are decoded too (their errors do raise in DALI today, but
+# through the same libraries). JPEG is not: libjpeg's "Corrupt JPEG data" warnings are common in
+# real data sets (ImageNet has such files) and a second CPU decode of every JPEG would halve
+# serving throughput.
+PIL_VERIFIED_FORMATS = frozenset({"TIFF", "JPEG2000", "WEBP", "PPM"})
 
 
 @dataclass
@@ -48,14 +60,22 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
                         f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})")
     files: list[str] = []
     labels: list[int] = []
+    empty: list[str] = []
     for idx, name in enumerate(found):
+        n_before = len(files)
         for dirpath, _, names in os.walk(root / name):
             for n in sorted(names):
                 if is_image_name(n):
                     files.append(os.path.join(dirpath, n))
                     labels.append(idx)
+        if len(files) == n_before:
+            empty.append(str(root / name))
     if not files:
         raise DataError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) under the class folders")
+    if empty:
+        # a class without images would still get an output of the classifier and a manifest entry
+        raise DataError(f"{empty[0]}: class folder has no image files ({', '.join(IMG_EXTENSIONS)})"
+                        + (f" (nor do {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else ""))
     return Split(root, found, files, labels)
 
 
@@ -87,12 +107,15 @@ def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield p
 
 
-def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
-    """None if ``data`` starts like a decodable image of acceptable size, else the cause.
+def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int | None = None) -> str | None:
+    """None if ``data`` (a whole file) is an image DALI can decode at an acceptable size, else the cause.
 
-    Only the header is parsed (PIL's lazy open): no pixel data is decoded, so it is cheap enough
-    to run on every file before DALI sees it. DALI's decoders can crash the process on some
-    non-image inputs instead of raising, which is why nothing reaches them unchecked.
+    Only the header is parsed (PIL's lazy open), except for :data:`PIL_VERIFIED_FORMATS`, which
+    PIL decodes in full because DALI would return pixels from a corrupt file of those formats.
+    DALI's decoders can crash the process on some non-image inputs instead of raising, which is
+    why nothing reaches them unchecked. ``resize_shorter``: the size the shorter side is resized
+    to (the validation resize); the resized image must also stay under ``max_pixels``, so a very
+    thin image (1 x 200,000) cannot make the resize allocate gigabytes.
     """
     import io
     import warnings
@@ -103,13 +126,24 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
         return "empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, corrupt-EXIF and TIFF tag notes
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
-                fmt = im.format
+                fmt = im.format or "unknown"
+                if fmt not in DALI_FORMATS:
+                    return (f"unsupported image format {fmt} (the decoder reads "
+                            f"{', '.join(sorted(set(DALI_FORMATS.values())))})")
+                if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
+                    try:
+                        im.load()
+                    except Exception as e:
+                        return f"corrupt {DALI_FORMATS[fmt]} image ({type(e).__name__}: {e})"
     except Image.DecompressionBombError as e:
         return f"image too large: {e} (limit {max_pixels:,} pixels)"
     except UnidentifiedImageError:
+        fmt = _signature_format(data)
+        if fmt:
+            return f"damaged {fmt} file (it starts like one, but its header cannot be read: truncated or corrupt)"
         return "not an image (unrecognised file format)"
     except Exception as e:
         return f"unreadable image header ({type(e).__name__}: {e})"
@@ -118,24 +152,49 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
                 f"pixels (possible decompression bomb)")
     if w < 1 or h < 1:
         return f"bad image size {w}x{h} in the {fmt} header"
+    if resize_shorter is not None:
+        short, long = min(w, h), max(w, h)
+        rw, rh = (resize_shorter, -(-resize_shorter * long // short))
+        rw, rh = (rw, rh) if w <= h else (rh, rw)
+        if rw * rh > max_pixels:
+            return (f"image too thin: {w}x{h} resized to {rw}x{rh} = {rw * rh:,} pixels exceeds the limit of "
+                    f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)")
     return None
 
 
-def check_files(files: list[str], max_report: int = 10, progress: bool = True) -> None:
-    """Header-check every file; DataError naming the bad ones (up to ``max_report``)."""
+def _signature_format(data: bytes) -> str | None:
+    """The image format ``data`` starts like, from its first bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data.startswith((b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")):
+        return "JPEG 2000"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    return None  # (BMP's two-byte "BM" is too weak a signature to name)
+
+
+def check_files(files: list[str], max_report: int = 10, progress: bool = True,
+                resize_shorter: int | None = None) -> None:
+    """Check every file with :func:`check_header`; DataError naming the bad ones (up to ``max_report``)."""
     from tqdm import tqdm
 
     bad: list[str] = []
-    it = tqdm(files, desc="checking image headers", unit="file", mininterval=2.0, leave=False,
+    it = tqdm(files, desc="checking images", unit="file", mininterval=2.0, leave=False,
               disable=not progress or len(files) < 20000)
     for f in it:
         try:
             with open(f, "rb") as fh:
-                head = fh.read(1 << 16)
+                data = fh.read()
         except OSError as e:
             bad.append(f"{f}: cannot read ({e.strerror or e})")
             continue
-        cause = check_header(head)
+        cause = check_header(data, resize_shorter=resize_shorter)
         if cause:
             bad.append(f"{f}: {cause}")
     if bad:

@@ -16,7 +16,8 @@
 * Output: one JSON line per image, in input order:
   ``{"path", "topk": [class indices], "classes": [names], "probs": [softmax probabilities]}``,
   or ``{"path", "error": "<cause>"}`` for an image that could not be classified (unreadable,
-  empty, not an image, corrupt or truncated, more than --max-pixels pixels). Bad images never
+  empty, not an image, a format DALI does not decode such as GIF, corrupt or truncated, more than
+  --max-pixels pixels, or so thin that its resize would exceed --max-pixels). Bad images never
   stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
   renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
 * Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, one GPU per rank: ``LOCAL_RANK``) each rank
@@ -28,7 +29,9 @@
   summary as JSON too (what ``bench.gpu_check`` reads).
 
 Exit status: 0 every image classified, 1 some images failed, 2 usage or engine error (missing
-engine, missing or mismatched manifest, plan for another GPU / TensorRT version, no inputs).
+engine, missing or mismatched manifest, plan for another GPU / TensorRT version, no inputs, an
+--output or --summary path that cannot be written: checked before any image is read), 141 the
+reader of stdout went away (``| head -1``; quietly, as a command ended by SIGPIPE).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import IO, Iterator
 import numpy as np
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "DALI preprocessing from the engine's manifest; one JSON line per image.",
         epilog="exit status: 0 all images classified; 1 some images failed (each has an \"error\" line); "
                "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
-               "another GPU/TensorRT, no input images).\nSee docs/serving.md.")
+               "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
+               "stdout closed the pipe (| head).\nSee docs/serving.md.")
     ap.add_argument("--engine", required=True, help="engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
                                                     "training checkpoint .pt (eager PyTorch FP32), "
                                                     "with its .manifest.json beside it")
@@ -69,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",
                     help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
                          "and the batch is copied to the engine's GPU")
-    ap.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this (default 100,000,000)")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="refuse images larger than this many pixels, as stored or once resized to the "
+                         "engine's resize size (a very thin image); default 100,000,000")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
     ap.add_argument("--summary", metavar="FILE", help="also write the summary as JSON to FILE (images, failed, seconds, "
                                                        "images_per_s, batch_size, latency_ms p50/p95/p99, backend, "
@@ -127,6 +134,28 @@ def _sink(output: str | None) -> Iterator[IO[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # The reader of stdout went away (``| head -1``): stop quietly, with the status of a command
+        # ended by SIGPIPE; stdout goes to /dev/null so the interpreter's final flush cannot fail again.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (in-process callers)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _dispatch(argv: list[str] | None) -> int:
     rank, world = torchrun_rank()
     if world == 1:
         return classify(argv)
@@ -158,10 +187,17 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.manifest import preprocessing_of
 
     from .backends import load_engine, softmax
-    from .pipeline import MAX_PIXELS, BatchStream, env_threads, percentiles, pick_device
+    from .pipeline import MAX_PIXELS, BatchStream, check_outputs, env_threads, percentiles, pick_device
 
     if args.batch_size < 1 or args.topk < 1:
         err("--batch-size and --topk must be at least 1")
+        return EXIT_USAGE
+    if args.max_pixels is not None and args.max_pixels < 1:
+        err("--max-pixels must be at least 1")
+        return EXIT_USAGE
+    bad_output = check_outputs(output=args.output, summary=args.summary)  # before any work, not after it
+    if bad_output:
+        err(bad_output)
         return EXIT_USAGE
     try:
         device = pick_device(args.device)

@@ -10,9 +10,11 @@ next ``run()`` would overwrite) until the engine reads it.
 Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entry of its batch:
 
 1. reading: missing / unreadable / dangling symlink / directory / empty file (``read_encoded``);
-2. header sniff with PIL's lazy ``Image.open`` (no pixel data decoded): not an image, or more
-   than ``max_pixels`` pixels (default 100 megapixels, a decompression-bomb guard: DALI would
-   otherwise try to allocate the full image);
+2. header sniff with PIL's lazy ``Image.open`` (:func:`rn50.layout.check_header`): not an image,
+   a format DALI does not decode (GIF, ...), more than ``max_pixels`` pixels (default 100
+   megapixels, a decompression-bomb guard: DALI would otherwise try to allocate the full image),
+   or so thin that resizing its shorter side would exceed ``max_pixels``; TIFF, JPEG 2000, WebP
+   and PNM files are decoded by PIL in full here, since DALI returns pixels from corrupt ones;
 3. DALI: if a batch fails (truncated or corrupt data the header did not reveal), the pipeline is
    rebuilt and the batch is retried image by image to find the culprits; the others are kept.
    A culprit's cause comes from decoding it once more with PIL (:func:`decode_cause`), as
@@ -84,12 +86,27 @@ def decode_cause(path: str, data: np.ndarray, e: BaseException) -> str:
             load_rgb(path, data.tobytes())
     except DataError as de:
         return str(de).removeprefix(f"{path}: ")
-    return f"cannot decode image: DALI rejects an image that PIL decodes ({_first_line(e)})"
+    return f"cannot decode image: DALI's {_format_name(data)} decoder rejects it, PIL decodes it ({_first_line(e)})"
 
 
-def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS) -> str | None:
-    """None if the header looks like a decodable image of acceptable size, else the cause."""
-    return check_header(data.tobytes(), max_pixels)
+def _format_name(data: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    from rn50.layout import DALI_FORMATS
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return DALI_FORMATS.get(im.format or "", im.format or "image")
+    except Exception:
+        return "image"
+
+
+def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS, resize_shorter: int | None = None) -> str | None:
+    """None if ``data`` is an image DALI can decode at an acceptable size (source and resized), else
+    the cause (:func:`rn50.layout.check_header`)."""
+    return check_header(data.tobytes(), max_pixels, resize_shorter)
 
 
 def preprocess_encoded(pre: Preprocessor, items: list[tuple[int, str, np.ndarray]], copy: bool = False
@@ -133,6 +150,7 @@ class BatchStream:
                  prefetch: int = 2, max_pixels: int = MAX_PIXELS, num_threads: int | None = None,
                  fp16: bool = False):
         self.paths = [str(x) for x in paths]
+        self.resize_shorter = p.resize_size
         self.batch_size, self.device, self.max_pixels = batch_size, device, max_pixels
         self.pre = Preprocessor(p, batch_size, device, num_threads=num_threads, fp16=fp16)
         self._q: queue.Queue[Prepared | BaseException | None] = queue.Queue(maxsize=max(1, prefetch))
@@ -150,7 +168,7 @@ class BatchStream:
             except DataError as e:
                 errors.append((i, path, str(e).removeprefix(f"{path}: ")))
                 continue
-            cause = sniff(path, data, self.max_pixels)
+            cause = sniff(path, data, self.max_pixels, self.resize_shorter)
             if cause:
                 errors.append((i, path, cause))
             else:
@@ -210,6 +228,17 @@ def pick_device(requested: str) -> str:
     if requested == "gpu" and not have:
         raise DataError("--device gpu: no CUDA GPU is available here (use --device auto or cpu)")
     return requested
+
+
+def check_outputs(**paths: str | None) -> str | None:
+    """The first ``--flag PATH: reason`` among the output paths that cannot be written, else None."""
+    from rn50.atomic import unwritable_reason
+
+    for flag, path in paths.items():
+        why = unwritable_reason(path) if path else None
+        if why:
+            return f"--{flag.replace('_', '-')} {path}: {why}"
+    return None
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:

@@ -20,14 +20,18 @@ difference and the share of the class's images on which the two pick different c
 draws ``PREFIX.confusion.png``: the engine's confusion matrix and engine minus PyTorch, embedded
 in the Markdown. The JSON carries both confusion matrices up to 100 classes.
 
-Exit status: 0 pass, 1 fail, 2 usage or engine error (missing engine / manifest / checkpoint, classes of the engine and checkpoint
-differ, VAL_DIR not an ImageNet-layout folder with those classes).
+Exit status: 0 pass, 1 fail, 2 usage or engine error (missing engine / manifest / checkpoint, classes of the
+engine and checkpoint differ, VAL_DIR not an ImageNet-layout folder with those classes, a --batch-size or
+--limit below 1, report files that cannot be written: all checked before the engine loads). Images that
+cannot be used (``serve.pipeline``: unreadable, unsupported format, corrupt, too large) are left out of the
+scores and listed in the report's ``failed_images``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)")
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)")
-    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate)")
+    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate); "
+                                                        "checked before any work: exit 2 if they cannot be written")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -174,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .backends import load_engine
     from .backends.pytorch import TorchBackend
-    from .pipeline import BatchStream, env_threads, pick_device
+    from .pipeline import BatchStream, check_outputs, env_threads, pick_device
 
     def err(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -182,6 +187,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         return err("--limit must be at least 1")
+    if args.batch_size < 1:
+        return err("--batch-size must be at least 1")
+    prefix = args.report or f"{args.engine}.validate"
+    if args.report and (args.report.endswith(("/", os.sep)) or Path(args.report).is_dir()):
+        return err(f"--report {args.report}: is a directory (PREFIX names the files PREFIX.json and PREFIX.md)")
+    # every report file, before any work (a bad path would otherwise lose a finished validation)
+    bad_output = (check_outputs(report=f"{prefix}.json") or check_outputs(report=f"{prefix}.md")
+                  or check_outputs(report=f"{prefix}.confusion.png"))
+    if bad_output:
+        return err(bad_output)
     try:
         device = pick_device(args.device)
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
@@ -224,7 +239,6 @@ def _run(args: argparse.Namespace) -> int:
     r["engine_acc"] = r.pop("engine")
     r.update(engine=str(args.engine), backend=f"{backend.name} ({backend.provider})", checkpoint=str(args.checkpoint),
              val_dir=str(args.val_dir), failed_images=failed, seconds=round(time.perf_counter() - t0, 2))
-    prefix = args.report or f"{args.engine}.validate"
     r.update(per_class_report(ref, eng, lab, list(manifest["classes"]), f"{prefix}.confusion.png"))
     md = markdown(r) + "\n" + per_class_markdown(r)
     write_json(f"{prefix}.json", r)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rn50.atomic import write_json, write_text
+from rn50.atomic import atomic_path, remove_stale_temporaries, write_json, write_text
 from rn50.batches import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
@@ -29,6 +29,11 @@ from . import distributed
 from .loaders import Shard, make_loader
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
 from .steplog import StepLogger
+
+
+# Every file the trainer writes into the run folder (atomically).
+RUN_FILES = ("last.pt", "last.pt.manifest.json", "best.pt", "best.pt.manifest.json", "manifest.json",
+             "metrics.jsonl", "curves.png")
 
 
 class TrainingError(PipelineError):
@@ -73,6 +78,8 @@ class Trainer:
         # "elapsed" in the history counts from here: image checks, loaders and model set-up included
         self._t0, self._elapsed_before = time.time(), 0.0
         self.out = Path(cfg["output"])
+        if d.main:  # what a killed write of a previous run left behind (rn50.atomic.atomic_path)
+            remove_stale_temporaries(self.out, RUN_FILES)
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         np.random.seed(cfg["seed"])
@@ -90,9 +97,15 @@ class Trainer:
             self.classes = train.classes
             tr_files, tr_labels = _subset(train.files, train.labels, cfg["limit_train"], len(self.classes), cfg["seed"])
             va_files, va_labels = _subset(val.files, val.labels, cfg["limit_val"], len(self.classes), cfg["seed"])
-            if _should_check(cfg.get("check_images", "auto"), len(tr_files) + len(va_files)):
-                # headers only (no pixels decoded); every rank checks, so no rank starts on bad data
-                check_files(tr_files + va_files, progress=d.main)
+            mode = cfg.get("check_images", "auto")
+            if mode != "off":
+                # headers, and the pixels of the formats DALI decodes silently when corrupt (see
+                # rn50.layout.check_header); every rank checks, so no rank starts on bad data. A set
+                # too large for the full check still gets it for its files that are not JPEG or PNG.
+                everything = tr_files + va_files
+                check_files(everything if _should_check(mode, len(everything))
+                            else [f for f in everything if not f.lower().endswith((".jpg", ".jpeg", ".png"))],
+                            progress=d.main, resize_shorter=self.p.resize_size)
         common = dict(batch_size=cfg["batch_size"], device=d.device, shard=shard, seed=cfg["seed"],
                       workers=cfg["workers"], num_classes=len(self.classes), synthetic_steps=cfg["synthetic_steps"])
         self.train_loader = make_loader(cfg["data_backend"], tr_files, tr_labels, self.p, train=True, **common)
@@ -101,6 +114,12 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise DataError(f"{cfg['data']}: not enough training images for one batch of {cfg['batch_size']}")
+        if self.val_loader is not None and cfg.get("check_images", "auto") != "off" \
+                and _should_check(cfg.get("check_images", "auto"), len(va_files)):
+            # one decoding pass over the validation images now, so that one the header check cannot
+            # fault (a truncated JPEG) stops the run before the first epoch rather than after it
+            for _ in self.val_loader:
+                pass
 
         model = build_model(len(self.classes)).to(d.device)
         self.channels_last = cfg["memory_format"] == "channels_last"

@@ -1,0 +1,39 @@
+"""Export and INT8 calibration on a data set with one undecodable image: one ``error:`` line
+naming it, exit 2, and nothing left in the output folder (no artifact, no calibration cache)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import export
+
+
+def _gif_named_jpg() -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(b, format="GIF")
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("precision, split", [("fp32", "val"), ("int8", "train")])
+def test_undecodable_image_stops_export(precision, split, trained_run, fmnist_tiny, tmp_path, capsys):
+    """fp32: the image is one of the parity images (val); int8: one of the calibration images (train)."""
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_tiny, data)
+    for victim in (data / split / "coat").iterdir():  # every image of the class, so any sample holds one
+        victim.write_bytes(_gif_named_jpg())
+    out_dir = tmp_path / "artifacts"
+    out_dir.mkdir()
+    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", precision, "--data", str(data),
+                      "--output", str(out_dir / f"rn50.{precision}.onnx"), "--calib-size", "40"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "error: undecodable image(s): " in lines[0], lines[0]
+    assert str(data / split / "coat") in lines[0] and "unsupported image format GIF" in lines[0], lines[0]
+    assert sorted(p.name for p in out_dir.iterdir()) == [], "export left files behind"
