@@ -102,7 +102,7 @@ class Trainer:
         # what the run started from: a weights file (path, sha256, what was loaded), recorded in every manifest
         self.init_record: dict[str, Any] | None = None
         if init is not None:
-            self.init_record = apply_weights(model, init)
+            self.init_record = apply_weights(model, init, self.classes)
             if d.main:
                 print(describe(self.init_record, len(self.classes)), file=sys.stderr)
         elif resume is not None:

@@ -50,6 +50,7 @@ class Weights:
     sha256: str
     layout: str
     state: dict[str, torch.Tensor] = field(repr=False)
+    classes: list[str] | None = None  # the class names, where the file says (this project's checkpoints)
 
     @property
     def num_classes(self) -> int:
@@ -92,7 +93,7 @@ def _load_file(path: Path) -> Any:
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
     """The state dict inside a loaded file, and where it was."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return load_checkpoint(path)["model"], "rn50 checkpoint"
+        return load_checkpoint(path)["model"], "rn50 checkpoint"  # checks the format, version and manifest
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -127,33 +128,41 @@ def read_weights(path: str | os.PathLike[str]) -> Weights:
                    f"ResNet50's classifier is (classes, {FEATURES}) and (classes,)")
     if why is not None:
         raise CheckpointError(f"{path}: not ResNet50 v1.5 weights ({layout}): {why}")
-    return Weights(str(path), sha256_file(path), layout, state)
+    obj_classes = None
+    if where == "rn50 checkpoint":
+        obj_classes = list(load_checkpoint(path)["manifest"]["classes"])
+    return Weights(str(path), sha256_file(path), layout, state, obj_classes)
 
 
-def apply_weights(model: nn.Module, w: Weights) -> dict[str, Any]:
-    """Load ``w`` into ``model`` (replacing nothing of the model but what the file has); the
-    classifier only when its class count is the model's. Returns the record for the manifest:
-    source path and sha256, layout, and what was loaded, skipped and newly initialised."""
+def apply_weights(model: nn.Module, w: Weights, classes: list[str] | None = None) -> dict[str, Any]:
+    """Load ``w`` into ``model``; its classifier only when it classifies the same classes: the
+    same count, and the same names where the file records them (a checkpoint of this project
+    trained on other classes gets a new classifier even with as many of them). Returns the record
+    for the manifest: source path and sha256, layout, and what was loaded, skipped and newly
+    initialised."""
     own = model.state_dict()
     n_model = int(own[f"{HEAD}.weight"].shape[0])
-    keep_head = w.num_classes == n_model
+    keep_head = w.num_classes == n_model and (w.classes is None or classes is None or w.classes == list(classes))
     load = {k: v for k, v in w.state.items() if keep_head or not is_head(k)}
     result = model.load_state_dict(load, strict=False)
     if result.unexpected_keys:  # read_weights has checked every key; this would be a bug
         raise CheckpointError(f"{w.path}: unexpected tensors {result.unexpected_keys[:3]}")
     skipped = [] if keep_head else sorted(k for k in w.state if is_head(k))
     return {"path": w.path, "sha256": w.sha256, "layout": w.layout, "classes_in_file": w.num_classes,
+            "same_classes": keep_head,
             "loaded": len(load), "skipped": skipped,
             "new": sorted(k for k in result.missing_keys if is_head(k)),
-            "absent_counters": sum(k.endswith("num_batches_tracked") for k in result.missing_keys)}
+            # BatchNorm fills these in itself when a file lacks them (torch < 0.4.1 saved none)
+            "absent_counters": sum(k.endswith("num_batches_tracked") and k not in w.state for k in own)}
 
 
 def describe(rec: dict[str, Any], n_classes: int) -> str:
     """One line for the log: what was loaded, skipped and newly initialised."""
     s = f"init-from {rec['path']} ({rec['layout']}, sha256 {rec['sha256'][:12]}): loaded {rec['loaded']} tensors"
     if rec["skipped"]:
-        s += (f"; skipped {', '.join(rec['skipped'])} (the file's classifier has {rec['classes_in_file']} classes, "
-              f"the data {n_classes})")
+        why = (f"the file's classifier has {rec['classes_in_file']} classes, the data {n_classes}"
+               if rec["classes_in_file"] != n_classes else "the file's classes are other ones than the data's")
+        s += f"; skipped {', '.join(rec['skipped'])} ({why})"
     s += f"; newly initialised: {', '.join(rec['new']) or 'nothing'}"
     if rec["absent_counters"]:
         s += f"; {rec['absent_counters']} BatchNorm num_batches_tracked counters not in the file (start at 0)"
