@@ -204,6 +204,25 @@ def test_other_class_count_replaces_the_classifier_only(tmp_path):
             assert torch.equal(v, sd[k]), k
 
 
+def test_own_checkpoint_keeps_its_classifier_only_for_the_same_classes(tmp_path):
+    from rn50.checkpoint import save_checkpoint
+    from rn50.manifest import new_manifest
+    from rn50.preprocess import Preprocessing
+
+    ref = _reference_model(5)
+    names = ["a", "b", "c", "d", "e"]
+    man = new_manifest("checkpoint", classes=names, preprocessing=Preprocessing.for_image_size(32), precision="fp32")
+    save_checkpoint(tmp_path / "best.pt", ref.state_dict(), man)
+    w = read_weights(tmp_path / "best.pt")
+    assert w.classes == names
+    same = build_model(5)
+    assert apply_weights(same, w, names)["new"] == [] and torch.equal(same.fc.weight, ref.fc.weight)
+    other = build_model(5)
+    rec = apply_weights(other, w, ["f", "g", "h", "i", "j"])
+    assert rec["new"] == ["fc.bias", "fc.weight"] and not torch.equal(other.fc.weight, ref.fc.weight)
+    assert torch.equal(other.layer4[2].conv3.weight, ref.layer4[2].conv3.weight)
+
+
 def _arch_file(how: str, path: Path) -> str:
     import torchvision
 
@@ -281,7 +300,7 @@ def test_finetune_beats_scratch_and_records_its_source(trained_run, five_classes
     assert "init_from" not in sc
 
 
-MARGIN = 20.0
+MARGIN = 1000.0
 
 
 def test_freeze_backbone_trains_the_classifier_only(trained_run, five_classes, tmp_path):
