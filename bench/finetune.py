@@ -1,7 +1,7 @@
 """Fine-tuning against training from scratch, on Fashion-MNIST: ``python -m bench.finetune``.
 
-1. Train the CPU profile (32 px, dali-cpu; batch 32 and a 0.3-epoch warmup for so few images) on five classes (t-shirt/top, trouser,
-   pullover, dress, coat): ``--pretrain-per-class`` images each, ``--pretrain-epochs`` epochs.
+1. Train the CPU profile (32 px, dali-cpu; batch 32 and a 0.3-epoch warmup for so few images)
+   on five classes (t-shirt/top, trouser, pullover, dress, coat): ``--pretrain-per-class`` images each, ``--pretrain-epochs`` epochs.
 2. On the other five (sandal, shirt, sneaker, bag, ankle boot), ``--target-per-class`` images
    each, run the same schedule twice: from that checkpoint (``--init-from``, the finetune preset)
    and from random weights (``--preset finetune``: the same lr, warmup, epochs, images and steps).
@@ -57,7 +57,8 @@ def run_train(args: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="Fashion-MNIST idx files (default: %(default)s)")
+    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
+                    help="Fashion-MNIST idx files (default: %(default)s)")
     ap.add_argument("--pretrain-per-class", type=int, default=400, help="training images per pretraining class")
     ap.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of the pretraining run")
     ap.add_argument("--target-per-class", type=int, default=100, help="training images per target class")
