@@ -156,7 +156,7 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
     }
 
 
-def test_every_layout_round_trips_to_identical_logits(tmp_path, trained_run):
+def test_every_layout_round_trips_to_identical_logits(tmp_path):
     ref = _reference_model()
     sd = ref.state_dict()
     files = {}
@@ -181,7 +181,9 @@ def test_every_layout_round_trips_to_identical_logits(tmp_path, trained_run):
         for k, v in m.state_dict().items():
             assert torch.equal(v, sd[k]), (name, k)
     assert "layers.N stages" in read_weights(files["dle-checkpoint.pth.tar"]).layout
-    # this project's own checkpoint: the trained model's logits
+
+
+def test_own_checkpoint_loads_exactly(trained_run):
     own = load_checkpoint(trained_run / "best.pt")["model"]
     m = build_model(10)
     apply_weights(m, read_weights(trained_run / "best.pt"))
@@ -294,13 +296,14 @@ def test_finetune_beats_scratch_and_records_its_source(trained_run, five_classes
     assert ft["history"][-1]["val_images"] == sc["history"][-1]["val_images"] == 250
     assert ft["train_config"]["lr"] == sc["train_config"]["lr"]
     margin = ft["history"][-1]["val_top1"] - sc["history"][-1]["val_top1"]
+    print(f"fine-tune margin: fine-tuned {ft['history'][-1]['val_top1']:.2f}, scratch {sc['history'][-1]['val_top1']:.2f}")
     assert margin >= MARGIN, (ft["history"][-1]["val_top1"], sc["history"][-1]["val_top1"])
     best = json.loads((tmp_path / "ft" / "best.pt.manifest.json").read_text())
     assert best["init_from"]["sha256"] == sha256_file(init) and best["init_from"]["path"] == str(init)
     assert "init_from" not in sc
 
 
-MARGIN = 1000.0
+MARGIN = 20.0
 
 
 def test_freeze_backbone_trains_the_classifier_only(trained_run, five_classes, tmp_path):
