@@ -82,6 +82,8 @@ def _load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused class: garbage or a truncated file
+            raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?)") from e
         raise CheckpointError(f"{path}: holds more than tensors and plain containers, which are loaded without "
                               f"running code (weights_only) only: save its state dict alone "
                               f"(torch.save(model.state_dict(), ...)) and pass that") from e

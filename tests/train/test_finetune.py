@@ -253,11 +253,17 @@ def _arch_file(how: str, path: Path) -> str:
     if how == "garbage":
         path.write_bytes(b"\x00not weights" * 200)
         return "not a readable weights file"
+    if how == "pickled-object":  # e.g. a training checkpoint that pickles its argparse arguments
+        import argparse
+
+        torch.save({"state_dict": build_model(10).state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+        return "save its state dict alone"
     torch.save({"weights": [1, 2, 3]}, path)
     return "no state dict found"
 
 
-@pytest.mark.parametrize("how", ["resnet18", "resnet101", "wide-fc", "missing", "garbage", "no-state-dict"])
+@pytest.mark.parametrize("how", ["resnet18", "resnet101", "wide-fc", "missing", "garbage", "pickled-object",
+                                 "no-state-dict"])
 def test_weights_that_do_not_fit_stop_before_training(how, fmnist_tiny, tmp_path, capsys):
     path = tmp_path / "weights.pth"
     why = _arch_file(how, path)
