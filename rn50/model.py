@@ -16,6 +16,12 @@ from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
 
 ARCH = "resnet50_v1.5"
+HEAD = "fc"  # the classifier: the one module a class count changes
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the classifier."""
+    return name == HEAD or name.startswith(HEAD + ".")
 
 
 def build_model(num_classes: int) -> nn.Module:
@@ -35,23 +41,27 @@ def check_v15(model: nn.Module) -> None:
                 raise AssertionError(f"{name}: not ResNet50 v1.5 (conv1 stride {s1}, conv2 stride {s2})")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
     """Split parameters for the optimizer: weight decay on conv and fc *weights* only.
 
     The recipe says no weight decay on BatchNorm gamma/beta. We also leave the fc bias (the only
     bias in ResNet50: its convolutions have none) out of weight decay, as NVIDIA's
     DeepLearningExamples ConvNets do with ``--nesterov``-free SGD and ``bn_weight_decay=False``:
     every 1-D parameter (BN gamma, BN beta, biases) is undecayed.
+
+    Frozen parameters (``requires_grad=False``) are left out. With ``backbone_lr_scale`` other
+    than 1, backbone and classifier get separate groups, the backbone's with that ``lr_scale``
+    (fine-tuning: the loaded features move more slowly than the new classifier).
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    split = backbone_lr_scale != 1.0
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        groups.setdefault((split and not is_head(name), p.ndim > 1), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0,
+             "lr_scale": backbone_lr_scale if backbone else 1.0}
+            for (backbone, decays), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))]
 
 
 def num_classes_of(state_dict: dict[str, torch.Tensor]) -> int:

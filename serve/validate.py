@@ -30,7 +30,6 @@ scores and listed in the report's ``failed_images``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

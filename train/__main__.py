@@ -11,6 +11,14 @@ Profiles (--profile auto picks gpu with CUDA, cpu without):
        native bf16 (else fp32), no compile, dali-cpu. See docs/training.md.
 Any flag you pass overrides the profile.
 
+Fine-tuning: --init-from PATH starts from a weights file on disk (torchvision or timm resnet50,
+NVIDIA DeepLearningExamples/NGC ResNet50 v1.5, or this project's best.pt/last.pt; see
+docs/training.md for where each comes from). It selects the finetune preset unless --preset is
+given: lr 0.0256 per 256 images (a tenth of the recipe's), a 10-epoch cosine schedule (the cpu
+profile keeps its 2 epochs), warmup over the first tenth. The classifier is replaced when the
+data has another class count; --freeze-backbone trains only it, --backbone-lr-scale slows the
+rest. A file that is not ResNet50 v1.5 stops the run before training (exit 2).
+
 Exit codes: 0 done, 2 bad input or configuration (the message names the file and the cause),
 1 any other failure.
 """
@@ -22,44 +30,42 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-CHECK_IMAGES_AUTO_MAX = 200_000
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "gpu": dict(image_size=224, preset=90, batch_size=256, amp=True, amp_dtype="fp16", compile=True,
-                memory_format="channels_last", data_backend="dali-gpu", limit_train=None),
-    # amp "native-bf16": bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
-    # AMX: 1.27x the fp32 step rate measured on a 2-core EPYC); elsewhere emulated bf16 is slower
-    # than fp32, so it stays off
-    "cpu": dict(image_size=32, epochs=2, batch_size=64, amp="native-bf16", amp_dtype="bf16", compile=False,
-                memory_format="channels_last", data_backend="dali-cpu", limit_train=None,
-                min_crop_scale=0.5, warmup_epochs=0.1),
-}
+from .config import CHECK_IMAGES_AUTO_MAX, PROFILES, SYNTHETIC_CLASSES, resolve
+from .recipe import FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTION
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--data", type=Path, help="ImageNet-layout folder with train/<class>/ and val/<class>/ (default: data/fashion-mnist)")
-    a("--data-backend", choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"], help="default: dali-gpu with CUDA, dali-cpu without; asking for dali-gpu without CUDA is an error")
+    a("--data", type=Path,
+      help="ImageNet-layout folder with train/<class>/ and val/<class>/ (default: data/fashion-mnist; none for "
+           "--data-backend synthetic)")
+    a("--data-backend", choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"],
+      help="default: dali-gpu with CUDA, dali-cpu without; asking for dali-gpu without CUDA is an error")
     a("--profile", choices=["auto", "gpu", "cpu"], default="auto", help="defaults for the flags below (see above)")
-    a("--preset", type=int, choices=[50, 90, 250], help="recipe preset: epochs (and MixUp 0.2 for 250)")
+    a("--preset", choices=["50", "90", "250", "finetune"],
+      help="recipe preset: epochs (and MixUp 0.2 for 250); finetune: lr 0.0256 per 256, "
+           f"{FINETUNE_EPOCHS} epochs, warmup over the first {FINETUNE_WARMUP_FRACTION:g} of them "
+           "(default: finetune with --init-from, else 90 on the gpu profile)")
     a("--epochs", type=int, help="number of epochs (default: from the preset or profile)")
     a("--batch-size", type=int, help="images per process per step (global batch = this x processes)")
-    a("--lr", type=float, default=0.256, help="learning rate per 256 images of global batch (default: %(default)s)")
-    a("--momentum", type=float, default=0.875)
+    a("--lr", type=float, help="learning rate per 256 images of global batch (default: 0.256; "
+                                f"{FINETUNE_LR_PER_256:g} with the finetune preset)")
+    a("--momentum", type=float, default=0.875, help="SGD momentum (default: %(default)s, no Nesterov)")
     a("--weight-decay", type=float, default=1 / 32768, help="on conv/fc weights only (default: 1/32768)")
-    a("--label-smoothing", type=float, default=0.1)
+    a("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
     a("--mixup", type=float, help="MixUp alpha (default: 0.2 with --preset 250, else off)")
     a("--warmup-epochs", type=float,
-      help="linear warmup length in epochs (default: the preset's, 2 or 5 for preset 250, when the global batch "
+      help="linear warmup length in epochs (default: a tenth of the epochs with the finetune preset; the "
+           "preset's, 2 or 5 for preset 250, when the global batch "
            "is >= 512; else the profile's: " + ", ".join(f"{PROFILES[k].get('warmup_epochs', 0):g} for {k}"
                                                         for k in ("cpu", "gpu")) + ")")
     a("--image-size", type=int, help="training/validation crop size in pixels")
     a("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop (recipe: 0.08)")
-    a("--amp", action=argparse.BooleanOptionalAction, help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)")
+    a("--amp", action=argparse.BooleanOptionalAction,
+      help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)")
     a("--amp-dtype", choices=["fp16", "bf16"], help="fp16 uses dynamic loss scaling (default: fp16 on GPU)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
     a("--memory-format", choices=["channels_last", "contiguous"])
@@ -68,93 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
       help="header-check every image before training: auto = only when the selected files are at most "
            f"{CHECK_IMAGES_AUTO_MAX:,} (not for ImageNet's 1.2M); without it an undecodable file is still "
            "named, when DALI fails on its batch (default: %(default)s)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds weights, data order and augmentation (default: %(default)s)")
     a("--limit-train", type=int, help="train on a class-balanced subset of N images")
     a("--limit-val", type=int, help="validate on a class-balanced subset of N images")
     a("--synthetic-steps", type=int, default=100, help="steps per epoch with --data-backend synthetic")
-    a("--num-classes", type=int, default=1000, help="classes for --data-backend synthetic without --data")
+    a("--num-classes", type=int, help="classes for --data-backend synthetic without --data (default: "
+                                       f"{SYNTHETIC_CLASSES:,}); with a data folder its class folders are the classes")
+    a("--init-from", type=Path, metavar="PATH",
+      help="start from the weights in PATH, read from disk (a torchvision/timm resnet50 state dict, "
+           ".pth/.bin/.safetensors; a DeepLearningExamples/NGC checkpoint; a best.pt/last.pt): everything "
+           "but the classifier must fit ResNet50 v1.5, the classifier is kept when its class count is the "
+           "data's and newly initialised otherwise; the manifest records the file and its sha256")
+    a("--freeze-backbone", action="store_true",
+      help="with --init-from: train the classifier only (the rest keeps its loaded weights and BatchNorm "
+           "statistics)")
+    a("--backbone-lr-scale", type=float, metavar="X",
+      help="with --init-from: the backbone's learning rate is X times the classifier's (default: 1; e.g. 0.1 "
+           "keeps the loaded features closer to where they were)")
     a("--output", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     a("--resume", nargs="?", const="", metavar="CKPT", help="continue from CKPT (default: OUTPUT/last.pt) exactly")
-    a("--stop-after", type=int, metavar="N", help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)")
-    a("--evaluate", metavar="CKPT", help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)")
+    a("--stop-after", type=int, metavar="N",
+      help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)")
+    a("--evaluate", metavar="CKPT",
+      help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training "
+           "run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)")
     a("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--cpu", action="store_true", help="ignore CUDA even if present")
     return ap
-
-
-def resolve(args: argparse.Namespace, world: int, cuda: bool) -> dict[str, Any]:
-    """Fill every unset flag from the profile and the recipe; returns the run configuration."""
-    from .recipe import PRESETS, default_warmup, effective_lr, resolve_amp
-
-    profile = args.profile if args.profile != "auto" else ("gpu" if cuda else "cpu")
-    prof = PROFILES[profile]
-    preset = args.preset or prof.get("preset") or 90
-    p_epochs, p_warm, p_mix = PRESETS[preset]
-
-    def pick(name: str, fallback: Any = None) -> Any:
-        v = getattr(args, name)
-        return v if v is not None else prof.get(name, fallback)
-
-    batch = pick("batch_size")
-    epochs = args.epochs or (p_epochs if args.preset else prof.get("epochs", p_epochs))
-    global_batch = batch * world
-    cfg = {
-        "profile": profile,
-        "data": str(args.data or Path("data/fashion-mnist")),
-        "data_backend": _data_backend(args.data_backend, prof["data_backend"], cuda),
-        "preset": preset,
-        "epochs": int(epochs),
-        "batch_size": int(batch),
-        "world_size": world,
-        "global_batch_size": global_batch,
-        "lr_per_256": args.lr,
-        "lr": effective_lr(args.lr, global_batch),
-        "lr_schedule": "cosine",
-        # --warmup-epochs, else the recipe's rule (preset warmup at a global batch >= 512), else
-        # the profile's (the cpu profile's short warmup for its small batch), else none
-        "warmup_epochs": float(args.warmup_epochs if args.warmup_epochs is not None
-                               else default_warmup(p_warm, global_batch) or prof.get("warmup_epochs", 0)),
-        "momentum": args.momentum,
-        "nesterov": False,
-        "weight_decay": args.weight_decay,
-        "weight_decay_on": "conv and fc weights (not BatchNorm gamma/beta, not the fc bias)",
-        "label_smoothing": args.label_smoothing,
-        "mixup": float(args.mixup if args.mixup is not None else p_mix),
-        "image_size": int(pick("image_size")),
-        "min_crop_scale": float(pick("min_crop_scale", 0.08)),
-        "amp": resolve_amp(pick("amp"), pick("amp_dtype"), cuda),
-        "amp_dtype": pick("amp_dtype"),
-        "tf32": cuda,
-        "compile": bool(pick("compile")),
-        "memory_format": pick("memory_format"),
-        "workers": int(args.workers if args.workers is not None else _default_workers()),
-        "seed": args.seed,
-        "limit_train": pick("limit_train"),
-        "limit_val": args.limit_val,
-        "check_images": args.check_images,
-        "synthetic_steps": args.synthetic_steps,
-        "output": str(args.output),
-    }
-    return cfg
-
-
-def _data_backend(asked: str | None, profile_default: str, cuda: bool) -> str:
-    """The profile's dali-gpu falls back to dali-cpu without CUDA (``--profile gpu`` on a CPU
-    machine); dali-gpu asked for with --data-backend is honoured or refused, never replaced."""
-    if asked is None:
-        return "dali-cpu" if profile_default == "dali-gpu" and not cuda else profile_default
-    if asked == "dali-gpu" and not cuda:
-        from rn50.errors import DataError
-
-        raise DataError("--data-backend dali-gpu: CUDA is not available here (or --cpu was given); "
-                        "use --data-backend dali-cpu on this machine")
-    return asked
-
-
-def _default_workers() -> int:
-    from .loaders import default_workers
-
-    return default_workers()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available() and not args.cpu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
-        print(json.dumps(resolve(args, world, cuda), indent=2))
+        print(json.dumps(resolve(args, world, cuda).to_dict(), indent=2))
         return 0
     from . import distributed
     from .loop import Trainer
@@ -187,6 +133,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.evaluate:
             return Trainer.evaluate_checkpoint(args, d)
         cfg = resolve(args, d.world, d.device.type == "cuda")
+        if args.resume is not None and args.init_from is not None:
+            from .config import ConfigError
+
+            raise ConfigError("--resume continues a run from its own checkpoint, --init-from starts a new one "
+                              "from a weights file: give one of them")
         if args.resume is not None:
             cfg, state = Trainer.load_resume(args, cfg)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rn50.atomic import atomic_path, remove_stale_temporaries, write_json, write_text
+from rn50.atomic import remove_stale_temporaries, write_json, write_text
 from rn50.batches import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
@@ -26,8 +27,10 @@ from rn50.plots import training_curves
 from rn50.preprocess import Preprocessing
 
 from . import distributed
+from .config import DEFAULT_DATA, RunConfig, should_check_images
 from .loaders import Shard, make_loader
-from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, smooth_one_hot, soft_cross_entropy
+from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_statistics, read_weights
+from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
 from .steplog import StepLogger
 
 
@@ -47,15 +50,6 @@ def _subset(files, labels, n, num_classes, seed):
     return f[:n], l[:n]
 
 
-def _should_check(mode: str, n_files: int) -> bool:
-    """Header pre-scan: ``on``/``off``, or ``auto`` = only for data sets small enough that it is
-    cheap (seconds). For ImageNet-sized sets the loaders name an undecodable file when DALI fails
-    on its batch instead (see ``train.loaders.DaliLoader``)."""
-    from .__main__ import CHECK_IMAGES_AUTO_MAX
-
-    return mode == "on" or (mode == "auto" and n_files <= CHECK_IMAGES_AUTO_MAX)
-
-
 def rng_state() -> dict[str, Any]:
     st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
@@ -73,71 +67,83 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: dict[str, Any], d: distributed.Dist, resume: dict[str, Any] | None = None):
+    def __init__(self, cfg: RunConfig, d: distributed.Dist, resume: dict[str, Any] | None = None):
         self.cfg, self.d = cfg, d
         # "elapsed" in the history counts from here: image checks, loaders and model set-up included
         self._t0, self._elapsed_before = time.time(), 0.0
-        self.out = Path(cfg["output"])
+        self.out = Path(cfg.output)
         if d.main:  # what a killed write of a previous run left behind (rn50.atomic.atomic_path)
             remove_stale_temporaries(self.out, RUN_FILES)
-        torch.manual_seed(cfg["seed"])
-        random.seed(cfg["seed"])
-        np.random.seed(cfg["seed"])
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        self.p = Preprocessing.for_image_size(cfg["image_size"], train_scale=(cfg.get("min_crop_scale", 0.08), 1.0))
+        self.p = Preprocessing.for_image_size(cfg.image_size, train_scale=(cfg.min_crop_scale, 1.0))
+        # a weights file is read and checked before the data, so one that does not fit costs no waiting
+        init = read_weights(cfg.init_from) if cfg.init_from is not None and resume is None else None
         shard = Shard(d.rank, d.world)
-        if cfg["data_backend"] == "synthetic" and not Path(cfg["data"]).is_dir():
-            self.classes = [f"class_{i}" for i in range(cfg.get("num_classes", 1000))]
+        if cfg.synthetic_without_data:
+            assert cfg.num_classes is not None
+            self.classes = [f"class_{i}" for i in range(cfg.num_classes)]
             tr_files, tr_labels, va_files, va_labels = [], [], [], []
         else:
-            train, val = load_dataset(cfg["data"])
+            assert cfg.data is not None
+            train, val = load_dataset(cfg.data)
             self.classes = train.classes
-            tr_files, tr_labels = _subset(train.files, train.labels, cfg["limit_train"], len(self.classes), cfg["seed"])
-            va_files, va_labels = _subset(val.files, val.labels, cfg["limit_val"], len(self.classes), cfg["seed"])
-            mode = cfg.get("check_images", "auto")
-            if mode != "off":
+            tr_files, tr_labels = _subset(train.files, train.labels, cfg.limit_train, len(self.classes), cfg.seed)
+            va_files, va_labels = _subset(val.files, val.labels, cfg.limit_val, len(self.classes), cfg.seed)
+            if cfg.check_images != "off":
                 # headers, and the pixels of the formats DALI decodes silently when corrupt (see
                 # rn50.layout.check_header); every rank checks, so no rank starts on bad data. A set
                 # too large for the full check still gets it for its files that are not JPEG or PNG.
                 everything = tr_files + va_files
-                check_files(everything if _should_check(mode, len(everything))
+                check_files(everything if should_check_images(cfg.check_images, len(everything))
                             else [f for f in everything if not f.lower().endswith((".jpg", ".jpeg", ".png"))],
                             progress=d.main, resize_shorter=self.p.resize_size)
-        common = dict(batch_size=cfg["batch_size"], device=d.device, shard=shard, seed=cfg["seed"],
-                      workers=cfg["workers"], num_classes=len(self.classes), synthetic_steps=cfg["synthetic_steps"])
-        self.train_loader = make_loader(cfg["data_backend"], tr_files, tr_labels, self.p, train=True, **common)
-        self.val_loader = (make_loader(cfg["data_backend"], va_files, va_labels, self.p, train=False, **common)
+        common = dict(batch_size=cfg.batch_size, device=d.device, shard=shard, seed=cfg.seed,
+                      workers=cfg.workers, num_classes=len(self.classes), synthetic_steps=cfg.synthetic_steps)
+        self.train_loader = make_loader(cfg.data_backend, tr_files, tr_labels, self.p, train=True, **common)
+        self.val_loader = (make_loader(cfg.data_backend, va_files, va_labels, self.p, train=False, **common)
                            if va_files else None)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise DataError(f"{cfg['data']}: not enough training images for one batch of {cfg['batch_size']}")
-        if self.val_loader is not None and cfg.get("check_images", "auto") != "off" \
-                and _should_check(cfg.get("check_images", "auto"), len(va_files)):
+            raise DataError(f"{cfg.data}: not enough training images for one batch of {cfg.batch_size}")
+        if self.val_loader is not None and should_check_images(cfg.check_images, len(va_files)):
             # one decoding pass over the validation images now, so that one the header check cannot
             # fault (a truncated JPEG) stops the run before the first epoch rather than after it
             for _ in self.val_loader:
                 pass
 
         model = build_model(len(self.classes)).to(d.device)
-        self.channels_last = cfg["memory_format"] == "channels_last"
+        # what the run started from: a weights file (path, sha256, what was loaded), recorded in every manifest
+        self.init_record: dict[str, Any] | None = None
+        if init is not None:
+            self.init_record = apply_weights(model, init, self.classes)
+            if d.main:
+                print(describe(self.init_record, len(self.classes)), file=sys.stderr)
+        elif resume is not None:
+            self.init_record = resume["manifest"].get("init_from")
+        if cfg.freeze_backbone:
+            freeze_backbone(model)
+        self.channels_last = cfg.memory_format == "channels_last"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: what checkpoints and exports see
-        self.opt = make_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-        self.sched = WarmupCosine(cfg["lr"], cfg["epochs"] * self.steps_per_epoch,
-                                  int(round(cfg["warmup_epochs"] * self.steps_per_epoch)))
-        self.amp_dtype = AMP_DTYPES[cfg["amp_dtype"]]
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["amp"] and self.amp_dtype == torch.float16)
+        self.opt = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.backbone_lr_scale)
+        self.sched = WarmupCosine(cfg.lr, cfg.epochs * self.steps_per_epoch,
+                                  int(round(cfg.warmup_epochs * self.steps_per_epoch)))
+        self.amp_dtype = AMP_DTYPES[cfg.amp_dtype]
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
         self.start_epoch, self.step, self.best_top1, self.history = 0, 0, -1.0, []
         if resume is not None:
             self._restore(resume)
         net: nn.Module = model
         if d.world > 1:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        if cfg["compile"]:
+        if cfg.compile:
             net = torch.compile(net)
         self.net = net
         self.tb = None
@@ -151,27 +157,27 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resume else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
-            self.steplog = StepLogger(self.out / "steps.jsonl", cfg["epochs"] * self.steps_per_epoch,
+            self.steplog = StepLogger(self.out / "steps.jsonl", cfg.epochs * self.steps_per_epoch,
                                       self.steps_per_epoch, start_step=self.step, tb=self.tb)
             write_json(self.out / "manifest.json", self._run_manifest())
 
     # ------------------------------------------------------------------ resume
     @staticmethod
-    def load_resume(args, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        path = Path(args.resume) if args.resume else Path(cfg["output"]) / "last.pt"
+    def load_resume(args, cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
+        path = Path(args.resume) if args.resume else Path(cfg.output) / "last.pt"
         obj = load_checkpoint(path)
         if "optimizer" not in obj or "epoch" not in obj:
-            raise CheckpointError(f"{path}: has no training state to resume from (is it a best.pt from an older run?)")
+            raise CheckpointError(f"{path}: has no training state to resume from (a best.pt holds the weights only: "
+                                  f"resume from last.pt)")
         lacks = [k for k in ("scaler", "step", "rng") if k not in obj]
         if lacks or "train_config" not in obj["manifest"]:
             raise CheckpointError(f"{path}: incomplete training state (lacks "
                                   f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it")
-        saved = dict(obj["manifest"]["train_config"])
-        saved["output"] = cfg["output"]
-        if args.data is not None:  # the data may have moved since
-            saved["data"] = str(args.data)
-        if args.epochs:
-            saved["epochs"] = args.epochs
+        saved = RunConfig.from_dict(obj["manifest"]["train_config"], f"{path} (embedded manifest)")
+        saved = dataclasses.replace(saved, output=cfg.output,
+                                    # the data may have moved since
+                                    data=str(args.data) if args.data is not None else saved.data,
+                                    epochs=args.epochs or saved.epochs)
         return saved, {**obj, "_path": str(path)}
 
     def _restore(self, obj: dict[str, Any]) -> None:
@@ -210,10 +216,10 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> None:
         cfg, d = self.cfg, self.d
         if d.main:
-            print(f"training {cfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch "
-                  f"{cfg['global_batch_size']}, lr {cfg['lr']:.4g}, {cfg['image_size']} px, {cfg['data_backend']}, "
-                  f"device {d.device}, amp {cfg['amp'] and cfg['amp_dtype']}, compile {cfg['compile']}", file=sys.stderr)
-        end = cfg["epochs"] if stop_after is None else min(cfg["epochs"], stop_after)
+            print(f"training {cfg.epochs} epochs x {self.steps_per_epoch} steps, global batch "
+                  f"{cfg.global_batch_size}, lr {cfg.lr:.4g}, {cfg.image_size} px, {cfg.data_backend}, "
+                  f"device {d.device}, amp {cfg.amp and cfg.amp_dtype}, compile {cfg.compile}", file=sys.stderr)
+        end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, end):
             t0 = time.time()
             loss, lr, n_img = self.train_epoch(epoch)
@@ -227,7 +233,7 @@ class Trainer:
             self.history.append(rec)
             if d.main:
                 self._save(epoch, top1, top5, n_val)
-                print(f"epoch {epoch + 1}/{cfg['epochs']}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
                       f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s)", file=sys.stderr)
         if d.main and self.tb is not None:
             self.tb.close()
@@ -237,10 +243,12 @@ class Trainer:
 
         cfg, d = self.cfg, self.d
         self.net.train()
+        if cfg.freeze_backbone:
+            hold_backbone_statistics(self.model)
         self.train_loader.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         total, count, lr = torch.zeros((), device=d.device), 0, 0.0
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+        bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not d.main, file=sys.stderr, mininterval=2.0, unit="step")
         if self.steplog is not None:
             self.steplog.begin_epoch()
@@ -248,8 +256,8 @@ class Trainer:
             lr = self.sched.apply(self.opt, self.step)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            x, target = mixup(x, y, len(self.classes), cfg["mixup"], cfg["label_smoothing"], gen)
-            with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=cfg["amp"]):
+            x, target = mixup(x, y, len(self.classes), cfg.mixup, cfg.label_smoothing, gen)
+            with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
                 logits = self.net(x)
             loss = soft_cross_entropy(logits, target)
             self.opt.zero_grad(set_to_none=True)
@@ -272,35 +280,38 @@ class Trainer:
         if not math.isfinite(mean):
             raise TrainingError(f"mean loss of epoch {epoch + 1} is {mean}: training diverged")
         loss_sum, n = distributed.all_sum([mean * count, count], d)
-        return loss_sum / max(n, 1), lr, count * cfg["batch_size"]
+        return loss_sum / max(n, 1), lr, count * cfg.batch_size
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, int]:
         # The plain module, not the compiled (or DDP) one: validation is a short forward-only pass,
         # and torch.compile would build two more graphs for it (eval mode, and the short last
         # batch), which costs more than it saves. Each rank scores its own shard either way.
-        return run_eval(self.model, self.val_loader, self.d, self.cfg["amp"], self.amp_dtype, self.channels_last)
+        return run_eval(self.model, self.val_loader, self.d, self.cfg.amp, self.amp_dtype, self.channels_last)
 
     # ------------------------------------------------------------------ files
     def _source(self, epochs_done: int) -> dict[str, Any]:
         """What a checkpoint or run manifest came from: the data folder (None for synthetic data
         without one), the run folder and the number of epochs trained. Export's manifests record
         their source file (path and sha256) the same way, under "source"."""
-        synthetic = self.cfg["data_backend"] == "synthetic" and not Path(self.cfg["data"]).is_dir()
-        return {"data": None if synthetic else str(self.cfg["data"]), "data_backend": self.cfg["data_backend"],
+        synthetic = self.cfg.synthetic_without_data
+        return {"data": None if synthetic else str(self.cfg.data), "data_backend": self.cfg.data_backend,
                 "run": str(self.out), "epoch": epochs_done}
+
+    def _init_extra(self) -> dict[str, Any]:
+        return {} if self.init_record is None else {"init_from": self.init_record}
 
     def _run_manifest(self) -> dict[str, Any]:
         m = new_manifest("run", classes=self.classes, preprocessing=self.p, precision="fp32",
-                         train_config=self.cfg, history=self.history)
+                         train_config=self.cfg.to_dict(), history=self.history, **self._init_extra())
         m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
         return m
 
     def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
         acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1,
-               "autocast": self.cfg["amp_dtype"] if self.cfg["amp"] else None}
+               "autocast": self.cfg.amp_dtype if self.cfg.amp else None}
         man = new_manifest("checkpoint", classes=self.classes, preprocessing=self.p, precision="fp32",
-                           accuracy=acc, train_config=self.cfg)
+                           accuracy=acc, train_config=self.cfg.to_dict(), **self._init_extra())
         man["source"] = self._source(epoch + 1)  # new_manifest's source= is for a file (with its sha256)
         state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
                      step=self.step, rng=rng_state(), best_top1=max(self.best_top1, top1), history=self.history)
@@ -324,8 +335,10 @@ class Trainer:
     @staticmethod
     def evaluate_checkpoint(args, d: distributed.Dist) -> int:
         model, man = load_model(args.evaluate, map_location=d.device)
-        cfg = man.get("train_config", {})
-        data = Path(args.data or cfg.get("data", "data/fashion-mnist"))
+        # its training run's configuration; absent from checkpoints written by other tools
+        saved = (RunConfig.from_dict(man["train_config"], f"{args.evaluate} (embedded manifest)")
+                 if "train_config" in man else None)
+        data = Path(args.data or (saved.data if saved is not None and saved.data else DEFAULT_DATA))
         try:
             val = scan_split(data / "val", classes=man["classes"])
         except DataError as e:
@@ -338,11 +351,12 @@ class Trainer:
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
         # score it the way its training run did (autocast, memory format, batch size), so the result
         # reproduces the accuracy in its manifest; --amp/--no-amp, --memory-format, --batch-size override
-        dtype = args.amp_dtype or cfg.get("amp_dtype") or "bf16"
-        amp = resolve_amp(args.amp if args.amp is not None else ("native-bf16" if cfg.get("amp") else False),
+        dtype = args.amp_dtype or (saved.amp_dtype if saved is not None else "bf16")
+        amp = resolve_amp(args.amp if args.amp is not None else ("native-bf16" if saved is not None and saved.amp
+                                                                 else False),
                           dtype, d.device.type == "cuda")
-        memory_format = args.memory_format or cfg.get("memory_format", "channels_last")
-        batch_size = args.batch_size or cfg.get("batch_size") or 128
+        memory_format = args.memory_format or (saved.memory_format if saved is not None else "channels_last")
+        batch_size = args.batch_size or (saved.batch_size if saved is not None else 128)
         loader = make_loader(backend, files, labels, p, batch_size=batch_size, train=False,
                              device=d.device, shard=Shard(d.rank, d.world), seed=args.seed,
                              workers=args.workers or 2)

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from train.__main__ import build_parser, resolve
+from train.__main__ import build_parser
+from train.config import resolve
 from train.recipe import WarmupCosine, make_optimizer, mixup, smooth_one_hot, soft_cross_entropy
 
 
@@ -34,36 +35,36 @@ def test_dry_run_prints_resolved_json(tmp_path):
 def test_data_backend_resolution():
     from rn50.errors import DataError
 
-    assert cfg()["data_backend"] == "dali-cpu"                        # auto on CPU: the cpu profile
-    assert cfg("--profile", "gpu")["data_backend"] == "dali-cpu"      # the profile's dali-gpu falls back
-    assert cfg(cuda=True)["data_backend"] == "dali-gpu"
-    assert cfg("--profile", "cpu", cuda=True)["data_backend"] == "dali-cpu"
+    assert cfg().data_backend == "dali-cpu"                        # auto on CPU: the cpu profile
+    assert cfg("--profile", "gpu").data_backend == "dali-cpu"      # the profile's dali-gpu falls back
+    assert cfg(cuda=True).data_backend == "dali-gpu"
+    assert cfg("--profile", "cpu", cuda=True).data_backend == "dali-cpu"
     for b in ("pytorch", "synthetic", "dali-cpu"):                    # an explicit choice is honoured
         for cuda in (False, True):
-            assert cfg("--data-backend", b, cuda=cuda)["data_backend"] == b
-            assert cfg("--profile", "gpu", "--data-backend", b, cuda=cuda)["data_backend"] == b
-    assert cfg("--data-backend", "dali-gpu", cuda=True)["data_backend"] == "dali-gpu"
+            assert cfg("--data-backend", b, cuda=cuda).data_backend == b
+            assert cfg("--profile", "gpu", "--data-backend", b, cuda=cuda).data_backend == b
+    assert cfg("--data-backend", "dali-gpu", cuda=True).data_backend == "dali-gpu"
     with pytest.raises(DataError, match="CUDA is not available.*dali-cpu"):  # asked for: never replaced
         cfg("--data-backend", "dali-gpu", "--profile", "gpu")
 
 
 def test_warmup_help_states_the_real_defaults():
-    from train.__main__ import PROFILES
+    from train.config import PROFILES
 
     text = " ".join(build_parser().format_help().split())
     assert "else 0)" not in text
     assert "else the profile's: 0.1 for cpu, 0 for gpu" in text
     assert PROFILES["cpu"]["warmup_epochs"] == 0.1 and "warmup_epochs" not in PROFILES["gpu"]
-    assert cfg("--profile", "cpu")["warmup_epochs"] == 0.1                    # small batch: the profile's
-    assert cfg("--profile", "gpu", "--batch-size", "256")["warmup_epochs"] == 0
-    assert cfg("--profile", "cpu", "--batch-size", "512")["warmup_epochs"] == 2  # >= 512: the preset's
+    assert cfg("--profile", "cpu").warmup_epochs == 0.1                    # small batch: the profile's
+    assert cfg("--profile", "gpu", "--batch-size", "256").warmup_epochs == 0
+    assert cfg("--profile", "cpu", "--batch-size", "512").warmup_epochs == 2  # >= 512: the preset's
 
 
 def test_lr_scales_with_global_batch_and_warmup_default():
-    assert cfg("--batch-size", "256", "--profile", "gpu")["lr"] == pytest.approx(0.256)
+    assert cfg("--batch-size", "256", "--profile", "gpu").lr == pytest.approx(0.256)
     c = cfg("--batch-size", "256", "--profile", "gpu", world=2)
-    assert c["lr"] == pytest.approx(0.512) and c["global_batch_size"] == 512 and c["warmup_epochs"] == 2
-    assert cfg("--batch-size", "128", "--profile", "gpu")["lr"] == pytest.approx(0.128)
+    assert c.lr == pytest.approx(0.512) and c.global_batch_size == 512 and c.warmup_epochs == 2
+    assert cfg("--batch-size", "128", "--profile", "gpu").lr == pytest.approx(0.128)
 
 
 def test_cpu_profile_amp_follows_native_bf16(monkeypatch):
@@ -72,20 +73,20 @@ def test_cpu_profile_amp_follows_native_bf16(monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda native=native: native)
         c = cfg("--profile", "cpu")
-        assert c["amp"] is native and c["amp_dtype"] == "bf16"
-        assert c["batch_size"] == 64 and c["lr"] == pytest.approx(0.064) and c["limit_train"] is None
-        assert cfg("--profile", "cpu", "--no-amp")["amp"] is False
-        assert cfg("--profile", "cpu", "--amp")["amp"] is True  # asked for: bf16 even if emulated
-        assert cfg("--profile", "cpu", "--amp-dtype", "fp16")["amp"] is False  # no fp16 autocast on CPU
-    assert cfg("--profile", "cpu", cuda=True)["amp"] is True
+        assert c.amp is native and c.amp_dtype == "bf16"
+        assert c.batch_size == 64 and c.lr == pytest.approx(0.064) and c.limit_train is None
+        assert cfg("--profile", "cpu", "--no-amp").amp is False
+        assert cfg("--profile", "cpu", "--amp").amp is True  # asked for: bf16 even if emulated
+        assert cfg("--profile", "cpu", "--amp-dtype", "fp16").amp is False  # no fp16 autocast on CPU
+    assert cfg("--profile", "cpu", cuda=True).amp is True
     assert isinstance(tr.cpu_has_native_bf16(), bool)
 
 
 def test_presets_and_mixup():
-    assert cfg("--preset", "50")["epochs"] == 50
+    assert cfg("--preset", "50").epochs == 50
     c = cfg("--preset", "250", "--batch-size", "256", world=4)
-    assert c["epochs"] == 250 and c["mixup"] == 0.2 and c["warmup_epochs"] == 5
-    assert cfg("--preset", "90")["mixup"] == 0 and cfg("--mixup", "0.4")["mixup"] == 0.4
+    assert c.epochs == 250 and c.mixup == 0.2 and c.warmup_epochs == 5
+    assert cfg("--preset", "90").mixup == 0 and cfg("--mixup", "0.4").mixup == 0.4
 
 
 def test_schedule_warmup_cosine_points():

@@ -175,10 +175,10 @@ def test_corrupt_image_named_without_prescan(fmnist_tiny, tmp_path, capsys):
 
 
 def test_check_images_auto_only_for_small_sets():
-    from train.loop import _should_check
+    from train.config import should_check_images
 
-    assert _should_check("auto", 70_000) and not _should_check("auto", 1_281_167)
-    assert _should_check("on", 1_281_167) and not _should_check("off", 10)
+    assert should_check_images("auto", 70_000) and not should_check_images("auto", 1_281_167)
+    assert should_check_images("on", 1_281_167) and not should_check_images("off", 10)
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated", "other-classes", "other-shape", "other-arch"])

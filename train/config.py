@@ -1,0 +1,219 @@
+"""The run configuration: one frozen dataclass that the trainer, ``--resume``, ``--evaluate`` and
+``--dry-run`` share, built from the command line by :func:`resolve`.
+
+A setting exists once, as a field of :class:`RunConfig`: a flag that is parsed but not copied
+into it, or a field that nothing reads, shows up as a type error (``RunConfig(...)`` rejects an
+unknown keyword, ``cfg.name`` an unknown attribute) instead of a setting that silently does
+nothing. Checkpoints store it as a plain dict (``manifest["train_config"]``, JSON-readable);
+:meth:`RunConfig.from_dict` reads those back, including ones written before a field existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rn50.errors import CheckpointError, DataError, PipelineError
+
+from .recipe import BASE_LR, FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTION, PRESETS
+
+# header-check every image before training only up to this many files: seconds for Fashion-MNIST's
+# 70,000, but a re-read of the whole data set before every run for ImageNet's 1.28M
+CHECK_IMAGES_AUTO_MAX = 200_000
+
+DEFAULT_DATA = "data/fashion-mnist"
+SYNTHETIC_CLASSES = 1000  # ImageNet's, for throughput runs of the full-size classifier
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "gpu": dict(image_size=224, preset=90, batch_size=256, amp=True, amp_dtype="fp16", compile=True,
+                memory_format="channels_last", data_backend="dali-gpu", limit_train=None),
+    # amp "native-bf16": bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
+    # AMX: 1.27x the fp32 step rate measured on a 2-core EPYC); elsewhere emulated bf16 is slower
+    # than fp32, so it stays off
+    "cpu": dict(image_size=32, epochs=2, batch_size=64, amp="native-bf16", amp_dtype="bf16", compile=False,
+                memory_format="channels_last", data_backend="dali-cpu", limit_train=None,
+                min_crop_scale=0.5, warmup_epochs=0.1),
+}
+
+
+class ConfigError(PipelineError):
+    """Flags that contradict each other or cannot apply to this run."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    profile: str
+    data: str | None  # None: synthetic data without a folder
+    data_backend: str
+    preset: int | str  # 50, 90, 250 or "finetune"
+    epochs: int
+    batch_size: int
+    world_size: int
+    global_batch_size: int
+    lr_per_256: float
+    lr: float
+    warmup_epochs: float
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
+    mixup: float
+    image_size: int
+    min_crop_scale: float
+    amp: bool
+    amp_dtype: str
+    tf32: bool
+    compile: bool
+    memory_format: str
+    workers: int
+    seed: int
+    limit_train: int | None
+    limit_val: int | None
+    check_images: str
+    synthetic_steps: int
+    output: str
+    num_classes: int | None = None  # synthetic data without a folder only; else the folder's classes
+    init_from: str | None = None  # a weights file the run starts from (train/pretrained.py)
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+    # what the recipe fixes, recorded so a manifest reads on its own; not settable
+    lr_schedule: str = field(default="cosine", init=False)
+    nesterov: bool = field(default=False, init=False)
+    weight_decay_on: str = field(default="conv and fc weights (not BatchNorm gamma/beta, not the fc bias)",
+                                 init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def synthetic_without_data(self) -> bool:
+        return self.data_backend == "synthetic" and (self.data is None or not Path(self.data).is_dir())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> RunConfig:
+        """Read a saved ``train_config``. Fields added since it was written take the value the run
+        had in effect (``num_classes``: 1,000 for synthetic runs, which was then fixed; no weights
+        file, nothing frozen); a key this version does not know is an error, since resuming
+        without a setting that was in effect would silently change the run."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: train_config is a {type(d).__name__}, not a dict")
+        fixed = {f.name for f in dataclasses.fields(cls) if not f.init}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(k for k in d if k not in known and k not in fixed)
+        if unknown:
+            raise CheckpointError(f"{where}: train_config has setting(s) this version does not know: "
+                                  f"{', '.join(unknown)} (written by a newer version?)")
+        kw = {k: v for k, v in d.items() if k in known}
+        if "num_classes" not in kw and kw.get("data_backend") == "synthetic":
+            kw["num_classes"] = SYNTHETIC_CLASSES
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise CheckpointError(f"{where}: incomplete train_config: {e}") from None
+
+
+def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
+    """Fill every unset flag from the profile and the recipe; returns the run configuration."""
+    from .recipe import default_warmup, effective_lr, resolve_amp
+
+    profile = args.profile if args.profile != "auto" else ("gpu" if cuda else "cpu")
+    prof = PROFILES[profile]
+    asked = _preset(args.preset)
+    if args.num_classes is not None and (args.data is not None or args.data_backend != "synthetic"):
+        raise ConfigError("--num-classes applies to --data-backend synthetic without --data; with a data folder "
+                          "the classes are its class folders")
+    if args.init_from is None and (args.freeze_backbone or args.backbone_lr_scale is not None):
+        raise ConfigError("--freeze-backbone and --backbone-lr-scale apply to loaded weights: add --init-from PATH")
+    if args.freeze_backbone and args.backbone_lr_scale is not None:
+        raise ConfigError("--freeze-backbone trains the classifier only: --backbone-lr-scale has nothing to scale")
+    # loaded weights default to the fine-tune preset: the recipe's lr would move them far in the first steps
+    preset = asked or ("finetune" if args.init_from else prof.get("preset") or 90)
+    if preset == "finetune":
+        p_epochs, p_mix = FINETUNE_EPOCHS, 0.0
+    else:
+        p_epochs, _, p_mix = PRESETS[int(preset)]
+
+    def pick(name: str, fallback: Any = None) -> Any:
+        v = getattr(args, name)
+        return v if v is not None else prof.get(name, fallback)
+
+    batch = int(pick("batch_size"))
+    epochs = int(args.epochs or (p_epochs if asked else prof.get("epochs", p_epochs)))
+    global_batch = batch * world
+    lr_per_256 = args.lr if args.lr is not None else (FINETUNE_LR_PER_256 if preset == "finetune" else BASE_LR)
+    backend = _data_backend(args.data_backend, prof["data_backend"], cuda)
+    if args.warmup_epochs is not None:
+        warmup = float(args.warmup_epochs)
+    elif preset == "finetune":
+        warmup = FINETUNE_WARMUP_FRACTION * epochs
+    else:
+        # the recipe's rule (preset warmup at a global batch >= 512), else the profile's (the cpu
+        # profile's short warmup for its small batch), else none
+        warmup = float(default_warmup(PRESETS[int(preset)][1], global_batch) or prof.get("warmup_epochs", 0))
+    return RunConfig(
+        profile=profile,
+        data=str(args.data) if args.data is not None else (None if backend == "synthetic" else DEFAULT_DATA),
+        data_backend=backend,
+        preset=preset,
+        epochs=epochs,
+        batch_size=batch,
+        world_size=world,
+        global_batch_size=global_batch,
+        lr_per_256=lr_per_256,
+        lr=effective_lr(lr_per_256, global_batch),
+        warmup_epochs=warmup,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        mixup=float(args.mixup if args.mixup is not None else p_mix),
+        image_size=int(pick("image_size")),
+        min_crop_scale=float(pick("min_crop_scale", 0.08)),
+        amp=resolve_amp(pick("amp"), pick("amp_dtype"), cuda),
+        amp_dtype=pick("amp_dtype"),
+        tf32=cuda,
+        compile=bool(pick("compile")),
+        memory_format=pick("memory_format"),
+        workers=int(args.workers if args.workers is not None else _default_workers()),
+        seed=args.seed,
+        limit_train=pick("limit_train"),
+        limit_val=args.limit_val,
+        check_images=args.check_images,
+        synthetic_steps=args.synthetic_steps,
+        output=str(args.output),
+        num_classes=(args.num_classes or SYNTHETIC_CLASSES) if backend == "synthetic" and args.data is None else None,
+        init_from=str(args.init_from) if args.init_from is not None else None,
+        freeze_backbone=bool(args.freeze_backbone),
+        backbone_lr_scale=float(args.backbone_lr_scale if args.backbone_lr_scale is not None else 1.0),
+    )
+
+
+def _preset(asked: str | None) -> int | str | None:
+    if asked is None or asked == "finetune":
+        return asked
+    return int(asked)
+
+
+def _data_backend(asked: str | None, profile_default: str, cuda: bool) -> str:
+    """The profile's dali-gpu falls back to dali-cpu without CUDA (``--profile gpu`` on a CPU
+    machine); dali-gpu asked for with --data-backend is honoured or refused, never replaced."""
+    if asked is None:
+        return "dali-cpu" if profile_default == "dali-gpu" and not cuda else profile_default
+    if asked == "dali-gpu" and not cuda:
+        raise DataError("--data-backend dali-gpu: CUDA is not available here (or --cpu was given); "
+                        "use --data-backend dali-cpu on this machine")
+    return asked
+
+
+def _default_workers() -> int:
+    from .loaders import default_workers
+
+    return default_workers()
+
+
+def should_check_images(mode: str, n_files: int) -> bool:
+    """Header pre-scan: ``on``/``off``, or ``auto`` = only for data sets small enough that it is
+    cheap (seconds). For ImageNet-sized sets the loaders name an undecodable file when DALI fails
+    on its batch instead (see ``train.loaders.DaliLoader``)."""
+    return mode == "on" or (mode == "auto" and n_files <= CHECK_IMAGES_AUTO_MAX)
