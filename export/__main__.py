@@ -81,6 +81,9 @@ def _check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--output {out}: unknown suffix {suffix or '(none)'!r}: use .onnx, .plan or .pt2")
     if args.precision not in PRECISIONS:
         raise UsageError(f"--precision {args.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if suffix == ".plan" and args.precision == "int8" and args.int8_flavour == "u8s8":
+        raise UsageError("--int8-flavour u8s8 cannot go into a .plan: TensorRT accepts only zero points of 0 "
+                         "(s8s8, the default for .plan); use s8s8, or write an .onnx for ONNX Runtime")
     if suffix == ".pt2" and args.precision != "fp32":
         raise UsageError(f"--precision {args.precision} is not available for .pt2 (AOTInductor packages are fp32 "
                          f"here); use .onnx or .plan for {args.precision}")
@@ -268,7 +271,10 @@ def run(args: argparse.Namespace) -> int:
                                               batch=(args.batch_min, args.batch_opt, args.batch_max),
                                               opt_level=args.opt_level, hardware_compat=args.hardware_compat,
                                               timing_cache=args.timing_cache))
-        par_trt = _parity(model, te.runner(tmp), par_files, par_labels, p, precision, args.force, out.name)
+        from serve.backends import load_backend
+
+        plan = load_backend(tmp, {"max_batch": args.batch_max}, suffix=".plan")
+        par_trt = _parity(model, plan.run, par_files, par_labels, p, precision, args.force, out.name)
     plan_m = new_manifest("tensorrt", precision=precision, accuracy=_accuracy(par_trt), parity=par_trt,
                           max_batch=args.batch_max, onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
                           **info, **int8_info.get("manifest", {}), **common, **extra)

@@ -71,11 +71,15 @@ class TrtBackend:
         self._trt = trt
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
-        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        try:  # TensorRT reports a foreign plan by returning None, some corrupt ones by raising
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            why = ""
+        except (RuntimeError, TypeError) as e:
+            engine, why = None, f" ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
         if engine is None:
             built_trt, built_gpu = _target_of(manifest)
             raise EngineError(
-                f"{path}: TensorRT cannot load this plan: it was built with TensorRT {built_trt} for "
+                f"{path}: TensorRT cannot load this plan{why}: it was built with TensorRT {built_trt} for "
                 f"{built_gpu}, and this machine has TensorRT {trt.__version__} on {_current_gpu()}. "
                 f"Plans only run on the TensorRT version (and, unless built hardware-compatible, the GPU) "
                 f"they were built for: rebuild it here with `python -m export --precision ... --output X.plan`")

@@ -177,7 +177,10 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
     assert m["onnx_source"]["sha256"] == sha256_file(tmp_path / f"rn50.{precision}.onnx")
     model, man = load_model(trained_run / "best.pt")
     p = Preprocessing.from_dict(man["preprocessing"])
-    run = te.runner(out)
+    from serve.backends import load_engine
+
+    backend, _ = load_engine(out)
+    run = backend.run
     for b in (1, 7, 32):
         x = _val_batch(fmnist_small, b, p)
         with torch.no_grad():
@@ -293,6 +296,8 @@ def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ck
     base = ["--checkpoint", str(tiny_ckpt), "--precision", "int8", "--output", str(tmp_path / "out" / "m.plan")]
     _bad(tmp_path, capsys, base + ["--calib-method", "magic"], "--calib-method")
     _bad(tmp_path, capsys, base + ["--int8-flavour", "u4"], "--int8-flavour")
+    # TensorRT rejects non-zero zero points: u8s8 has them
+    _bad(tmp_path, capsys, base + ["--int8-flavour", "u8s8"], "u8s8 cannot go into a .plan")
     _bad(tmp_path, capsys, base + ["--hardware-compat", "any"], "--hardware-compat")
     _bad(tmp_path, capsys, base + ["--batch-min", "8", "--batch-opt", "4"], "batch profile")
     _bad(tmp_path, capsys, base + ["--no-such-flag"], "unrecognized")
