@@ -12,7 +12,7 @@ assumed: ``HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY`` exists from 10.9
 for it on an older TensorRT is an :class:`EngineError` that says so. FP32 plans are built with
 ``BuilderFlag.TF32`` cleared (TensorRT turns TF32 on by default for FP32 layers on Ampere and
 newer, which would not meet the FP32 parity bound); the manifest records the setting.
-``tests/export/data/tensorrt_surface.json`` holds the names each release's bindings define (from
+``tests/export/trt_surface/tensorrt_surface.json`` holds the names each release's bindings define (from
 NVIDIA's ``python/src/infer/pyCore.cpp`` at each tag), and a test runs :func:`build_options`
 against each.
 

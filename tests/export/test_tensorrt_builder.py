@@ -1,8 +1,8 @@
 """The engine builder's TensorRT version and feature dispatch, against every release it claims.
 
-``data/tensorrt_surface.json`` records, for each TensorRT tag from 10.0 to 11.x, the enum members
+``trt_surface/tensorrt_surface.json`` records, for each TensorRT tag from 10.0 to 11.x, the enum members
 and IBuilderConfig properties NVIDIA's bindings define (``python/src/infer/pyCore.cpp`` at that
-tag; ``data/record_tensorrt_surface.py`` regenerates it). Each test builds a plain namespace with
+tag; ``trt_surface/record_tensorrt_surface.py`` regenerates it). Each test builds a plain namespace with
 exactly those names and runs :func:`export.tensorrt_engine.build_options` on it. This checks our
 dispatch logic (which names it looks up, what it does when one is missing); it does not run, and
 does not pretend to be, TensorRT: building real engines is tests/export's ``tensorrt``-marked test.
@@ -19,7 +19,7 @@ import pytest
 from export import tensorrt_engine as te
 from rn50.errors import EngineError
 
-SURFACES = json.loads((Path(__file__).parent / "data" / "tensorrt_surface.json").read_text())
+SURFACES = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_surface.json").read_text())
 
 
 def _fake(tag: str) -> SimpleNamespace:

@@ -3,7 +3,7 @@
 Reads NVIDIA's bindings source (``python/src/infer/pyCore.cpp``) at each v10.x / v11.x tag of a
 local clone of github.com/NVIDIA/TensorRT and writes ``tensorrt_surface.json`` beside this file:
 for each tag, the members of the enums export/tensorrt_engine.py looks up and the IBuilderConfig
-properties it sets. ``python tests/export/data/record_tensorrt_surface.py /path/to/TensorRT.git``
+properties it sets. ``python tests/export/trt_surface/record_tensorrt_surface.py /path/to/TensorRT.git``
 """
 
 from __future__ import annotations
