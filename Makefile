@@ -28,8 +28,6 @@ $(STAMP): pyproject.toml
 	# torch/torchvision first, pinned to the pair this machine carries on disk (cu130 builds).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q 'torch>=2.11' 'torchvision>=0.26'
 	$(PY) -m pip install -q -e '.[test]'
-	# Type stubs for the TensorRT module (the stubs' own dependency, the tensorrt sdist, cannot install here).
-	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -66,6 +64,7 @@ demo: train
 	$(PY) -m serve.infer --engine artifacts/rn50.int8.onnx --output artifacts/demo-predictions.jsonl $(DATA)/val
 	@echo; echo "Artifacts in artifacts/, training run in $(RUN)/ (see $(RUN)/curves.png)"
 
+# mypy reads the TensorRT stubs kept in typings/ (pyproject.toml mypy_path; typings/README.md).
 typecheck: setup
 	$(PY) -m mypy --strict export/tensorrt_engine.py serve/backends/tensorrt.py
 

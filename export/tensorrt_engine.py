@@ -194,8 +194,8 @@ def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
 
     profile = builder.create_optimization_profile()
     shape = (3, image_size, image_size)
-    profile.set_shape(input_name, trt.Dims((batch[0], *shape)), trt.Dims((batch[1], *shape)),
-                      trt.Dims((batch[2], *shape)))
+    profile.set_shape(input_name, trt.Dims([batch[0], *shape]), trt.Dims([batch[1], *shape]),
+                      trt.Dims([batch[2], *shape]))
     config.add_optimization_profile(profile)
 
     cache_path = Path(timing_cache) if timing_cache else None
