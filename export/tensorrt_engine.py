@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 INSTALL_HINT = (
     "install TensorRT from NVIDIA's index (`pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13` "
     "with driver r580+, or tensorrt-cu12 with driver r535+; TensorRT 11 needs a Turing (sm_75) or newer GPU, "
-    "Volta needs TensorRT <= 10.4 with CUDA 12; see docs/tensorrt.md)")
+    "Volta needs TensorRT <= 10.4 with CUDA 12 and a CUDA 12 PyTorch build; see docs/tensorrt.md)")
 HARDWARE_COMPAT = ("none", "same-cc", "ampere+")
 
 
