@@ -29,7 +29,8 @@ def surface(source: str) -> dict[str, object]:
 
 
 def main(git_dir: str) -> None:
-    tags = subprocess.run(["git", "--git-dir", git_dir, "tag"], capture_output=True, text=True, check=True).stdout.split()
+    tags = subprocess.run(["git", "--git-dir", git_dir, "tag"], capture_output=True, text=True,
+                          check=True).stdout.split()
     tags = sorted((t for t in tags if re.fullmatch(r"v1[01]\.\d+(\.\d+)?", t)),
                   key=lambda t: tuple(int(x) for x in t[1:].split(".")))
     out = {}
