@@ -33,8 +33,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 	$(PY) -m venv --clear .venv/triton-stub
 	.venv/triton-stub/bin/python -m pip install -q 'numpy<2' 'pyzmq>=23'
-	# Type stubs for the TensorRT module (the stubs' own dependency, the tensorrt sdist, cannot install here).
-	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -71,6 +69,7 @@ demo: train
 	$(PY) -m serve.infer --engine artifacts/rn50.int8.onnx --output artifacts/demo-predictions.jsonl $(DATA)/val
 	@echo; echo "Artifacts in artifacts/, training run in $(RUN)/ (see $(RUN)/curves.png)"
 
+# mypy reads the TensorRT stubs kept in typings/ (pyproject.toml mypy_path; typings/README.md).
 typecheck: setup
 	$(PY) -m mypy --strict export/tensorrt_engine.py serve/backends/tensorrt.py
 

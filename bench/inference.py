@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calibration.dataset import calibration_set
     from calibration.quantize import calibrate
-    from export.aoti import compile_package, runner
+    from export.aoti import compile_package
     from export.onnx import export_fp32
     from rn50.batches import balanced_subset, iter_split
     from rn50.checkpoint import load_model
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         compile_package(model, p.image_size, d_ / "rn50.pt2", max_batch=64)
         t_aoti = time.perf_counter() - t0
-        aoti = runner(d_ / "rn50.pt2")
+        from serve.backends import load_backend
+
+        aoti = load_backend(d_ / "rn50.pt2", {"max_batch": 64, "preprocessing": p.to_dict()}, prefer_gpu=False).run
 
         def ort_fn(path: Path) -> Callable[[np.ndarray], Any]:
             s = session(path, prefer_gpu=False, threads=threads)

@@ -7,10 +7,13 @@
   classifiers; on 10 classes that is 51 or 52 per class, and the calibrators' histograms are
   stable well before that.
 * Weights: int8, symmetric, per output channel (axis 0). Activations: per tensor.
-* Flavours: ``s8s8`` (int8 activations, symmetric, zero point 0): what TensorRT's explicit
-  quantization wants, used for ``.plan``; ``u8s8`` (uint8 activations): what ONNX Runtime's
-  x86 CPU kernels are fast with (1.8-2.6x FP32 against 0.4-0.9x for s8s8 in bench/inference.py,
-  docs/benchmarks.md), used for an int8 ``.onnx``.
+* Flavours: ``s8s8``: the Q/DQ placement TensorRT's explicit quantization wants, used for
+  ``.plan`` (:data:`TENSORRT_OPTIONS`: int8 only with zero points 0, float biases, no Q/DQ on any
+  output, the logits included, and residual Adds quantized on their shortcut input only, as
+  TensorRT fuses them; NVIDIA ModelOpt's ONNX INT8 quantizer makes the same choices). ``u8s8``
+  (uint8 activations, ONNX Runtime's default placement): what ONNX Runtime's x86 CPU kernels are
+  fast with (1.8-2.6x FP32 against 0.4-0.9x for s8s8 in bench/inference.py, docs/benchmarks.md),
+  used for an int8 ``.onnx``.
 * Methods: ``percentile`` (default: the 99.999th percentile of |activation| from a 2048-bin
   histogram), ``entropy`` (KL-divergence thresholds over 2048 bins, TensorRT's classic
   calibrator), ``minmax``. The default is measured: on the CPU profile's model (Fashion-MNIST,
@@ -18,8 +21,9 @@
   most 0.2 point, against 96.45 / 96.55 % and 0.75 / 0.45 point for entropy and 99.0 / 98.65 %
   and 0.65 / 0.15 point for minmax (docs/tensorrt.md).
 * Cache: the result is keyed by the FP32 model's sha256, the calibration images' names and
-  sha256, the preprocessing, method, size and flavour, and stored under ``<output folder>/.calib-cache/``; an unchanged request
-  reuses it without recalibrating.
+  sha256, the preprocessing, method, size, flavour and the quantizer options
+  (:func:`quantizer_options`), and stored under ``<output folder>/.calib-cache/``; an unchanged
+  request reuses it without recalibrating.
 """
 
 from __future__ import annotations
@@ -38,8 +42,6 @@ import numpy as np
 
 from rn50.atomic import atomic_path
 from rn50.batches import iter_split
-
-from .dataset import DEFAULT_SIZE, calibration_set  # noqa: F401
 from rn50.manifest import sha256_file
 from rn50.preprocess import Preprocessing
 
@@ -98,6 +100,102 @@ CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# quantize_static's options for each flavour (besides per_channel=True, QDQ format, int8 weights).
+# s8s8 is for TensorRT's explicit quantization (docs/tensorrt.md, "INT8 for TensorRT"):
+# * ActivationSymmetric/WeightSymmetric: TensorRT quantizes symmetrically, zero points 0 (TensorRT
+#   developer guide, "Working with Quantized Types"; onnx-tensorrt docs/operators.md).
+# * QuantizeBias False: TensorRT's dequantize takes INT8/FP8/INT4/FP4 only, an INT32 bias DQ does
+#   not parse (onnx-tensorrt#850); TensorRT quantizes the bias itself inside the fused Conv/Gemm.
+# * OpTypesToExcludeOutputQuantization every op: Q/DQ only in front of the layers that consume
+#   int8, none on outputs (so none on the logits); TensorRT fuses a following Q into the producer.
+# * op types Conv, Gemm (inputs: activation + per-channel weights) and Add (the residual input;
+#   :func:`_keep_residual_adds_fusible` takes the Q/DQ off the main-branch input). MaxPool, Relu,
+#   GlobalAveragePool and Flatten get none: TensorRT moves Q/DQ across them.
+# * DedicatedQDQPair False: one Q/DQ pair per tensor, shared by its consumers.
+# The same list as NVIDIA ModelOpt's ONNX INT8 path (modelopt/onnx/quantization/ort_utils.py
+# configure_ort, graph_utils.py build_non_residual_input_map / remove_partial_input_qdq).
+TENSORRT_OPTIONS: dict[str, Any] = {
+    "op_types_to_quantize": ["Add", "Conv", "Gemm"],
+    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                      "OpTypesToExcludeOutputQuantization": ["Add", "Conv", "Gemm"],
+                      "DedicatedQDQPair": False},
+    "residual_add": "shortcut input only",
+}
+# u8s8 is for ONNX Runtime's CPU kernels: its own default placement (every op it can quantize,
+# outputs included, INT32 biases), uint8 activations with free zero points.
+ONNXRUNTIME_OPTIONS: dict[str, Any] = {
+    "op_types_to_quantize": None,
+    "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
+    "residual_add": "onnxruntime default",
+}
+
+
+def quantizer_options(flavour: str) -> dict[str, Any]:
+    """What ``quantize_static`` is told for ``flavour`` (also part of the calibration cache key)."""
+    return TENSORRT_OPTIONS if flavour == "s8s8" else ONNXRUNTIME_OPTIONS
+
+
+def _keep_residual_adds_fusible(model: Any) -> int:
+    """Take the Q/DQ pair off the main-branch input of each residual Add; returns how many.
+
+    TensorRT fuses a residual Add into the convolution that ends the main branch, and reads the
+    shortcut (the block's input, or its downsample convolution) in int8: Q/DQ belongs on the
+    shortcut input only. The main-branch input is the one on the longer path back to the two
+    inputs' lowest common ancestor (ModelOpt's rule, build_non_residual_input_map)."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+
+    def source(t: str) -> str:  # the float tensor behind a DQ(Q(x)) chain
+        dq = producer.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                return str(q.input[0])
+        return t
+
+    def depths(t: str) -> dict[str, int]:  # every ancestor tensor and its distance in nodes
+        out, frontier, d = {t: 0}, [t], 0
+        while frontier:
+            d += 1
+            nxt = []
+            for x in frontier:
+                n = producer.get(x)
+                for i in n.input if n is not None else ():
+                    if i and i not in inits and i not in out:
+                        out[i] = d
+                        nxt.append(i)
+            frontier = nxt
+        return out
+
+    removed = 0
+    for node in g.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        srcs = [source(t) for t in node.input]
+        if any(s in inits for s in srcs) or srcs == list(node.input):
+            continue
+        d0, d1 = depths(srcs[0]), depths(srcs[1])
+        common = set(d0) & set(d1)
+        if not common:
+            continue
+        lca = min(common, key=lambda t: d0[t] + d1[t])
+        main = 0 if d0[lca] > d1[lca] else 1
+        p = producer.get(srcs[main])
+        if node.input[main] != srcs[main] and p is not None and p.op_type in ("Conv", "Gemm"):
+            node.input[main] = srcs[main]
+            removed += 1
+    # drop Q/DQ nodes nobody reads any more
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            return removed
+        for n in dead:
+            g.node.remove(n)
+
+
 def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: str) -> Any:
     """Collect activation ranges with ORT's calibrator for ``method``; saves them to ``out`` (the
     calibration cache ``quantize_static`` reads) and returns the ``CalibrationMethod``."""
@@ -129,13 +227,14 @@ def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: s
 def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str,
               p: Preprocessing | None = None) -> str:
     """What a calibration depends on: the model's bytes, each image's bytes (a data set converted
-    again in place under the same names is new data), the preprocessing, method, size, flavour."""
+    again in place under the same names is new data), the preprocessing, method, size, flavour
+    and the quantizer's options for that flavour."""
     h = hashlib.sha256()
     h.update(sha256_file(fp32).encode())
     for f in files:
         h.update(os.fspath(f).encode() + b"\0" + sha256_file(f).encode())
-    h.update(json.dumps([method, size, flavour, CALIBRATOR_OPTIONS[method],
-                         p.to_dict() if p is not None else None]).encode())
+    h.update(json.dumps([method, size, flavour, CALIBRATOR_OPTIONS[method], quantizer_options(flavour),
+                         p.to_dict() if p is not None else None], sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -153,7 +252,8 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
     cached = cache / f"{key}.onnx"
     info = {"method": method, "flavour": flavour, "calibration_images": len(files), "cache_key": key,
             "format": "QDQ", "weights": "int8 symmetric per-channel",
-            "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor"}
+            "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor",
+            "quantizer_options": quantizer_options(flavour)}
     if cached.is_file():
         shutil.copyfile(cached, dest)
         return {**info, "cache_hit": True}
@@ -184,9 +284,17 @@ def _quantize(fp32: str | os.PathLike[str], cache: Path, key: str, cached: Path,
         quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
         with contextlib.redirect_stdout(sys.stderr):  # ORT prints its calibration notes to stdout
             calib = _compute_ranges(pre, ranges, _Reader(list(files), p, input_name), method, flavour)
+            opts = quantizer_options(flavour)
             quantize_static(
                 os.fspath(pre), os.fspath(out), None,
                 quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                 activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
                 calibrate_method=calib, calibration_cache_path=os.fspath(ranges),
-                extra_options={"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True})
+                op_types_to_quantize=opts["op_types_to_quantize"], extra_options=dict(opts["extra_options"]))
+        if flavour == "s8s8":
+            import onnx
+
+            qm = onnx.load(os.fspath(out))
+            _keep_residual_adds_fusible(qm)
+            onnx.save(qm, os.fspath(out))
+            onnx.checker.check_model(os.fspath(out))

@@ -12,9 +12,6 @@ import signal
 import subprocess
 import sys
 import warnings
-from typing import Any, Callable
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,11 +44,11 @@ with torch.inference_mode():
 def check_loads(path: str | os.PathLike[str], device: str, image_size: int, timeout: float = 900) -> None:
     """Load ``path`` and run one image through it in a child process; EngineError if that fails.
 
-    AOTInductor's loader can crash its process instead of raising: on the lent H100 with torch
-    2.11.0+cu130, loading any CUDA package (ResNet50, or a three-layer model) died with SIGSEGV
-    inside ``_load_aoti`` (docs/benchmarks.md). Loading in a child first turns that into an error
-    that says so, and leaves the export free to clean up its scratch files, instead of killing it
-    half way."""
+    AOTInductor's CUDA loader can crash its process instead of raising (SIGSEGV inside
+    ``_load_aoti`` with some torch builds; docs/benchmarks.md): loading a new package in a child
+    first turns that into an error that says so, and leaves the export free to clean up its scratch
+    files, instead of killing it half way. The parity check then loads it in-process through
+    :class:`serve.backends.aoti.AotiBackend`, the class that serves it."""
     from rn50.errors import EngineError
 
     try:
@@ -73,20 +70,3 @@ def check_loads(path: str | os.PathLike[str], device: str, image_size: int, time
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     raise EngineError(f"{path}: AOTInductor cannot load the package it has just compiled: "
                       f"{lines[-1] if lines else 'exit status ' + str(r.returncode)}")
-
-
-def runner(path: str | os.PathLike[str], device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A numpy-in, numpy-out callable over the package (for the parity check)."""
-    from torch._inductor import aoti_load_package
-
-    compiled: Any = aoti_load_package(os.fspath(path))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = compiled(torch.from_numpy(np.ascontiguousarray(x)).to(device))
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        y: np.ndarray = out.float().cpu().numpy()
-        return y
-
-    return run

@@ -1,28 +1,37 @@
-"""TensorRT engines (``.plan``) built from ONNX with the plain TensorRT Python API.
+"""TensorRT engines (``.plan``) built from ONNX with the plain TensorRT Python API, 10.0 to 11.x.
 
 Precision comes from the ONNX, not from builder flags: an FP16 ONNX (FP16 tensors inside) or a
 Q/DQ ONNX (explicit INT8). That is the only way TensorRT 11 works (networks are always strongly
 typed; ``BuilderFlag.FP16/INT8`` and the implicit-INT8 calibrators are gone) and the recommended
-way on TensorRT 10 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``). Only a TensorRT without
-strongly typed networks (< 9.1) falls back to the FP16/INT8 builder flags (with Q/DQ nodes the
-INT8 flag needs no calibrator).
+way on TensorRT 10 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``). Every TensorRT this
+project claims (10.0 .. 11.x) has strongly typed networks, so FP16/INT8 builder flags are never
+set.
+
+Features that only some releases have are looked up by name (:func:`build_options`), never
+assumed: ``HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY`` exists from 10.9 on, and asking
+for it on an older TensorRT is an :class:`EngineError` that says so. FP32 plans are built with
+``BuilderFlag.TF32`` cleared (TensorRT turns TF32 on by default for FP32 layers on Ampere and
+newer, which would not meet the FP32 parity bound); the manifest records the setting.
+``tests/export/trt_surface/tensorrt_surface.json`` holds the names each release's bindings define (from
+NVIDIA's ``python/src/infer/pyCore.cpp`` at each tag), and a test runs :func:`build_options`
+against each.
 
 Polygraphy is not used to build: its ``CreateConfig(fp16=, int8=)`` sets exactly the flags TRT 11
-removed and its ``Calibrator`` is the removed implicit-INT8 API (see docs/tensorrt.md).
+removed and its ``Calibrator`` is the removed implicit-INT8 API (see docs/tensorrt.md). The plan is
+run (parity) through :class:`serve.backends.tensorrt.TrtBackend`, the runner serve uses.
 
 ``tensorrt`` is imported at module level inside a guard, so this module imports everywhere; mypy
-sees the ``tensorrt-stubs`` types (``mypy --strict export/tensorrt_engine.py``). The stubs
-installed without the runtime make ``import tensorrt`` succeed as an empty namespace package,
-hence the ``Builder`` attribute check in :func:`missing`.
+reads the corrected stubs in ``typings/`` (``make typecheck``). The stubs installed without the
+runtime make ``import tensorrt`` succeed as an empty namespace package, hence the ``Builder``
+attribute check in :func:`missing`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from rn50.atomic import write_bytes
 from rn50.errors import EngineError
@@ -37,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 INSTALL_HINT = (
     "install TensorRT from NVIDIA's index (`pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13` "
     "with driver r580+, or tensorrt-cu12 with driver r535+; TensorRT 11 needs a Turing (sm_75) or newer GPU, "
-    "Volta needs TensorRT <= 10.4 with CUDA 12; see docs/tensorrt.md)")
+    "Volta needs TensorRT <= 10.4 with CUDA 12 and a CUDA 12 PyTorch build; see docs/tensorrt.md)")
 HARDWARE_COMPAT = ("none", "same-cc", "ampere+")
 
 
@@ -66,45 +75,110 @@ def version() -> str:
     return str(trt.__version__) if _HAVE_TRT else "not installed"
 
 
-def _major() -> int:
-    return int(version().split(".")[0])
+SUPPORTED = ((10, 0), (12, 0))  # [first, end): the releases this module is written and tested for
+# --hardware-compat -> (HardwareCompatibilityLevel member, first TensorRT that has it)
+_HARDWARE_LEVELS = {"none": ("NONE", "10.0"), "ampere+": ("AMPERE_PLUS", "10.0"),
+                    "same-cc": ("SAME_COMPUTE_CAPABILITY", "10.9")}
 
 
-def _strongly_typed_flag() -> int | None:
-    """The create_network flag for strongly typed networks; 0 where they are the only kind (TRT 11+),
-    None where this TensorRT has none (then precision falls back to builder flags)."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is not None:
-        return 1 << int(flag)
-    return 0 if _major() >= 11 else None
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = (v.split(".") + ["0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise EngineError(f"cannot read the TensorRT version {v!r}") from None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the builder is told, decided from the installed TensorRT's own names."""
+
+    version: str
+    network_flags: int  # create_network's flags: STRONGLY_TYPED where the enum has it, else 0 (11+: always)
+    hardware_compatibility_level: Any
+    clear_flags: tuple[Any, ...]  # BuilderFlag members to clear (TF32 for fp32)
+    tf32: bool  # whether FP32 layers may run in TF32
+    workspace_pool: Any
+
+
+def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOptions:
+    """The builder's version and feature dispatch for ``trt_mod`` (the ``tensorrt`` module, or a
+    namespace with the same names); EngineError for a TensorRT or a feature this cannot build."""
+    version = str(trt_mod.__version__)
+    v = _version_tuple(version)
+    if not SUPPORTED[0] <= v < SUPPORTED[1]:
+        raise EngineError(f"TensorRT {version} is not supported: this exporter builds with TensorRT 10.0 to 11.x "
+                          f"({INSTALL_HINT})")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EngineError(f"unknown precision {precision!r} for a TensorRT plan (fp32, fp16 or int8)")
+    typed = getattr(trt_mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if typed is not None:
+        network_flags = 1 << int(typed)
+    elif v >= (11, 0):
+        network_flags = 0  # every network is strongly typed
+    else:
+        raise EngineError(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+    if hardware_compat not in _HARDWARE_LEVELS:
+        raise EngineError(f"unknown hardware compatibility {hardware_compat!r} (choose {', '.join(HARDWARE_COMPAT)})")
+    member, since = _HARDWARE_LEVELS[hardware_compat]
+    level = getattr(trt_mod.HardwareCompatibilityLevel, member, None)
+    if level is None:
+        raise EngineError(f"--hardware-compat {hardware_compat} needs TensorRT {since} or newer "
+                          f"(HardwareCompatibilityLevel.{member}); this is TensorRT {version}")
+    tf32_flag = getattr(trt_mod.BuilderFlag, "TF32", None)
+    clear: tuple[Any, ...] = ()
+    tf32 = tf32_flag is not None
+    if precision == "fp32":
+        if tf32_flag is None:
+            raise EngineError(f"TensorRT {version} has no BuilderFlag.TF32 to turn TF32 off for an fp32 plan")
+        clear, tf32 = (tf32_flag,), False
+    return BuildOptions(version=version, network_flags=network_flags, hardware_compatibility_level=level,
+                        clear_flags=clear, tf32=tf32, workspace_pool=trt_mod.MemoryPoolType.WORKSPACE)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], *, precision: str,
                  input_name: str, image_size: int, batch: tuple[int, int, int], workspace_mib: int = 4096,
                  opt_level: int = 3, hardware_compat: str = "none",
                  timing_cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Build ``plan_path`` (written atomically) from ``onnx_path``; returns facts for the manifest."""
+    """Build ``plan_path`` (written atomically) from ``onnx_path``; returns facts for the manifest.
+
+    TensorRT's own exceptions (RuntimeError/TypeError from the bindings) become EngineError."""
     why = missing()
     if why:
         raise EngineError(why)
-    if hardware_compat not in HARDWARE_COMPAT:
-        raise EngineError(f"unknown hardware compatibility {hardware_compat!r} (choose {', '.join(HARDWARE_COMPAT)})")
     if not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise EngineError(f"batch profile min/opt/max {batch} must satisfy 1 <= min <= opt <= max")
     if not 0 <= opt_level <= 5:
         raise EngineError(f"--opt-level {opt_level} is outside 0-5")
+    opts = build_options(trt, precision, hardware_compat)
     g = gpu()
     assert g is not None
     cc = tuple(int(v) for v in str(g["compute_capability"]).split("."))
     if hardware_compat == "ampere+" and cc < (8, 0):
-        raise EngineError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {g['name']} ({g['sm']})")
+        raise EngineError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; "
+                          f"this is {g['name']} ({g['sm']})")
     if hardware_compat == "same-cc" and cc < (7, 5):
-        raise EngineError(f"--hardware-compat same-cc needs a Turing or newer GPU to build on; this is {g['name']} ({g['sm']})")
+        raise EngineError(f"--hardware-compat same-cc needs a Turing or newer GPU to build on; "
+                          f"this is {g['name']} ({g['sm']})")
+    try:
+        return _build(onnx_path, plan_path, opts, g, input_name=input_name, image_size=image_size, batch=batch,
+                      workspace_mib=workspace_mib, opt_level=opt_level, hardware_compat=hardware_compat,
+                      timing_cache=timing_cache)
+    except (RuntimeError, TypeError) as e:
+        raise EngineError(f"{onnx_path}: TensorRT {opts.version} failed to build: {_first_line(e)}") from e
 
+
+def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], opts: BuildOptions,
+           g: dict[str, Any], *, input_name: str, image_size: int, batch: tuple[int, int, int], workspace_mib: int,
+           opt_level: int, hardware_compat: str, timing_cache: str | os.PathLike[str] | None) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    typed = _strongly_typed_flag()
-    network = builder.create_network(typed if typed is not None else 0)
+    network = builder.create_network(opts.network_flags)
     parser = trt.OnnxParser(network, logger)
     data = Path(onnx_path).read_bytes()
     if not parser.parse(data, os.fspath(onnx_path)):
@@ -112,23 +186,16 @@ def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike
         raise EngineError(f"{onnx_path}: TensorRT's ONNX parser failed: " + "; ".join(errors or ["(no details)"]))
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    config.set_memory_pool_limit(opts.workspace_pool, int(workspace_mib) << 20)
     config.builder_optimization_level = int(opt_level)
-    config.hardware_compatibility_level = {
-        "none": trt.HardwareCompatibilityLevel.NONE,
-        "same-cc": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-        "ampere+": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-    }[hardware_compat]
-    if typed is None:  # old TensorRT without strongly typed networks: precision by flags
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ present: explicit quantization, no calibrator
+    config.hardware_compatibility_level = opts.hardware_compatibility_level
+    for flag in opts.clear_flags:
+        config.clear_flag(flag)
 
     profile = builder.create_optimization_profile()
     shape = (3, image_size, image_size)
-    profile.set_shape(input_name, trt.Dims((batch[0], *shape)), trt.Dims((batch[1], *shape)),
-                      trt.Dims((batch[2], *shape)))
+    profile.set_shape(input_name, trt.Dims([batch[0], *shape]), trt.Dims([batch[1], *shape]),
+                      trt.Dims([batch[2], *shape]))
     config.add_optimization_profile(profile)
 
     cache_path = Path(timing_cache) if timing_cache else None
@@ -143,46 +210,9 @@ def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike
     write_bytes(plan_path, bytes(memoryview(serialized)))
     if cache_path is not None:
         write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    return {"tensorrt_version": version(), "gpu": g, "strongly_typed": typed is not None,
+    return {"tensorrt_version": opts.version, "gpu": g, "strongly_typed": True, "tf32": opts.tf32,
             "profile": {"input": input_name, "min": [batch[0], *shape], "opt": [batch[1], *shape],
                         "max": [batch[2], *shape]},
             "hardware_compat": hardware_compat, "builder_optimization_level": opt_level,
             "workspace_mib": workspace_mib, "timing_cache": str(cache_path) if cache_path else None,
             "timing_cache_loaded": cache_loaded}
-
-
-def runner(plan_path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.ndarray]:
-    """A numpy-in, numpy-out callable over a plan (for the parity check), via torch CUDA tensors."""
-    import torch
-
-    why = missing()
-    if why:
-        raise EngineError(why)
-    logger = trt.Logger(trt.Logger.ERROR)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    if engine is None:
-        raise EngineError(f"{plan_path}: TensorRT {version()} cannot deserialize this plan")
-    context = engine.create_execution_context()
-    if context is None:
-        raise EngineError(f"{plan_path}: could not create an execution context")
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
-
-    def run(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x)).to("cuda", dtypes.get(engine.get_tensor_dtype(inp), torch.float32))
-        context.set_input_shape(inp, tuple(t.shape))
-        shape = tuple(context.get_tensor_shape(out))
-        y = torch.empty(shape, dtype=dtypes.get(engine.get_tensor_dtype(out), torch.float32), device="cuda")
-        context.set_tensor_address(inp, t.data_ptr())
-        context.set_tensor_address(out, y.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"{plan_path}: TensorRT execution failed")
-        stream.synchronize()
-        r: np.ndarray = y.float().cpu().numpy()
-        return r
-
-    return run

@@ -67,10 +67,13 @@ def _suffix(path: Path) -> str:
 
 
 def load_backend(path: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
-                 prefer_gpu: bool = True) -> Backend:
-    """Open ``path`` with the backend its suffix names (no manifest checks; see load_engine)."""
+                 prefer_gpu: bool = True, suffix: str | None = None) -> Backend:
+    """Open ``path`` with the backend its suffix names (no manifest checks; see load_engine).
+
+    ``suffix`` names the engine type where the path's own suffix does not (a file that is still
+    being written under a temporary name, as export checks it before renaming it into place)."""
     path = Path(path)
-    s = _suffix(path)
+    s = _suffix(Path(f"engine{suffix}") if suffix else path)
     if not path.exists():
         raise EngineError(f"{path}: engine not found")
     if not path.is_file():

@@ -9,8 +9,9 @@ A plan is tied to its TensorRT version and GPU (unless built hardware/version co
 ``deserialize_cuda_engine`` returns None, the error names the plan, the TensorRT version and GPU
 its manifest records, and the ones present here.
 
-``tensorrt`` is imported when a backend is created, so everything else works without it. Typed
-against ``tensorrt-stubs``: ``mypy --strict serve/backends/tensorrt.py``.
+``tensorrt`` is imported when this module is (``serve.backends`` imports it only to open a plan),
+inside a guard, so it imports without TensorRT. Typed against the corrected stubs in ``typings/``
+(``make typecheck``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ import numpy as np
 from rn50.errors import EngineError
 
 
-def _import_trt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise EngineError(f"TensorRT is not installed ({e}); install tensorrt-cu13 from NVIDIA, "
-                          f"or serve the .onnx / .pt2 export instead") from e
-    if not hasattr(trt, "Runtime"):  # e.g. only tensorrt-stubs present: a namespace package
-        raise EngineError("TensorRT is not installed (the 'tensorrt' module has no Runtime: only type stubs?); "
-                          "install tensorrt-cu13 from NVIDIA, or serve the .onnx / .pt2 export instead")
-    return trt
+try:  # typed by the corrected stubs in typings/ (make typecheck)
+    import tensorrt as trt
+
+    _MISSING = "" if hasattr(trt, "Runtime") else (
+        "the 'tensorrt' module has no Runtime: only type stubs are installed")  # a namespace package
+except ImportError as e:  # pragma: no cover - depends on the machine
+    _MISSING = str(e)
+
+
+def _import_trt() -> None:
+    """EngineError unless the TensorRT runtime can be used here."""
+    if _MISSING:
+        raise EngineError(f"TensorRT is not installed ({_MISSING}); install tensorrt-cu13 from NVIDIA, "
+                          f"or serve the .onnx / .pt2 export instead")
+
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT shape as a tuple (Dims is indexable, and iterable only through that)."""
+    return tuple(int(d[i]) for i in range(len(d)))
 
 
 def _target_of(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -63,19 +73,22 @@ class TrtBackend:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         import torch
 
-        trt = _import_trt()
+        _import_trt()
         if not torch.cuda.is_available():
             raise EngineError(f"{path}: a TensorRT plan needs a CUDA GPU and there is none here "
                               f"(serve the .onnx or .pt2 export on this machine)")
         self.path = path
-        self._trt = trt
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
-        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        try:  # TensorRT reports a foreign plan by returning None, some corrupt ones by raising
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            why = ""
+        except (RuntimeError, TypeError) as e:
+            engine, why = None, f" ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
         if engine is None:
             built_trt, built_gpu = _target_of(manifest)
             raise EngineError(
-                f"{path}: TensorRT cannot load this plan: it was built with TensorRT {built_trt} for "
+                f"{path}: TensorRT cannot load this plan{why}: it was built with TensorRT {built_trt} for "
                 f"{built_gpu}, and this machine has TensorRT {trt.__version__} on {_current_gpu()}. "
                 f"Plans only run on the TensorRT version (and, unless built hardware-compatible, the GPU) "
                 f"they were built for: rebuild it here with `python -m export --precision ... --output X.plan`")
@@ -93,7 +106,7 @@ class TrtBackend:
         self._in_dtype = self._torch_dtype(engine.get_tensor_dtype(self.input_name))
         self._out_dtype = self._torch_dtype(engine.get_tensor_dtype(self.output_name))
         self.input_dtype = "float16" if self._in_dtype == torch.float16 else "float32"
-        in_shape = tuple(engine.get_tensor_shape(self.input_name))
+        in_shape = _dims(engine.get_tensor_shape(self.input_name))
         # (C, H, W), -1 (dynamic) as None; load_engine compares it with the manifest's image size
         self.input_shape: tuple[int | None, ...] | None = (
             tuple(int(d) if d > 0 else None for d in in_shape[1:]) if len(in_shape) == 4 else None)
@@ -102,15 +115,14 @@ class TrtBackend:
         else:
             profile = engine.get_tensor_profile_shape(self.input_name, 0)
             self.max_batch = int(profile[2][0])
-        out_shape = tuple(engine.get_tensor_shape(self.output_name))
+        out_shape = _dims(engine.get_tensor_shape(self.output_name))
         self.num_classes: int | None = int(out_shape[-1]) if out_shape and out_shape[-1] > 0 else None
         self.provider = f"TensorRT {trt.__version__} on {_current_gpu()}"
         self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
-    def _torch_dtype(self, dt: Any) -> Any:
+    def _torch_dtype(self, dt: trt.DataType) -> Any:
         import torch
 
-        trt = self._trt
         table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
         if dt not in table:
             raise EngineError(f"{self.path}: engine I/O type {dt} is not float32/float16")
@@ -126,7 +138,7 @@ class TrtBackend:
             raise ValueError(f"batch of {n} exceeds the engine's maximum batch {self.max_batch}")
         if not self.context.set_input_shape(self.input_name, tuple(int(d) for d in x.shape)):
             raise EngineError(f"{self.path}: the engine rejects input shape {tuple(x.shape)}")
-        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        out_shape = _dims(self.context.get_tensor_shape(self.output_name))
         y = torch.empty(out_shape, dtype=self._out_dtype, device=x.device)
         self.context.set_tensor_address(self.input_name, int(x.data_ptr()))
         self.context.set_tensor_address(self.output_name, int(y.data_ptr()))

@@ -89,6 +89,81 @@ def test_s8s8_qdq_structure_for_tensorrt(s8s8: Path) -> None:
     _qdq_checks(s8s8, "s8s8")
 
 
+def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
+    """The Q/DQ model a .plan is built from, checked rule by rule on the real exported ResNet50.
+
+    Sources: [TRT-QT] TensorRT developer guide, "Working with Quantized Types"
+    (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html);
+    [OTRT] onnx-tensorrt docs/operators.md (QuantizeLinear/DequantizeLinear rows);
+    [MO] NVIDIA ModelOpt modelopt/onnx/quantization/ort_utils.py configure_ort and graph_utils.py
+    build_non_residual_input_map / remove_partial_input_qdq."""
+    import onnx
+    from onnx import TensorProto
+
+    g = onnx.load(str(s8s8)).graph
+    inits = _init(g)
+    producer = {o: n for n in g.node for o in n.output}
+    q = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert q and dq
+
+    # [TRT-QT] "symmetric quantization", INT8 data type; [OTRT] zero points must be 0: every
+    # zero point of every Q/DQ node is an int8 zero.
+    for n in q + dq:
+        assert len(n.input) == 3 and n.input[2] in inits, f"{n.name}: no zero point initializer"
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), f"{n.name}: zero point {zp} ({zp.dtype})"
+
+    # [OTRT] / onnx-tensorrt#850: TensorRT's dequantize takes 8-bit (or narrower) inputs only, so
+    # no DequantizeLinear of an INT32 bias; [MO] QuantizeBias False: Conv/Gemm biases stay float.
+    for n in dq:
+        x = n.input[0]
+        if x in inits:
+            assert inits[x].dtype == np.int8, f"{n.name}: dequantizes a {inits[x].dtype} tensor"
+    weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weighted) == 54
+    for n in weighted:
+        if len(n.input) > 2 and n.input[2]:
+            b = n.input[2]
+            assert b in inits and inits[b].dtype == np.float32, f"{n.name}: bias {b} is not a float initializer"
+
+    # [TRT-QT] Q/DQ placement: quantize the inputs of weighted layers (activation and weights),
+    # weights per output channel (Conv weights [K, C, R, S]: axis 0; Gemm with transB=1, the
+    # exported Linear [out, in]: axis 0) [MO QDQOpTypePerChannelSupportToAxis].
+    for n in weighted:
+        for i in n.input[:2]:
+            assert producer.get(i) is not None and producer[i].op_type == "DequantizeLinear", f"{n.name}: {i}"
+        wdq = producer[n.input[1]]
+        w = inits[wdq.input[0]]
+        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
+        if n.op_type == "Gemm":
+            assert next((a.i for a in n.attribute if a.name == "transB"), 0) == 1
+        assert axis == 0 and inits[wdq.input[1]].shape == (w.shape[0],), f"{n.name}: weights not per output channel"
+
+    # [MO] no output quantization (OpTypesToExcludeOutputQuantization); so nothing quantizes the
+    # logits: the graph output comes straight from the classifier's Gemm, and no Q/DQ follows a
+    # Gemm or an Add.
+    out = g.output[0]
+    assert out.type.tensor_type.elem_type == TensorProto.FLOAT
+    assert producer[out.name].op_type == "Gemm"
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in g.node:
+        if n.op_type in ("Gemm", "Add"):
+            assert all(c.op_type != "QuantizeLinear" for c in consumers.get(n.output[0], [])), f"{n.name} output"
+
+    # [TRT-QT] residual Add: TensorRT fuses the Add into the convolution that ends the main branch
+    # and reads the shortcut in int8, so only the shortcut input carries Q/DQ [MO]
+    # build_non_residual_input_map: the main-branch input is a Conv output, not dequantized.
+    adds = [n for n in g.node if n.op_type == "Add"]
+    assert len(adds) == 16  # ResNet50's bottleneck blocks
+    for n in adds:
+        kinds = sorted(producer[i].op_type for i in n.input)
+        assert kinds == ["Conv", "DequantizeLinear"], f"{n.name}: inputs from {kinds}"
+
+
 def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = s8s8.parent
     base = ["--checkpoint", str(trained_run / "best.pt"), "--precision", "int8", "--int8-flavour", "s8s8",
@@ -134,6 +209,21 @@ def test_cache_key_follows_image_bytes_and_preprocessing(tmp_path: Path) -> None
     assert cache_key(model, files, "percentile", 3, "u8s8", Preprocessing(image_size=64)) != changed
     assert cache_key(model, files, "entropy", 3, "u8s8", p) != changed
     assert cache_key(model, files, "percentile", 3, "s8s8", p) != changed
+
+
+def test_cache_key_follows_the_quantizer_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import calibration.quantize as cq
+    from rn50.preprocess import Preprocessing
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    img = tmp_path / "0.jpg"
+    img.write_bytes(b"pixels")
+    p = Preprocessing(image_size=32)
+    key = cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p)
+    other = {**cq.TENSORRT_OPTIONS, "extra_options": {**cq.TENSORRT_OPTIONS["extra_options"], "QuantizeBias": True}}
+    monkeypatch.setattr(cq, "TENSORRT_OPTIONS", other)
+    assert cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p) != key
 
 
 def test_entropy_calibration_is_not_minmax(engine_fp32_onnx: Path, fmnist_small: Path, tmp_path: Path) -> None:

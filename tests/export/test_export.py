@@ -177,7 +177,10 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
     assert m["onnx_source"]["sha256"] == sha256_file(tmp_path / f"rn50.{precision}.onnx")
     model, man = load_model(trained_run / "best.pt")
     p = Preprocessing.from_dict(man["preprocessing"])
-    run = te.runner(out)
+    from serve.backends import load_engine
+
+    backend, _ = load_engine(out)
+    run = backend.run
     for b in (1, 7, 32):
         x = _val_batch(fmnist_small, b, p)
         with torch.no_grad():
@@ -187,11 +190,28 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
         assert (got.argmax(1) == ref.argmax(1)).mean() >= (0.85 if precision == "int8" else 0.95)
 
 
-def test_tensorrt_module_typechecks() -> None:
-    from mypy import api
+def _mypy(*files: Path) -> "subprocess.CompletedProcess[str]":
+    """mypy --strict with the repository's configuration (pyproject.toml: typings/ stubs), as `make typecheck`."""
+    import subprocess
+    import sys
 
-    out, err, rc = api.run(["--strict", str(Path(export.__file__).parent / "tensorrt_engine.py")])
-    assert rc == 0, out + err
+    root = Path(export.__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "mypy", "--strict", "--config-file", str(root / "pyproject.toml"),
+                           *map(str, files)], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_tensorrt_modules_typecheck_and_a_misspelled_attribute_fails(tmp_path: Path) -> None:
+    """mypy reads the TensorRT stubs (typings/): the real modules pass, and a scratch copy of the
+    builder with a misspelled ``trt.BuilderFlag`` member fails, so the check can fail."""
+    root = Path(export.__file__).resolve().parents[1]
+    ok = _mypy(root / "export" / "tensorrt_engine.py", root / "serve" / "backends" / "tensorrt.py")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    src = (root / "export" / "tensorrt_engine.py").read_text()
+    bad = tmp_path / "tensorrt_engine_typo.py"
+    bad.write_text(src + "\n\nTYPO = trt.BuilderFlag.TF23\n")
+    r = _mypy(bad)
+    assert r.returncode == 1 and 'BuilderFlag]" has no attribute "TF23"' in r.stdout, r.stdout + r.stderr
 
 
 def test_pt2_load_check_runs_the_package_in_a_child(engine_pt2: Path, tmp_path: Path) -> None:
@@ -293,6 +313,8 @@ def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ck
     base = ["--checkpoint", str(tiny_ckpt), "--precision", "int8", "--output", str(tmp_path / "out" / "m.plan")]
     _bad(tmp_path, capsys, base + ["--calib-method", "magic"], "--calib-method")
     _bad(tmp_path, capsys, base + ["--int8-flavour", "u4"], "--int8-flavour")
+    # TensorRT rejects non-zero zero points: u8s8 has them
+    _bad(tmp_path, capsys, base + ["--int8-flavour", "u8s8"], "u8s8 cannot go into a .plan")
     _bad(tmp_path, capsys, base + ["--hardware-compat", "any"], "--hardware-compat")
     _bad(tmp_path, capsys, base + ["--batch-min", "8", "--batch-opt", "4"], "batch profile")
     _bad(tmp_path, capsys, base + ["--no-such-flag"], "unrecognized")

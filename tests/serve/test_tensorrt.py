@@ -46,6 +46,41 @@ def test_plan_matches_onnx(capsys, plan, engine_fp32_onnx, fmnist_small):
     assert agree >= 0.99
 
 
+@pytest.fixture(scope="module", params=["fp16", "int8"])
+def reduced_plan(request, tmp_path_factory, trained_run) -> Path:
+    """An FP16 plan (FP16 ONNX inside) and an INT8 plan (the s8s8 Q/DQ ONNX), built by the export CLI."""
+    from tests.conftest import _export_engine
+
+    return _export_engine(tmp_path_factory, trained_run, request.param, ".plan")
+
+
+def test_reduced_precision_plans_serve_and_match_onnx(capsys, reduced_plan, engine_fp32_onnx, fmnist_small):
+    """The whole .plan path for FP16 and INT8: export builds it (parity and, for INT8, the gate
+    passed), serve.infer runs it on the GPU, and its top-1 agrees with the FP32 ONNX's."""
+    from rn50.manifest import read_manifest
+    from serve import infer
+
+    m = read_manifest(reduced_plan)
+    assert m["kind"] == "tensorrt" and m["parity"]["passed"] and m["strongly_typed"]
+    if m["precision"] == "int8":
+        assert m["int8_flavour"] == "s8s8" and m["int8"]["gate"]["passed"]
+    imgs = [str(fmnist_small / "val")]
+    assert infer.main(["--engine", str(reduced_plan), *imgs, "--quiet", "--device", "gpu"]) == 0
+    trt_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert infer.main(["--engine", str(engine_fp32_onnx), *imgs, "--quiet"]) == 0
+    ort_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(trt_lines) == len(ort_lines) > 0
+    agree = sum(a["topk"][0] == b["topk"][0] for a, b in zip(trt_lines, ort_lines)) / len(ort_lines)
+    assert agree >= (0.9 if m["precision"] == "int8" else 0.98)
+
+
+def test_fp32_plan_is_built_without_tf32(plan):
+    """TensorRT turns TF32 on for FP32 layers by default; an fp32 plan must not use it."""
+    from rn50.manifest import read_manifest
+
+    assert read_manifest(plan)["tf32"] is False
+
+
 def test_foreign_plan_is_a_clear_error(tmp_path, plan):
     from rn50.errors import EngineError
     from serve.backends import load_engine

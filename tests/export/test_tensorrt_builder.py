@@ -1,0 +1,90 @@
+"""The engine builder's TensorRT version and feature dispatch, against every release it claims.
+
+``trt_surface/tensorrt_surface.json`` records, for each TensorRT tag from 10.0 to 11.x, the enum members
+and IBuilderConfig properties NVIDIA's bindings define (``python/src/infer/pyCore.cpp`` at that
+tag; ``trt_surface/record_tensorrt_surface.py`` regenerates it). Each test builds a plain namespace with
+exactly those names and runs :func:`export.tensorrt_engine.build_options` on it. This checks our
+dispatch logic (which names it looks up, what it does when one is missing); it does not run, and
+does not pretend to be, TensorRT: building real engines is tests/export's ``tensorrt``-marked test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from export import tensorrt_engine as te
+from rn50.errors import EngineError
+
+SURFACES = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_surface.json").read_text())
+
+
+def _fake(tag: str) -> SimpleNamespace:
+    """A namespace with the names the bindings at ``tag`` define (enum members as their index)."""
+    s = SURFACES[tag]
+    enums = {name: SimpleNamespace(**{m: i for i, m in enumerate(members)}) for name, members in s["enums"].items()}
+    return SimpleNamespace(__version__=s["version"], **enums)
+
+
+def _v(tag: str) -> tuple[int, int]:
+    major, minor = SURFACES[tag]["version"].split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_the_recorded_surfaces_cover_every_claimed_release() -> None:
+    assert "v10.0.0" in SURFACES and "v10.8.0" in SURFACES and "v10.9.0" in SURFACES
+    assert any(t.startswith("v11.") for t in SURFACES)
+    for tag, s in SURFACES.items():
+        assert s["source"].endswith(f"{tag}:python/src/infer/pyCore.cpp")
+        assert set(s["enums"]) == {"BuilderFlag", "HardwareCompatibilityLevel", "NetworkDefinitionCreationFlag",
+                                   "MemoryPoolType"}, tag
+        # the config properties _build sets exist in every release
+        assert set(s["builder_config_properties"]) == {"builder_optimization_level", "hardware_compatibility_level"}
+
+
+@pytest.mark.parametrize("tag", sorted(SURFACES))
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_dispatch_on_each_release(tag: str, precision: str) -> None:
+    trt = _fake(tag)
+    s = SURFACES[tag]["enums"]
+    for compat in te.HARDWARE_COMPAT:
+        member = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}[compat]
+        if compat == "same-cc" and _v(tag) < (10, 9):
+            # the member appeared in 10.9: asking earlier is a clear error, not an AttributeError
+            assert member not in s["HardwareCompatibilityLevel"]
+            with pytest.raises(EngineError, match=r"same-cc needs TensorRT 10\.9 or newer"):
+                te.build_options(trt, precision, compat)
+            continue
+        o = te.build_options(trt, precision, compat)
+        assert o.version == SURFACES[tag]["version"]
+        assert o.hardware_compatibility_level == s["HardwareCompatibilityLevel"].index(member)
+        # strongly typed: precision comes from the ONNX, on every release
+        assert o.network_flags == 1 << s["NetworkDefinitionCreationFlag"].index("STRONGLY_TYPED")
+        assert o.workspace_pool == s["MemoryPoolType"].index("WORKSPACE")
+        if precision == "fp32":  # TF32 off, so an fp32 plan meets the fp32 parity bound
+            assert o.clear_flags == (s["BuilderFlag"].index("TF32"),) and o.tf32 is False
+        else:
+            assert o.clear_flags == () and o.tf32 is True
+
+
+def test_strongly_typed_without_the_flag_on_11_and_refused_on_10() -> None:
+    """TensorRT 11 networks are always strongly typed: should the flag go, 0 is right; a 10.x
+    without it could not build a Q/DQ or FP16 ONNX in its own precision."""
+    eleven = _fake(max((t for t in SURFACES if t.startswith("v11.")), key=lambda t: _v(t)))
+    eleven.NetworkDefinitionCreationFlag = SimpleNamespace()
+    assert te.build_options(eleven, "int8", "none").network_flags == 0
+    ten = _fake("v10.0.0")
+    ten.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0)
+    with pytest.raises(EngineError, match="STRONGLY_TYPED"):
+        te.build_options(ten, "int8", "none")
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "12.0.0"])
+def test_unclaimed_releases_are_refused(version: str) -> None:
+    trt = _fake("v10.0.0")
+    trt.__version__ = version
+    with pytest.raises(EngineError, match=r"TensorRT .* is not supported: .*10\.0 to 11\.x"):
+        te.build_options(trt, "fp16", "none")
