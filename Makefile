@@ -71,7 +71,7 @@ demo: train
 
 # mypy reads the TensorRT stubs kept in typings/ (pyproject.toml mypy_path; typings/README.md).
 typecheck: setup
-	$(PY) -m mypy --strict export/tensorrt_engine.py serve/backends/tensorrt.py
+	$(PY) -m mypy --strict export/tensorrt_engine.py rn50/backends/tensorrt.py
 
 test: setup fmnist typecheck
 	$(PY) -m pytest -q

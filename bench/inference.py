@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         compile_package(model, p.image_size, d_ / "rn50.pt2", max_batch=64)
         t_aoti = time.perf_counter() - t0
-        from serve.backends import load_backend
+        from rn50.backends import load_backend
 
         aoti = load_backend(d_ / "rn50.pt2", {"max_batch": 64, "preprocessing": p.to_dict()}, prefer_gpu=False).run
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of
     from rn50.preprocess import load_rgb, torchvision_val
-    from serve.backends import load_engine
+    from rn50.backends import load_engine
     from serve.pipeline import BatchStream
 
     try:

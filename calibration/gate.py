@@ -1,6 +1,6 @@
 """The INT8 accuracy gate: INT8 and FP32 scored with ONNX Runtime on the same validation images.
 
-Both models run through :class:`serve.backends.onnxruntime.OrtBackend`, the class that serves an
+Both models run through :class:`rn50.backends.onnxruntime.OrtBackend`, the class that serves an
 ``.onnx``, and the INT8 logits are judged against the FP32 ones by
 :func:`rn50.compare.compare_logits` with the int8 bounds (the top-1 drop allowed is the gate's).
 """
@@ -24,7 +24,7 @@ MAX_TOP1_DROP = bounds_for("int8").max_top1_drop  # points
 def _logits(models: dict[str, str | os.PathLike[str]], files: Sequence[str], labels: Sequence[int],
             p: Preprocessing, batch_size: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each ONNX model's logits on the same batches (preprocessed once), and the labels."""
-    from serve.backends import load_backend
+    from rn50.backends import load_backend
 
     backends = {k: load_backend(v, suffix=".onnx", prefer_gpu=True) for k, v in models.items()}
     outs: dict[str, list[np.ndarray]] = {k: [] for k in models}

@@ -229,7 +229,7 @@ def _export_pt2(job: _Job) -> int:
 
     from rn50.atomic import atomic_path
     from rn50.manifest import new_manifest, write_manifest
-    from serve.backends import load_backend
+    from rn50.backends import load_backend
 
     from .aoti import check_loads, compile_package
 
@@ -260,7 +260,7 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
     and its manifest; returns the int8 facts a plan's manifest repeats ({} otherwise)."""
     from rn50.atomic import atomic_path
     from rn50.manifest import new_manifest, write_manifest
-    from serve.backends import load_backend
+    from rn50.backends import load_backend
 
     from . import onnx as onnx_export
 
@@ -302,7 +302,7 @@ def _export_plan(job: _Job) -> int:
     from rn50.atomic import atomic_path
     from rn50.errors import EngineError
     from rn50.manifest import new_manifest, sha256_file, write_manifest
-    from serve.backends import load_backend
+    from rn50.backends import load_backend
 
     from . import onnx as onnx_export
     from . import tensorrt_engine as te

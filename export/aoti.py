@@ -48,7 +48,7 @@ def check_loads(path: str | os.PathLike[str], device: str, image_size: int, time
     ``_load_aoti`` with some torch builds; docs/benchmarks.md): loading a new package in a child
     first turns that into an error that says so, and leaves the export free to clean up its scratch
     files, instead of killing it half way. The parity check then loads it in-process through
-    :class:`serve.backends.aoti.AotiBackend`, the class that serves it."""
+    :class:`rn50.backends.aoti.AotiBackend`, the class that serves it."""
     from rn50.errors import EngineError
 
     try:

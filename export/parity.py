@@ -1,7 +1,7 @@
 """Parity between an exported artifact and the PyTorch checkpoint it came from.
 
 Both see the same tensors: real validation images through the shared DALI preprocessing
-(:func:`rn50.batches.iter_split`). The artifact runs through the ``serve.backends`` class that
+(:func:`rn50.batches.iter_split`). The artifact runs through the ``rn50.backends`` class that
 serves it, and the logits are judged by :func:`rn50.compare.compare_logits` with the bounds for
 the artifact's precision (:data:`rn50.compare.BOUNDS`).
 """

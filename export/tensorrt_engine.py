@@ -18,7 +18,7 @@ against each.
 
 Polygraphy is not used to build: its ``CreateConfig(fp16=, int8=)`` sets exactly the flags TRT 11
 removed and its ``Calibrator`` is the removed implicit-INT8 API (see docs/tensorrt.md). The plan is
-run (parity) through :class:`serve.backends.tensorrt.TrtBackend`, the runner serve uses.
+run (parity) through :class:`rn50.backends.tensorrt.TrtBackend`, the runner serve uses.
 
 ``tensorrt`` is imported at module level inside a guard, so this module imports everywhere; mypy
 reads the corrected stubs in ``typings/`` (``make typecheck``). The stubs installed without the

@@ -4,7 +4,7 @@
 * ``python -m serve.validate`` - engine vs the PyTorch checkpoint on a labelled split, pass/fail
 * :mod:`serve.pipeline`        - the batch loop: reading, header sniffing, DALI one batch ahead,
   per-image error isolation
-* :mod:`serve.backends`        - ``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), ``.pt2`` (AOTInductor)
+* :mod:`rn50.backends`        - ``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), ``.pt2`` (AOTInductor)
 
 See docs/serving.md.
 """

@@ -186,7 +186,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of
 
-    from .backends import load_engine, softmax
+    from rn50.backends import load_engine, softmax
     from .pipeline import MAX_PIXELS, BatchStream, check_outputs, env_threads, percentiles, pick_device
 
     if args.batch_size < 1 or args.topk < 1:

@@ -1,7 +1,7 @@
 """Engine vs PyTorch on a labelled split: ``python -m serve.validate --engine X --checkpoint CKPT VAL_DIR``.
 
 One DALI preprocessing pass (``rn50.batches``, with the engine manifest's preprocessing) feeds
-both the eager fp32 PyTorch model (the checkpoint through ``serve.backends.pytorch``, as serve
+both the eager fp32 PyTorch model (the checkpoint through ``rn50.backends.pytorch``, as serve
 runs a ``.pt`` engine) and the engine, so any
 difference is the engine's. Reports top-1/top-5 of both, their difference, top-1 agreement and
 the max abs logit difference, and passes when the engine meets the bounds for its precision (from
@@ -176,8 +176,8 @@ def _run(args: argparse.Namespace) -> int:
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
-    from .backends import load_engine
-    from .backends.pytorch import TorchBackend
+    from rn50.backends import load_engine
+    from rn50.backends.pytorch import TorchBackend
     from .pipeline import BatchStream, check_outputs, env_threads, pick_device
 
     def err(msg: str) -> int:

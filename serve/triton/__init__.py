@@ -5,7 +5,7 @@
   outputs ``topk`` (class indices), ``classes`` (names, top-1 first), ``probs`` (softmax
   probabilities) and ``error`` (empty, or why that row could not be classified). The engine
   (``.plan``, ``.onnx``, ``.pt2``, ``.pt``) and the DALI preprocessing are the offline path's
-  (``serve.backends``, ``rn50.batches``), read from the engine's manifest. Dynamic batching up to
+  (``rn50.backends``, ``rn50.batches``), read from the engine's manifest. Dynamic batching up to
   the engine's maximum batch; KServe v2 HTTP and gRPC, Prometheus metrics, health endpoints
   (``/v2/health/live``, ``/v2/health/ready``). It listens on 127.0.0.1 unless ``--host`` says
   otherwise, clients cannot load or unload models (PyTriton restricts the model-repository API to
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_OK
 
-    from serve.backends import DEFAULT_MAX_BATCH, load_engine
+    from rn50.backends import DEFAULT_MAX_BATCH, load_engine
     from serve.pipeline import env_threads, pick_device
 
     from .model import Classifier

@@ -5,7 +5,7 @@ reuses the offline path piece by piece, so a request is preprocessed and scored 
 ``serve.infer`` does it: the byte-size limit and the header sniff (``rn50.layout.check_header``)
 run before anything is decoded, DALI applies the manifest's contract (``rn50.batches.Preprocessor``
 through ``serve.pipeline.preprocess_encoded``, which isolates undecodable images), the engine
-runs the surviving rows as one batch and :func:`serve.backends.topk` ranks the classes.
+runs the surviving rows as one batch and :func:`rn50.backends.topk` ranks the classes.
 
 Each row gets its own answer: ``topk`` (class indices), ``classes`` (names, top-1 first),
 ``probs`` (softmax probabilities) and ``error`` (empty, or the cause for a row that could not be
@@ -30,7 +30,7 @@ DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024  # a 20 MB encoded image is far abo
 class Classifier:
     """Classify the encoded images of a batch of requests with one engine and one DALI pipeline.
 
-    ``backend`` is an opened engine (``serve.backends.load_engine``); ``max_batch`` rows at most
+    ``backend`` is an opened engine (``rn50.backends.load_engine``); ``max_batch`` rows at most
     reach the engine at once (Triton's dynamic batcher guarantees it). Calls are serialised by a
     lock: PyTriton may call one instance from several threads.
     """
@@ -61,7 +61,7 @@ class Classifier:
 
     def classify(self, images: list[bytes]) -> list[dict[str, Any]]:
         """One record per image, in order: ``{"topk", "classes", "probs"}`` or ``{"error"}``."""
-        from serve.backends import topk
+        from rn50.backends import topk
         from serve.pipeline import preprocess_encoded
 
         recs: list[dict[str, Any]] = [{} for _ in images]

@@ -177,7 +177,7 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
     assert m["onnx_source"]["sha256"] == sha256_file(tmp_path / f"rn50.{precision}.onnx")
     model, man = load_model(trained_run / "best.pt")
     p = Preprocessing.from_dict(man["preprocessing"])
-    from serve.backends import load_engine
+    from rn50.backends import load_engine
 
     backend, _ = load_engine(out)
     run = backend.run

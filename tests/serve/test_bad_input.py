@@ -245,12 +245,12 @@ def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine
     _skip_if_root(case)
     make, why = REPORT_CASES[case]
     prefix = make(tmp_path)
-    import serve.backends
+    import rn50.backends
 
     def no_work(*a, **k):
         raise AssertionError("the engine was loaded before the report path was checked")
 
-    monkeypatch.setattr(serve.backends, "load_engine", no_work)
+    monkeypatch.setattr(rn50.backends, "load_engine", no_work)
     rc = validate.main(["--engine", str(engine_checkpoint), "--checkpoint", str(engine_checkpoint),
                         str(fmnist_small / "val"), "--quiet", "--report", str(prefix)])
     err = capsys.readouterr().err

@@ -394,7 +394,7 @@ def test_no_inputs(capsys, tmp_path, engine_fp32_onnx):
 
 
 def test_plan_without_tensorrt_is_a_clear_error(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
-    from serve.backends.tensorrt import _import_trt
+    from rn50.backends.tensorrt import _import_trt
 
     try:
         _import_trt()

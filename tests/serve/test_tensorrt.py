@@ -11,7 +11,7 @@ import pytest
 
 def _trt_reason() -> str | None:
     try:
-        from serve.backends.tensorrt import _import_trt
+        from rn50.backends.tensorrt import _import_trt
 
         _import_trt()
     except Exception as e:
@@ -83,7 +83,7 @@ def test_fp32_plan_is_built_without_tf32(plan):
 
 def test_foreign_plan_is_a_clear_error(tmp_path, plan):
     from rn50.errors import EngineError
-    from serve.backends import load_engine
+    from rn50.backends import load_engine
 
     bad = tmp_path / "other.plan"
     bad.write_bytes(plan.read_bytes()[:64] + b"\0" * 1024)

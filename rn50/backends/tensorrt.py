@@ -9,7 +9,7 @@ A plan is tied to its TensorRT version and GPU (unless built hardware/version co
 ``deserialize_cuda_engine`` returns None, the error names the plan, the TensorRT version and GPU
 its manifest records, and the ones present here.
 
-``tensorrt`` is imported when this module is (``serve.backends`` imports it only to open a plan),
+``tensorrt`` is imported when this module is (``rn50.backends`` imports it only to open a plan),
 inside a guard, so it imports without TensorRT. Typed against the corrected stubs in ``typings/``
 (``make typecheck``).
 """

@@ -9,7 +9,7 @@ given as if it had that size: a larger image gives wrong logits, a smaller one r
 bounds. Its own input checks cannot be switched on instead (``AOTI_RUNTIME_CHECK_INPUTS=1``): they
 also enforce the batch range the compiler inferred, e.g. 2..15 for a package that runs 1..256
 correctly. The size is read from the generated source the package carries (the same checks, as
-C++), becomes ``input_shape`` for :func:`serve.backends.load_engine` to compare with the manifest,
+C++), becomes ``input_shape`` for :func:`rn50.backends.load_engine` to compare with the manifest,
 and the probe that finds the class count runs at that size, never at a size the package does not
 take.
 """
