@@ -16,18 +16,8 @@ import time
 
 import torch
 
+from .measure import machine
 from .report import add_output_flag, publish
-
-
-def machine() -> str:
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{name}, {os.cpu_count()} logical cores, {gpu}"
 
 
 def rate(loader, n_batches: int, batch: int) -> float:
@@ -42,7 +32,7 @@ def rate(loader, n_batches: int, batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rn50.batches import balanced_subset
+    from rn50.layout import balanced_subset
     from rn50.layout import load_dataset
     from rn50.preprocess import Preprocessing
     from train.loaders import Shard, make_loader
@@ -60,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_flag(ap, "data_loaders")
     a = ap.parse_args(argv)
     train, _ = load_dataset(a.data)
-    files, labels = balanced_subset(train.files, train.labels, per_class=-(-(a.images + a.batch_size) // len(train.classes)))
+    files, labels = balanced_subset(train.files, train.labels, a.images + a.batch_size)
     p = Preprocessing.for_image_size(a.image_size)
     n_batches = a.images // a.batch_size
     rows = []

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
 
-    from bench.inference import machine
+    from bench.measure import machine
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = a.work or Path(tmp)

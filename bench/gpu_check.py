@@ -269,7 +269,7 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
 
 def stage_serve(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     # The .pt2 where the infer stage could export one, else the checkpoint itself (eager FP32):
-    # on the lent H100 the AOTInductor CUDA loader crashed, and that must not cost this row too.
+    # AOTInductor's CUDA loader can crash, and that must not cost this row too.
     engine = res.root / "rn50.pt2"
     if not engine.is_file():
         engine = res.root / "train" / "best.pt"
@@ -318,7 +318,7 @@ def _f(v: Any, fmt: str = "{:,.0f}", none: str = "-") -> str:
 def _mmss(s: float | None) -> str:
     if s is None:
         return "not reached"
-    if s != s:  # NaN: a record from before "elapsed" was kept
+    if s != s:  # NaN: a record without "elapsed"
         return "unknown"
     t = int(round(s))
     return f"{t // 60} min {t % 60:02d} s"

@@ -25,24 +25,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rn50.errors import first_line
+
+from .measure import time_calls
+
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, warmup: int = 3) -> dict[str, float]:
     """Per-call latency (ms: mean, p50, p90) of ``fn`` after ``warmup`` calls, at least 5 calls."""
-    from serve.pipeline import percentiles
+    from rn50.metrics import percentiles
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    lat: list[float] = []
-    t_end = time.perf_counter() + seconds
-    while len(lat) < 5 or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        fn()
-        sync()
-        lat.append(time.perf_counter() - t)
-    ms = [x * 1000 for x in lat]
+    ms = [x * 1000 for x in time_calls(fn, seconds=seconds, min_calls=5, warmup=warmup, sync=sync)]
     pc = percentiles(ms, (50, 90))
-    return {"mean_ms": sum(ms) / len(ms), "p50_ms": pc["p50"], "p90_ms": pc["p90"], "iters": len(lat)}
+    return {"mean_ms": sum(ms) / len(ms), "p50_ms": pc["p50"], "p90_ms": pc["p90"], "iters": len(ms)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rn50.batches import balanced_subset, iter_split
+    from rn50.batches import iter_split
+    from rn50.layout import balanced_subset
     from rn50.checkpoint import load_model
     from rn50.layout import load_dataset
     from rn50.preprocess import Preprocessing
@@ -72,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or Path((man.get("train_config") or {}).get("data", "data/fashion-mnist"))
     _, val = load_dataset(data)
     n = max(batches)
-    files, labels = balanced_subset(val.files, val.labels, per_class=-(-n // len(val.classes)), seed=0)
+    files, labels = balanced_subset(val.files, val.labels, n, seed=0)
     x_np, _ = next(iter_split(files[:n], labels[:n], p, batch_size=n))
     x32 = torch.from_numpy(x_np).to(dev)
     while x32.shape[0] < n:  # fewer validation images than the largest batch: repeat them
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = timed(call, sync, args.seconds)
             except Exception as e:  # one engine failing must not lose the others' figures
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                msg = first_line(e)
                 log(f"{name} at batch {b} failed: {msg}")
                 rows.append({"engine": name, "batch": b, "error": msg[:300]})
                 continue

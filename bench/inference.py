@@ -24,37 +24,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .measure import machine, time_calls
 from .report import add_output_flag, publish
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        txt = Path("/proc/cpuinfo").read_text()
-        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f" {f}" in txt)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({flags or 'no AVX2'})"
-
-
 def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -> float:
-    for _ in range(2):
-        fn(x)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn(x)
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds and n >= 3:
-            return n * len(x) / dt
+    """Images/s of ``fn`` on the batch ``x`` (two warm-up calls, then at least 3 over ``seconds``)."""
+    times = time_calls(lambda: fn(x), seconds=seconds, min_calls=3, warmup=2)
+    return len(times) * len(x) / sum(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.quantize import calibrate
     from export.aoti import compile_package
     from export.onnx import export_fp32
-    from rn50.batches import balanced_subset, iter_split
+    from rn50.batches import iter_split
+    from rn50.layout import balanced_subset
     from rn50.checkpoint import load_model
     from rn50.layout import load_dataset
     from rn50.model import build_model
@@ -94,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data or Path("data/fashion-mnist")
         what = f"untrained ResNet50 v1.5, 10 classes ({args.checkpoint} not found)"
     train, val = load_dataset(data)
-    vf, vl = balanced_subset(val.files, val.labels, per_class=-(-32 // len(val.classes)), seed=0)
+    vf, vl = balanced_subset(val.files, val.labels, 32, seed=0)
     x32, _ = next(iter_split(vf[:32], vl[:32], p, batch_size=32))
     inputs = {1: np.ascontiguousarray(x32[:1]), 32: x32}
     log = lambda m: print(f"bench: {m}", file=sys.stderr, flush=True)  # noqa: E731

@@ -21,27 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from .measure import cpu_name, time_calls
 from .report import add_output_flag, publish
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn, min_seconds: float = 3.0, min_iters: int = 2) -> float:
     """Seconds per call (after one warm-up call)."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < min_iters or time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+    times = time_calls(fn, seconds=min_seconds, min_calls=min_iters, warmup=1)
+    return sum(times) / len(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from rn50.batches import Preprocessor, read_encoded
+    from rn50.batches import Preprocessor
+    from rn50.layout import read_encoded
     from rn50.errors import PipelineError
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.serve import cpu_name
+from bench.measure import cpu_name
 
 
 def free_ports(n: int) -> list[int]:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from rn50.layout import iter_inputs
-    from serve.pipeline import percentiles
+    from rn50.metrics import percentiles
 
     files = [str(x) for x in iter_inputs([args.data])]
     if not files or not Path(args.engine).is_file():

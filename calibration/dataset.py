@@ -1,7 +1,7 @@
 """The INT8 calibration set.
 
 Drawn from the *training* split (never the validation images the gate scores), deterministic
-(seeded) and class-balanced (:func:`rn50.batches.balanced_subset`), and fed through
+(seeded) and class-balanced (:func:`rn50.layout.balanced_subset`), and fed through
 :func:`rn50.batches.iter_split`, i.e. exactly the validation preprocessing the engine sees at
 serving time (calibrating with other preprocessing is a known way to lose all accuracy:
 NVIDIA/TensorRT#2255).
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rn50.batches import balanced_subset
+from rn50.layout import balanced_subset
 
 DEFAULT_SIZE = 512
 
 
 def calibration_set(files: Sequence[str], labels: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0) -> list[str]:
     """``size`` training files (all, if fewer), class-balanced, in a fixed shuffled order."""
-    n_classes = max(1, len(set(labels)))
-    f, _ = balanced_subset(files, labels, per_class=-(-size // n_classes), seed=seed)
-    return f[:size]
+    return balanced_subset(files, labels, size, seed=seed)[0]

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from rn50.manifest import preprocessing_of
 
     from . import onnx as onnx_export
-    from .parity import subset
+    from rn50.layout import balanced_subset
 
     suffix = _check_args(args)
     t_start = time.perf_counter()
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise DataError(f"{data}: its classes {val.classes} differ from the checkpoint's {classes}")
     n_par = args.parity_images or (64 if args.precision == "fp16" else 256)
-    par_files, par_labels = subset(val.files, val.labels, n_par)
+    par_files, par_labels = balanced_subset(val.files, val.labels, n_par)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     b = bounds_for(args.precision)
     job = _Job(args=args, model=model, p=p, train=train, val=val, par_files=par_files, par_labels=par_labels,
@@ -340,7 +340,7 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     from calibration.quantize import calibrate
 
     from . import onnx as onnx_export
-    from .parity import subset
+    from rn50.layout import balanced_subset
 
     args, p = job.args, job.p
     flavour = args.int8_flavour if args.int8_flavour != "auto" else ("s8s8" if kind == "tensorrt" else "u8s8")
@@ -355,7 +355,7 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
                lambda: calibrate(fp32, dest, files, p, method=args.calib_method, flavour=flavour, cache_dir=cache_dir))
     if q["cache_hit"]:
         log(f"calibration: cache hit ({q['cache_key']}), not recalibrated")
-    g_files, g_labels = subset(job.val.files, job.val.labels, args.gate_images)
+    g_files, g_labels = balanced_subset(job.val.files, job.val.labels, args.gate_images)
     g = _timed(f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
                lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop,
                                 classes=job.val.classes))

@@ -14,16 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rn50.batches import balanced_subset, iter_split
+from rn50.batches import iter_split
 from rn50.compare import LogitComparison, compare_logits
 from rn50.preprocess import Preprocessing
-
-
-def subset(files: Sequence[str], labels: Sequence[int], n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """``n`` images (or all, if fewer), class-balanced and deterministic (rn50.batches.balanced_subset)."""
-    k = max(1, len(set(labels)))
-    f, y = balanced_subset(files, labels, per_class=-(-n // k), seed=seed)
-    return f[:n], y[:n]
 
 
 def compare(model: nn.Module, run: Callable[[np.ndarray], np.ndarray], files: Sequence[str], labels: Sequence[int],

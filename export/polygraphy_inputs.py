@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # polygraphy runs 
 
 
 def load_data() -> Iterator[dict[str, Any]]:
-    from export.parity import subset
+    from rn50.layout import balanced_subset
     from rn50.batches import iter_split
     from rn50.errors import PipelineError
     from rn50.layout import scan_split
@@ -43,7 +43,7 @@ def load_data() -> Iterator[dict[str, Any]]:
     batches = int(os.environ.get("RN50_BATCHES", "4"))
     batch_size = int(os.environ.get("RN50_BATCH_SIZE", "32"))
     val = scan_split(Path(data) / "val", classes=list(man["classes"]))
-    files, labels = subset(val.files, val.labels, batches * batch_size)
+    files, labels = balanced_subset(val.files, val.labels, batches * batch_size)
     name = man.get("input_name", "input")
     for x, _ in iter_split(files, labels, preprocessing_of(man), batch_size=batch_size):
         yield {name: x}

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rn50.atomic import write_bytes
-from rn50.errors import EngineError
+from rn50.errors import EngineError, first_line
 
 try:
     import tensorrt as trt
@@ -136,9 +136,6 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
                         clear_flags=clear, tf32=tf32, workspace_pool=trt_mod.MemoryPoolType.WORKSPACE)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], *, precision: str,
@@ -170,7 +167,7 @@ def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike
                       workspace_mib=workspace_mib, opt_level=opt_level, hardware_compat=hardware_compat,
                       timing_cache=timing_cache)
     except (RuntimeError, TypeError) as e:
-        raise EngineError(f"{onnx_path}: TensorRT {opts.version} failed to build: {_first_line(e)}") from e
+        raise EngineError(f"{onnx_path}: TensorRT {opts.version} failed to build: {first_line(e)}") from e
 
 
 def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], opts: BuildOptions,

@@ -14,51 +14,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
+from .layout import read_checked
 from .preprocess import Preprocessing, dali_decode, dali_val
-
-
-def read_encoded(path: str | os.PathLike[str]) -> np.ndarray:
-    """The bytes of an image file; DataError naming ``path`` if it cannot be read, is empty, or is
-    not a regular file (a FIFO or device would block or never end)."""
-    import stat
-
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            kind = "a directory" if os.path.isdir(path) else "not a regular file (a FIFO, socket or device)"
-            raise DataError(f"{path}: {kind}")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-    if not data:
-        raise DataError(f"{path}: empty file (0 bytes)")
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def read_checked(files: Sequence[str], p: Preprocessing) -> list[np.ndarray]:
-    """Read ``files`` and check each one (:func:`rn50.layout.check_header`, with the resize bound
-    of ``p``) before DALI sees it; DataError ``undecodable image(s): <path>: <cause>; ...``
-    naming every bad one. For the stages that need every image of a list (export parity, INT8
-    calibration and its gate): one bad image stops them, named, before any output is written."""
-    from .layout import check_header
-
-    out: list[np.ndarray] = []
-    bad: list[str] = []
-    for f in files:
-        try:
-            data = read_encoded(f)
-        except DataError as e:
-            bad.append(str(e))
-            continue
-        cause = check_header(data.tobytes(), resize_shorter=p.resize_size)
-        if cause:
-            bad.append(f"{f}: {cause}")
-        out.append(data)
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError("undecodable image(s): " + "; ".join(bad[:5]) + more)
-    return out
 
 
 class Preprocessor:
@@ -151,17 +109,5 @@ def _culprits(files: Sequence[str], e: BaseException) -> str:
             bad.append(str(de))
     if bad:
         return "; ".join(bad[:5])
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    first = first_line(e)
     return f"DALI failed on one of {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} ({first[:200]})"
-
-
-def balanced_subset(files: Sequence[str], labels: Sequence[int], per_class: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """A deterministic, class-balanced sample: ``per_class`` files of each label, in a shuffled order."""
-    rng = np.random.default_rng(seed)
-    labels_a = np.asarray(labels)
-    picked: list[int] = []
-    for c in np.unique(labels_a):
-        idx = np.flatnonzero(labels_a == c)
-        picked.extend(rng.permutation(idx)[:per_class].tolist())
-    order = rng.permutation(np.asarray(picked, dtype=np.int64))
-    return [files[i] for i in order], [int(labels_a[i]) for i in order]

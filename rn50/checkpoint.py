@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .manifest import validate, write_manifest
 from .model import build_model, num_classes_of
 
@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                               f"{_unpickling_cause(e)}") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{type(e).__name__}: {first_line(e)}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
         raise CheckpointError(f"{path}: not an rn50 checkpoint (no 'format': '{FORMAT}' with a 'model' state)")
     if obj.get("version") != VERSION:
@@ -130,7 +130,6 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit ResNet50 v1.5 with {n} classes: {first}") from e
+        raise CheckpointError(f"{path}: weights do not fit ResNet50 v1.5 with {n} classes: {first_line(e)}") from e
     model.to(map_location).eval()
     return model, manifest

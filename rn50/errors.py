@@ -19,3 +19,13 @@ class ManifestError(PipelineError):
 
 class EngineError(PipelineError):
     """An engine (ONNX, TensorRT plan, AOTInductor package) cannot be built or loaded."""
+
+
+def first_line(e: BaseException, prefer: str | None = None) -> str:
+    """One line of an exception's message for an ``error:`` line: the first non-empty one, or with
+    ``prefer`` the first that contains it (case-insensitive) where one does; the exception's type
+    name when the message is empty. torch, DALI and TensorRT messages run to many lines of context."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if prefer is not None:
+        lines = [ln for ln in lines if prefer.lower() in ln.lower()] or lines
+    return lines[0] if lines else type(e).__name__

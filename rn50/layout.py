@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocessing
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
@@ -200,3 +205,62 @@ def check_files(files: list[str], max_report: int = 10, progress: bool = True,
     if bad:
         more = f" (and {len(bad) - max_report} more)" if len(bad) > max_report else ""
         raise DataError(f"{len(bad)} bad image file(s): " + "; ".join(bad[:max_report]) + more)
+
+
+def read_encoded(path: str | os.PathLike[str]) -> np.ndarray:
+    """The bytes of an image file; DataError naming ``path`` if it cannot be read, is empty, or is
+    not a regular file (a FIFO or device would block or never end)."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if os.path.isdir(path) else "not a regular file (a FIFO, socket or device)"
+            raise DataError(f"{path}: {kind}")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def read_checked(files: Sequence[str], p: Preprocessing) -> list[np.ndarray]:
+    """Read ``files`` and check each one (:func:`rn50.layout.check_header`, with the resize bound
+    of ``p``) before DALI sees it; DataError ``undecodable image(s): <path>: <cause>; ...``
+    naming every bad one. For the stages that need every image of a list (export parity, INT8
+    calibration and its gate): one bad image stops them, named, before any output is written."""
+    out: list[np.ndarray] = []
+    bad: list[str] = []
+    for f in files:
+        try:
+            data = read_encoded(f)
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        cause = check_header(data.tobytes(), resize_shorter=p.resize_size)
+        if cause:
+            bad.append(f"{f}: {cause}")
+        out.append(data)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError("undecodable image(s): " + "; ".join(bad[:5]) + more)
+    return out
+
+
+def balanced_subset(files: Sequence[str], labels: Sequence[int], n: int | None,
+                    seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` of ``files`` with their ``labels``, class-balanced and deterministic: ceil(n / classes)
+    drawn from each class with ``seed``, shuffled together, the first ``n`` kept. All of them, in
+    their order, when ``n`` is None or not below their number."""
+    if n is None or n >= len(files):
+        return list(files), list(labels)
+    rng = np.random.default_rng(seed)
+    labels_a = np.asarray(labels)
+    per_class = -(-n // max(1, len(np.unique(labels_a))))
+    picked: list[int] = []
+    for c in np.unique(labels_a):
+        idx = np.flatnonzero(labels_a == c)
+        picked.extend(rng.permutation(idx)[:per_class].tolist())
+    order = rng.permutation(np.asarray(picked, dtype=np.int64))[:n]
+    return [files[i] for i in order], [int(labels_a[i]) for i in order]

@@ -1,4 +1,5 @@
-"""Top-k accuracy, shared by training validation, the INT8 gate and serve.validate."""
+"""Scores of logits against labels (top-k, per class, confusion) and the latency percentiles the
+benchmarks and serve.infer report; shared by training validation, the INT8 gate and serve.validate."""
 
 from __future__ import annotations
 
@@ -63,3 +64,11 @@ def most_changed(rows: Sequence[dict[str, Any]], k: int = 5) -> list[dict[str, A
     leaving out classes with no disagreement."""
     rows = [r for r in rows if r["images"] and r["disagreement"] > 0]
     return sorted(rows, key=lambda r: (-r["disagreement"], r["diff"]))[:k]
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+    """``{"p50": ..., ...}`` of ``values`` (NaN for each when there are none)."""
+    if not values:
+        return {f"p{int(q)}": float("nan") for q in qs}
+    a = np.asarray(values, dtype=np.float64)
+    return {f"p{int(q)}": float(np.percentile(a, q)) for q in qs}

@@ -50,8 +50,8 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     """Four panels over the schedule, in epochs: training loss per record with a smoothed line,
     the learning rate, validation top-1/top-5 per epoch and training images/s.
 
-    ``steps`` are ``train.steplog`` records (may be empty: a run from before they were kept
-    draws its per-epoch figures only), ``history`` the per-epoch records of ``metrics.jsonl``.
+    ``steps`` are ``train.steplog`` records (may be empty: a run without
+    ``steps.jsonl`` draws its per-epoch figures only), ``history`` the per-epoch records of ``metrics.jsonl``.
     """
     plt = _pyplot()
     fig, ((a_loss, a_lr), (a_val, a_ips)) = plt.subplots(2, 2, figsize=(11, 7))

@@ -187,7 +187,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.manifest import preprocessing_of
 
     from rn50.backends import load_engine, softmax
-    from .pipeline import MAX_PIXELS, BatchStream, check_outputs, env_threads, percentiles, pick_device
+    from rn50.metrics import percentiles
+
+    from .cli import check_outputs, env_threads, pick_device
+    from .pipeline import MAX_PIXELS, BatchStream
 
     if args.batch_size < 1 or args.topk < 1:
         err("--batch-size and --topk must be at least 1")

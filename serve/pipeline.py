@@ -23,7 +23,6 @@ Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entr
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -32,7 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from rn50.batches import Preprocessor, read_encoded
+from rn50.batches import Preprocessor
+from rn50.layout import read_encoded
 from rn50.errors import DataError
 from rn50.layout import MAX_PIXELS, check_header
 from rn50.preprocess import Preprocessing
@@ -50,7 +50,7 @@ class Prepared:
     seconds: float = 0.0  # time spent reading + preprocessing this batch (in the background)
 
 
-def _first_line(e: BaseException) -> str:
+def _dali_message(e: BaseException) -> str:
     """The useful line of a (DALI) exception: DALI's messages start with pipeline boilerplate."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in lines:
@@ -86,7 +86,7 @@ def decode_cause(path: str, data: np.ndarray, e: BaseException) -> str:
             load_rgb(path, data.tobytes())
     except DataError as de:
         return str(de).removeprefix(f"{path}: ")
-    return f"cannot decode image: DALI's {_format_name(data)} decoder rejects it, PIL decodes it ({_first_line(e)})"
+    return f"cannot decode image: DALI's {_format_name(data)} decoder rejects it, PIL decodes it ({_dali_message(e)})"
 
 
 def _format_name(data: np.ndarray) -> str:
@@ -216,38 +216,3 @@ class BatchStream:
         finally:
             self._stop.set()
             self._thread.join(timeout=10)
-
-
-def pick_device(requested: str) -> str:
-    """``auto`` -> ``gpu`` when CUDA is usable, else ``cpu``; ``gpu`` without CUDA is an error."""
-    import torch
-
-    have = torch.cuda.is_available()
-    if requested == "auto":
-        return "gpu" if have else "cpu"
-    if requested == "gpu" and not have:
-        raise DataError("--device gpu: no CUDA GPU is available here (use --device auto or cpu)")
-    return requested
-
-
-def check_outputs(**paths: str | None) -> str | None:
-    """The first ``--flag PATH: reason`` among the output paths that cannot be written, else None."""
-    from rn50.atomic import unwritable_reason
-
-    for flag, path in paths.items():
-        why = unwritable_reason(path) if path else None
-        if why:
-            return f"--{flag.replace('_', '-')} {path}: {why}"
-    return None
-
-
-def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
-    if not values:
-        return {f"p{int(q)}": float("nan") for q in qs}
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{int(q)}": float(np.percentile(a, q)) for q in qs}
-
-
-def env_threads() -> int | None:
-    v = os.environ.get("RN50_DALI_THREADS")
-    return int(v) if v else None

@@ -178,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from rn50.backends import load_engine
     from rn50.backends.pytorch import TorchBackend
-    from .pipeline import BatchStream, check_outputs, env_threads, pick_device
+    from .cli import check_outputs, env_threads, pick_device
+    from .pipeline import BatchStream
 
     def err(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -216,11 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         return err(str(e))
     files, labels = split.files, split.labels
     if args.limit and args.limit < len(files):
-        from rn50.batches import balanced_subset
+        from rn50.layout import balanced_subset
 
-        per_class = -(-args.limit // len(split.classes))
-        files, labels = balanced_subset(files, labels, per_class)
-        files, labels = files[:args.limit], labels[:args.limit]
+        files, labels = balanced_subset(files, labels, args.limit)
     bs = min(args.batch_size, backend.max_batch)
     stream = BatchStream(files, p, bs, device=device, num_threads=env_threads())
     ref_l, eng_l, lab_l = [], [], []

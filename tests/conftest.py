@@ -72,41 +72,13 @@ def trained_run(tmp_path_factory, fmnist_small) -> Path:
 # ============================================================================ serving engines
 # (owned by serve/: engines built from `trained_run` by the export CLI, one per session)
 
-def _export_cli_ready() -> bool:
-    return (ROOT / "export" / "__main__.py").is_file()
-
-
 def _export_engine(tmp_path_factory, run: Path, precision: str, suffix: str) -> Path:
     out = tmp_path_factory.mktemp(f"engine-{precision}{suffix.replace('.', '-')}") / f"rn50.{precision}{suffix}"
-    if not _export_cli_ready():
-        if precision == "fp32" and suffix == ".onnx":
-            return _fallback_fp32_onnx(run / "best.pt", out)
-        pytest.skip(f"`python -m export` is not available yet (export/__main__.py missing): no {precision} {suffix}")
     import export
 
     rc = export.main(["--checkpoint", str(run / "best.pt"), "--precision", precision, "--output", str(out)])
     assert rc == 0, f"export --precision {precision} --output {out.name} failed"
     assert out.is_file() and Path(str(out) + ".manifest.json").is_file()
-    return out
-
-
-def _fallback_fp32_onnx(ckpt: Path, out: Path) -> Path:
-    """Stand-in while the export CLI is not there: plain fp32 ONNX + manifest from the checkpoint."""
-    import warnings
-
-    import torch
-
-    from rn50.checkpoint import load_model
-    from rn50.manifest import new_manifest, preprocessing_of, write_manifest
-
-    model, man = load_model(ckpt)
-    p = preprocessing_of(man)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.zeros(2, *p.input_shape), str(out), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    write_manifest(out, new_manifest("onnx", classes=man["classes"], preprocessing=p, precision="fp32", source=ckpt))
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from rn50.errors import DataError
+from rn50.errors import DataError, first_line
 from rn50.preprocess import Preprocessing
 
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
@@ -136,9 +136,9 @@ class DaliLoader(_Base):
                 bad = find_bad_images(files[lo:hi]) or find_bad_images(files[:lo] + files[hi:])
                 if bad:
                     raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
-                first = next((ln for ln in str(e).splitlines() if "rror" in ln), str(e).splitlines()[0] if str(e) else "")
+                first = first_line(e, prefer="error")
                 raise DataError(f"DALI failed on batch {step + 1} of {len(files)} files "
-                                f"(PIL decodes all of them; DALI says: {first.strip()})") from None
+                                f"(PIL decodes all of them; DALI says: {first})") from None
             n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
             yield self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rn50.atomic import remove_stale_temporaries, write_json, write_text
-from rn50.batches import balanced_subset
+from rn50.layout import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
 from rn50.layout import check_files, load_dataset, scan_split
@@ -41,13 +41,6 @@ RUN_FILES = ("last.pt", "last.pt.manifest.json", "best.pt", "best.pt.manifest.js
 
 class TrainingError(PipelineError):
     """Training cannot go on (non-finite loss, ...)."""
-
-
-def _subset(files, labels, n, num_classes, seed):
-    if n is None or n >= len(files):
-        return list(files), list(labels)
-    f, l = balanced_subset(files, labels, per_class=-(-n // num_classes), seed=seed)
-    return f[:n], l[:n]
 
 
 def rng_state() -> dict[str, Any]:
@@ -93,8 +86,8 @@ class Trainer:
             assert cfg.data is not None
             train, val = load_dataset(cfg.data)
             self.classes = train.classes
-            tr_files, tr_labels = _subset(train.files, train.labels, cfg.limit_train, len(self.classes), cfg.seed)
-            va_files, va_labels = _subset(val.files, val.labels, cfg.limit_val, len(self.classes), cfg.seed)
+            tr_files, tr_labels = balanced_subset(train.files, train.labels, cfg.limit_train, cfg.seed)
+            va_files, va_labels = balanced_subset(val.files, val.labels, cfg.limit_val, cfg.seed)
             if cfg.check_images != "off":
                 # headers, and the pixels of the formats DALI decodes silently when corrupt (see
                 # rn50.layout.check_header); every rank checks, so no rank starts on bad data. A set
@@ -207,7 +200,7 @@ class Trainer:
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
-        # a checkpoint from before "elapsed" was recorded: its epochs' own times are the best estimate
+        # a history without "elapsed" (training time only, no set-up): its epochs' own times are the best estimate
         self._elapsed_before = (float(self.history[-1].get("elapsed", sum(r.get("time", 0.0) for r in self.history)))
                                 if self.history else 0.0)
         set_rng_state(obj["rng"])
@@ -347,7 +340,7 @@ class Trainer:
             raise CheckpointError(f"{args.evaluate}: its {len(man['classes'])} classes do not match the "
                                   f"data: {e}") from None
         p = Preprocessing.from_dict(man["preprocessing"])
-        files, labels = _subset(val.files, val.labels, args.limit_val, len(val.classes), args.seed)
+        files, labels = balanced_subset(val.files, val.labels, args.limit_val, args.seed)
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
         # score it the way its training run did (autocast, memory format, batch size), so the result
         # reproduces the accuracy in its manifest; --amp/--no-amp, --memory-format, --batch-size override

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rn50.checkpoint import FORMAT, clean_state_dict, load_checkpoint, state_dict_mismatch
-from rn50.errors import CheckpointError
+from rn50.errors import CheckpointError, first_line
 from rn50.manifest import sha256_file
 from rn50.model import HEAD, build_model, is_head
 
@@ -78,7 +78,7 @@ def _load_file(path: Path) -> Any:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {str(e).splitlines()[0]}") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(e)}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -89,7 +89,7 @@ def _load_file(path: Path) -> Any:
                               f"(torch.save(model.state_dict(), ...)) and pass that") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{type(e).__name__}: {first_line(e)}") from e
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:

@@ -34,14 +34,8 @@ from rn50.errors import EngineError, ManifestError
 from rn50.manifest import preprocessing_of, read_manifest
 
 SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}
-# manifest "kind" values accepted for each suffix
-KINDS = {
-    ".plan": ("tensorrt", "plan", "trt"),
-    ".engine": ("tensorrt", "plan", "trt"),
-    ".onnx": ("onnx",),
-    ".pt2": ("aoti", "pt2", "aotinductor"),
-    ".pt": ("checkpoint",),
-}
+# the manifest "kind" that export (and train, for a checkpoint) writes for each suffix
+KINDS = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnx", ".pt2": "aoti", ".pt": "checkpoint"}
 # Without a fixed batch in the engine or a max_batch in its manifest, this is the cap.
 DEFAULT_MAX_BATCH = 1024
 
@@ -107,9 +101,9 @@ def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[
         raise EngineError(f"{path}: engine not found")
     m = read_manifest(path)
     kind = str(m.get("kind", ""))
-    if kind not in KINDS[s]:
+    if kind != KINDS[s]:
         raise ManifestError(f"{path}: the manifest beside it describes a '{kind}' artifact, not a {s} engine "
-                            f"(expected kind {' or '.join(repr(k) for k in KINDS[s])}); "
+                            f"(expected kind {KINDS[s]!r}); "
                             f"is {path.name}{'.manifest.json'} the right manifest?")
     size = preprocessing_of(m).image_size
     if "image_size" in m and m["image_size"] != size:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rn50.errors import EngineError
+from rn50.errors import EngineError, first_line
 
 from . import DEFAULT_MAX_BATCH
 
@@ -32,8 +32,6 @@ _CHECK_INPUT_0 = re.compile(r"static void check_input_0\(.*?\n\}", re.S)
 _STATIC_DIM = re.compile(r"if \((\d+) != \w+_size\[(\d+)\]\)")
 
 
-def _first(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def package_input_shape(path: Path) -> tuple[int | None, ...] | None:
@@ -68,7 +66,7 @@ class AotiBackend:
                 str(path), "model")
             dev = str(meta.get("AOTI_DEVICE_KEY", "cpu"))
         except Exception as e:
-            raise EngineError(f"{path}: not a readable AOTInductor package: {_first(e)}") from e
+            raise EngineError(f"{path}: not a readable AOTInductor package: {first_line(e)}") from e
         self.device = "cuda" if dev.startswith("cuda") else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"{path}: this AOTInductor package was compiled for CUDA and there is no GPU here "
@@ -76,7 +74,7 @@ class AotiBackend:
         try:
             self.model = aoti_load_package(str(path))
         except Exception as e:
-            raise EngineError(f"{path}: AOTInductor cannot load it: {_first(e)}") from e
+            raise EngineError(f"{path}: AOTInductor cannot load it: {first_line(e)}") from e
         self.provider = "cuda:0" if self.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         self.input_dtype = "float16" if manifest.get("precision") == "fp16" else "float32"
         self.max_batch = int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
@@ -93,7 +91,7 @@ class AotiBackend:
                 y = self.run(np.zeros((1, *probe), np.float32))
             except Exception as e:
                 raise EngineError(f"{path}: AOTInductor package fails on a {'x'.join(map(str, probe))} input: "
-                                  f"{_first(e)}") from e
+                                  f"{first_line(e)}") from e
             self.num_classes = int(y.shape[1])
 
     def run(self, batch: Any) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from rn50 import ort as _ort
-from rn50.errors import EngineError
+from rn50.errors import EngineError, first_line
 
 from . import DEFAULT_MAX_BATCH
 
@@ -26,8 +26,7 @@ class OrtBackend:
         try:
             self.sess = _ort.session(path, prefer_gpu=prefer_gpu)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EngineError(f"{path}: ONNX Runtime cannot load it: {msg}") from e
+            raise EngineError(f"{path}: ONNX Runtime cannot load it: {first_line(e)}") from e
         self.provider = _ort.provider_of(self.sess)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         inputs, outputs = self.sess.get_inputs(), self.sess.get_outputs()

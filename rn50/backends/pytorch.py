@@ -2,8 +2,8 @@
 
 It is the reference engine: what ``serve.validate`` compares every other engine with, served
 through the same DALI loop. Use it to check a checkpoint on new images before exporting, or as the
-engine of last resort where no compiled one runs (on the lent H100 the AOTInductor CUDA loader
-crashed, and neither TensorRT nor ONNX Runtime's CUDA provider was installed: docs/benchmarks.md).
+engine of last resort where no compiled one runs (no TensorRT, ONNX Runtime without its CUDA
+provider, or a torch whose AOTInductor CUDA loader crashes: docs/benchmarks.md).
 It is not the fast path: on a GPU it runs FP32 in channels_last, with cuDNN's TF32 convolutions
 on Ampere and newer where PyTorch allows them (its default; ``serve.validate`` turns them off, and
 ``provider`` says which). The weights are loaded with ``weights_only=True``.

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rn50.errors import EngineError
+from rn50.errors import EngineError, first_line
 
 
 try:  # typed by the corrected stubs in typings/ (make typecheck)
@@ -47,14 +47,10 @@ def _dims(d: trt.Dims) -> tuple[int, ...]:
 
 def _target_of(manifest: dict[str, Any]) -> tuple[str, str]:
     """(TensorRT version, GPU) the manifest says the plan was built with."""
-    versions = manifest.get("versions") or {}
-    trt_v = str(manifest.get("tensorrt_version") or versions.get("tensorrt") or "unknown")
-    gpu: Any = manifest.get("gpu") or manifest.get("target_gpu") or manifest.get("device") or "unknown"
-    if isinstance(gpu, dict):
-        name = gpu.get("name", "unknown")
-        cc = gpu.get("compute_capability") or gpu.get("capability")
-        gpu = f"{name} (sm_{str(cc).replace('.', '')})" if cc else str(name)
-    return trt_v, str(gpu)
+    gpu = manifest.get("gpu") or {}
+    cc = gpu.get("compute_capability")
+    name = str(gpu.get("name", "unknown"))
+    return str(manifest.get("tensorrt_version", "unknown")), f"{name} (sm_{str(cc).replace('.', '')})" if cc else name
 
 
 def _current_gpu() -> str:
@@ -84,7 +80,7 @@ class TrtBackend:
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             why = ""
         except (RuntimeError, TypeError) as e:
-            engine, why = None, f" ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+            engine, why = None, f" ({first_line(e)})"
         if engine is None:
             built_trt, built_gpu = _target_of(manifest)
             raise EngineError(

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     from rn50.backends import DEFAULT_MAX_BATCH, load_engine
-    from serve.pipeline import env_threads, pick_device
+    from serve.cli import env_threads, pick_device
 
     from .model import Classifier
     from .server import MODEL_NAME, check_ports, serve, stub_env

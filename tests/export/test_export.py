@@ -15,7 +15,8 @@ import torch
 
 import export
 from export import tensorrt_engine as te
-from rn50.batches import balanced_subset, iter_split
+from rn50.batches import iter_split
+from rn50.layout import balanced_subset
 from rn50.checkpoint import load_model, save_checkpoint
 from rn50.layout import load_dataset
 from rn50.manifest import new_manifest, read_manifest, sha256_file
@@ -27,7 +28,7 @@ CLASSES = [f"c{i}" for i in range(10)]
 
 def _val_batch(data: Path, n: int, p: Preprocessing) -> np.ndarray:
     _, val = load_dataset(data)
-    f, y = balanced_subset(val.files, val.labels, per_class=-(-n // len(val.classes)), seed=1)
+    f, y = balanced_subset(val.files, val.labels, n, seed=1)
     x, _ = next(iter_split(f[:n], y[:n], p, batch_size=n))
     return x
 
@@ -227,7 +228,7 @@ def test_pt2_load_check_runs_the_package_in_a_child(engine_pt2: Path, tmp_path: 
 
 def test_pt2_export_survives_a_loader_crash(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loader segfaulted on the lent H100 (torch 2.11, any CUDA package): here a child that dies
+    """AOTInductor's CUDA loader can die of SIGSEGV instead of raising: here a child that dies
     of SIGSEGV stands in for it. The export must say so, exit 2 and leave nothing behind."""
     import export.aoti
 

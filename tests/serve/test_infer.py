@@ -29,7 +29,8 @@ def pytorch_top1(ckpt: Path, paths: list[Path]) -> dict[str, int]:
     """Top-1 of the eager PyTorch checkpoint on the same DALI preprocessing (rn50.batches)."""
     import torch
 
-    from rn50.batches import Preprocessor, read_encoded
+    from rn50.batches import Preprocessor
+    from rn50.layout import read_encoded
     from rn50.checkpoint import load_model
     from rn50.manifest import preprocessing_of
 
@@ -99,7 +100,8 @@ def test_int8_agrees_with_fp32_on_photos(capsys, tmp_path, engine_fp32_onnx, eng
 def test_dali_matches_pil_reference_on_photos(photos):
     """The serving preprocessing (DALI) handles PNG, grayscale, CMYK and EXIF rotation like the
     PIL reference (load_rgb + torchvision_val); the EXIF one must match the upright image."""
-    from rn50.batches import Preprocessor, read_encoded
+    from rn50.batches import Preprocessor
+    from rn50.layout import read_encoded
     from rn50.preprocess import Preprocessing, load_rgb, torchvision_val
 
     p = Preprocessing.for_image_size(64)

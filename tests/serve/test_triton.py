@@ -325,7 +325,8 @@ def test_repo_dali_pipeline_on_cpu_equals_the_contract(engine_fp32_onnx, photos,
     images, gives the tensors the offline preprocessing (rn50.batches.Preprocessor) gives."""
     from nvidia.dali import Pipeline
 
-    from rn50.batches import Preprocessor, read_encoded
+    from rn50.batches import Preprocessor
+    from rn50.layout import read_encoded
     from rn50.manifest import preprocessing_of, read_manifest
     from serve.triton.repo import DALI_INPUT, dali_pipeline
 
