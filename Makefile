@@ -17,7 +17,7 @@ IMAGES     ?= $(DATA)/val
 TRAIN_ARGS ?=
 FMNIST_SRC := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup fmnist data train export infer validate demo test typecheck bench gpu-check clean help
+.PHONY: setup fmnist data train export infer validate demo test lint format typecheck bench gpu-check clean help
 
 help:
 	@sed -n '1,4p' Makefile; echo; grep -E '^[a-z-]+:' Makefile | cut -d: -f1 | tr '\n' ' '; echo
@@ -73,7 +73,17 @@ demo: train
 typecheck: setup
 	$(PY) -m mypy --strict export/tensorrt_engine.py rn50/backends/tensorrt.py
 
-test: setup fmnist typecheck
+# ruff (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, import order, pyupgrade, bugbear; 120
+# columns) and its formatter, checked; `make format` rewrites.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: setup fmnist lint typecheck
 	$(PY) -m pytest -q
 
 # The benchmarks time the trained model: `make train` runs first when $(CHECKPOINT) is missing,

@@ -1,7 +1,8 @@
 """Fine-tuning against training from scratch, on Fashion-MNIST: ``python -m bench.finetune``.
 
 1. Train the CPU profile (32 px, dali-cpu; batch 32 and a 0.3-epoch warmup for so few images)
-   on five classes (t-shirt/top, trouser, pullover, dress, coat): ``--pretrain-per-class`` images each, ``--pretrain-epochs`` epochs.
+   on five classes (t-shirt/top, trouser, pullover, dress, coat): ``--pretrain-per-class`` images
+   each, ``--pretrain-epochs`` epochs.
 2. On the other five (sandal, shirt, sneaker, bag, ankle boot), ``--target-per-class`` images
    each, run the same schedule twice: from that checkpoint (``--init-from``, the finetune preset)
    and from random weights (``--preset finetune``: the same lr, warmup, epochs, images and steps).
@@ -49,27 +50,43 @@ def run_train(args: list[str]) -> dict[str, Any]:
         raise SystemExit(f"error: python -m train {' '.join(args)} exited {rc}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cfg = json.loads((out / "manifest.json").read_text())["train_config"]
-    return {"top1": rows[-1]["val_top1"], "top5": rows[-1]["val_top5"], "val_images": rows[-1]["val_images"],
-            "epochs": len(rows), "wall_s": round(time.time() - t0, 1), "lr": cfg["lr"],
-            "warmup_epochs": cfg["warmup_epochs"], "preset": cfg["preset"]}
+    return {
+        "top1": rows[-1]["val_top1"],
+        "top5": rows[-1]["val_top5"],
+        "val_images": rows[-1]["val_images"],
+        "epochs": len(rows),
+        "wall_s": round(time.time() - t0, 1),
+        "lr": cfg["lr"],
+        "warmup_epochs": cfg["warmup_epochs"],
+        "preset": cfg["preset"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
-                    help="Fashion-MNIST idx files (default: %(default)s)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help="Fashion-MNIST idx files (default: %(default)s)"
+    )
     ap.add_argument("--pretrain-per-class", type=int, default=400, help="training images per pretraining class")
     ap.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of the pretraining run")
     ap.add_argument("--target-per-class", type=int, default=100, help="training images per target class")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each target run (fine-tune and scratch)")
     ap.add_argument("--val-per-class", type=int, default=100, help="validation images per class")
-    ap.add_argument("--batch-size", type=int, default=32,
-                    help="batch of every run (default: %(default)s: the CPU profile's 64 leaves too few steps "
-                         "on these few images)")
-    ap.add_argument("--warmup-epochs", type=float, default=0.3,
-                    help="warmup of the pretraining and the scratch-with-recipe-lr runs (default: %(default)s: "
-                         "the CPU profile's 0.1 epoch is a handful of steps on so few images)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batch of every run (default: %(default)s: the CPU profile's 64 leaves too few steps on these few images)",
+    )
+    ap.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.3,
+        help="warmup of the pretraining and the scratch-with-recipe-lr runs (default: %(default)s: "
+        "the CPU profile's 0.1 epoch is a handful of steps on so few images)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="data threads per run")
     ap.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -79,33 +96,70 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = a.work or Path(tmp)
-        full = convert(work / "fm", a.source, per_class_train=a.pretrain_per_class,
-                       per_class_val=a.val_per_class, progress=False)
+        full = convert(
+            work / "fm", a.source, per_class_train=a.pretrain_per_class, per_class_val=a.val_per_class, progress=False
+        )
         pre_data = subset_root(full, PRETRAIN_CLASSES, work / "pretrain-classes")
         tgt_data = subset_root(full, TARGET_CLASSES, work / "target-classes")
         common = ["--profile", "cpu", "--workers", str(a.workers), "--batch-size", str(a.batch_size)]
         t0 = time.time()
-        pre = run_train(["--data", str(pre_data), "--output", str(work / "pretrain"), *common,
-                         "--epochs", str(a.pretrain_epochs), "--warmup-epochs", str(a.warmup_epochs)])
-        target = [*common, "--data", str(tgt_data), "--limit-train", str(5 * a.target_per_class),
-                  "--epochs", str(a.epochs)]
+        pre = run_train(
+            [
+                "--data",
+                str(pre_data),
+                "--output",
+                str(work / "pretrain"),
+                *common,
+                "--epochs",
+                str(a.pretrain_epochs),
+                "--warmup-epochs",
+                str(a.warmup_epochs),
+            ]
+        )
+        target = [
+            *common,
+            "--data",
+            str(tgt_data),
+            "--limit-train",
+            str(5 * a.target_per_class),
+            "--epochs",
+            str(a.epochs),
+        ]
         ft = run_train([*target, "--output", str(work / "finetune"), "--init-from", str(work / "pretrain" / "best.pt")])
         scratch = run_train([*target, "--output", str(work / "scratch"), "--preset", "finetune"])
-        scratch_recipe = run_train([*target, "--output", str(work / "scratch-recipe"), "--preset", "90",
-                                    "--warmup-epochs", str(a.warmup_epochs)])
-        res = {"machine": machine(), "date": dt.date.today().isoformat(), "wall_s": round(time.time() - t0, 1),
-               "pretrain": {"classes": PRETRAIN_CLASSES, "images": 5 * a.pretrain_per_class, **pre},
-               "target": {"classes": TARGET_CLASSES, "images": 5 * a.target_per_class},
-               "finetune": ft, "scratch_same_schedule": scratch, "scratch_recipe_lr": scratch_recipe,
-               "margin_points": round(ft["top1"] - scratch["top1"], 2)}
+        scratch_recipe = run_train(
+            [
+                *target,
+                "--output",
+                str(work / "scratch-recipe"),
+                "--preset",
+                "90",
+                "--warmup-epochs",
+                str(a.warmup_epochs),
+            ]
+        )
+        res = {
+            "machine": machine(),
+            "date": dt.date.today().isoformat(),
+            "wall_s": round(time.time() - t0, 1),
+            "pretrain": {"classes": PRETRAIN_CLASSES, "images": 5 * a.pretrain_per_class, **pre},
+            "target": {"classes": TARGET_CLASSES, "images": 5 * a.target_per_class},
+            "finetune": ft,
+            "scratch_same_schedule": scratch,
+            "scratch_recipe_lr": scratch_recipe,
+            "margin_points": round(ft["top1"] - scratch["top1"], 2),
+        }
     print(json.dumps(res, indent=2))
-    print(f"\n{res['machine']}, {res['date']}: pretrain {res['pretrain']['images']} images x "
-          f"{a.pretrain_epochs} epochs -> {pre['top1']:.2f} % on its 5 classes; target "
-          f"{res['target']['images']} images x {a.epochs} epochs\n"
-          f"| run | lr | val top-1 |\n| --- | ---: | ---: |\n"
-          f"| fine-tune from the 5-class checkpoint | {ft['lr']:.4g} | {ft['top1']:.2f} % |\n"
-          f"| scratch, same schedule | {scratch['lr']:.4g} | {scratch['top1']:.2f} % |\n"
-          f"| scratch, recipe lr | {scratch_recipe['lr']:.4g} | {scratch_recipe['top1']:.2f} % |", file=sys.stderr)
+    print(
+        f"\n{res['machine']}, {res['date']}: pretrain {res['pretrain']['images']} images x "
+        f"{a.pretrain_epochs} epochs -> {pre['top1']:.2f} % on its 5 classes; target "
+        f"{res['target']['images']} images x {a.epochs} epochs\n"
+        f"| run | lr | val top-1 |\n| --- | ---: | ---: |\n"
+        f"| fine-tune from the 5-class checkpoint | {ft['lr']:.4g} | {ft['top1']:.2f} % |\n"
+        f"| scratch, same schedule | {scratch['lr']:.4g} | {scratch['top1']:.2f} % |\n"
+        f"| scratch, recipe lr | {scratch_recipe['lr']:.4g} | {scratch_recipe['top1']:.2f} % |",
+        file=sys.stderr,
+    )
     if a.json:
         from rn50.atomic import write_json
 

@@ -60,6 +60,7 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- results store
 
+
 class Results:
     """results.json: one record per measurement key, rewritten atomically after each update."""
 
@@ -97,8 +98,10 @@ def run(results: Results, name: str, args: list[str], timeout: float | None = No
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = logf.read_text(errors="replace").replace("\r", "\n").splitlines()[-12:]
-        log(f"{name}: {'stopped after ' + str(round(wall)) + ' s (--train-timeout)' if timed_out else 'exit ' + str(rc)}"
-            f"; last lines of {logf}:\n    " + "\n    ".join(tail))
+        log(
+            f"{name}: {f'stopped after {round(wall)} s (--train-timeout)' if timed_out else f'exit {rc}'}"
+            f"; last lines of {logf}:\n    " + "\n    ".join(tail)
+        )
     else:
         log(f"{name}: done in {wall:.0f} s")
     return {"rc": rc, "wall_s": wall, "command": shown, "log": str(logf), "timed_out": timed_out}
@@ -123,9 +126,13 @@ def time_to(hist: list[dict[str, Any]], top1: float) -> float | None:
 def environment(cuda: bool) -> dict[str, Any]:
     import torch
 
-    env: dict[str, Any] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "cpu_cores": os.cpu_count()}
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_cores": os.cpu_count(),
+    }
     try:
         import nvidia.dali as dali
 
@@ -142,8 +149,12 @@ def environment(cuda: bool) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cudnn"] = torch.backends.cudnn.version()
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     else:
@@ -153,10 +164,21 @@ def environment(cuda: bool) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- stages
 
+
 def _speed_flags(a: argparse.Namespace) -> list[Any]:
     """Flags of every training-throughput run: two epochs (the last one is timed), fp16 autocast."""
-    return ["--epochs", "2", "--batch-size", a.batch_size, "--image-size", a.image_size, "--amp-dtype", "fp16",
-            "--workers", a.workers]
+    return [
+        "--epochs",
+        "2",
+        "--batch-size",
+        a.batch_size,
+        "--image-size",
+        a.image_size,
+        "--amp-dtype",
+        "fp16",
+        "--workers",
+        a.workers,
+    ]
 
 
 def stage_speed(a: argparse.Namespace, res: Results, cuda: bool) -> None:
@@ -164,10 +186,27 @@ def stage_speed(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     for label, flags in SPEED_CONFIGS:
         key = "speed/synthetic/" + label
         out = res.root / "speed" / slug(label)
-        r = run(res, "speed-" + slug(label), ["-m", "train", "--data-backend", "synthetic",
-                                             # a folder that does not exist: synthetic data with --num-classes
-                                             "--data", res.root / "no-data", "--num-classes", "1000",
-                                             "--synthetic-steps", a.steps, "--output", out, *common, *flags])
+        r = run(
+            res,
+            "speed-" + slug(label),
+            [
+                "-m",
+                "train",
+                "--data-backend",
+                "synthetic",
+                # a folder that does not exist: synthetic data with --num-classes
+                "--data",
+                res.root / "no-data",
+                "--num-classes",
+                "1000",
+                "--synthetic-steps",
+                a.steps,
+                "--output",
+                out,
+                *common,
+                *flags,
+            ],
+        )
         res.put(key, {**r, **_speed_figures(out, label, "synthetic")})
         _drop_checkpoints(out)
 
@@ -185,8 +224,25 @@ def stage_data(a: argparse.Namespace, res: Results, cuda: bool) -> None:
         key = f"speed/real/{backend}"
         out = res.root / "speed" / f"real-{backend}"
         limit = ["--limit-train", a.real_images] if a.real_images else []
-        r = run(res, f"speed-real-{backend}", ["-m", "train", "--data", a.data, "--data-backend", backend, *limit,
-                                              "--limit-val", a.batch_size, "--output", out, *common, *flags])
+        r = run(
+            res,
+            f"speed-real-{backend}",
+            [
+                "-m",
+                "train",
+                "--data",
+                a.data,
+                "--data-backend",
+                backend,
+                *limit,
+                "--limit-val",
+                a.batch_size,
+                "--output",
+                out,
+                *common,
+                *flags,
+            ],
+        )
         res.put(key, {**r, **_speed_figures(out, best, f"Fashion-MNIST JPEGs via {backend}")})
         _drop_checkpoints(out)
 
@@ -197,10 +253,14 @@ def slug(label: str) -> str:
 
 def _speed_figures(out: Path, config: str, data: str) -> dict[str, Any]:
     h = history(out)
-    return {"config": config, "data": data, "epochs": len(h),
-            # the last epoch: the first one includes cuDNN autotuning and compilation
-            "img_per_s": h[-1]["img_per_s"] if h else None,
-            "first_epoch_img_per_s": h[0]["img_per_s"] if h else None}
+    return {
+        "config": config,
+        "data": data,
+        "epochs": len(h),
+        # the last epoch: the first one includes cuDNN autotuning and compilation
+        "img_per_s": h[-1]["img_per_s"] if h else None,
+        "first_epoch_img_per_s": h[0]["img_per_s"] if h else None,
+    }
 
 
 def _drop_checkpoints(out: Path) -> None:
@@ -220,17 +280,40 @@ def stage_train(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     man = out / "manifest.json"
     if man.is_file():
         cfg = json.loads(man.read_text()).get("train_config", {})
-    rec: dict[str, Any] = {**r, "epochs_planned": cfg.get("epochs"), "epochs_done": len(h),
-                           "config": {k: cfg.get(k) for k in ("image_size", "batch_size", "preset", "lr", "warmup_epochs",
-                                                              "amp", "amp_dtype", "compile", "memory_format",
-                                                              "data_backend", "min_crop_scale", "mixup")}}
+    rec: dict[str, Any] = {
+        **r,
+        "epochs_planned": cfg.get("epochs"),
+        "epochs_done": len(h),
+        "config": {
+            k: cfg.get(k)
+            for k in (
+                "image_size",
+                "batch_size",
+                "preset",
+                "lr",
+                "warmup_epochs",
+                "amp",
+                "amp_dtype",
+                "compile",
+                "memory_format",
+                "data_backend",
+                "min_crop_scale",
+                "mixup",
+            )
+        },
+    }
     if h:
         best = max(h, key=lambda x: x["val_top1"])
-        rec.update(final_top1=h[-1]["val_top1"], final_top5=h[-1]["val_top5"], best_top1=best["val_top1"],
-                   best_epoch=best["epoch"] + 1, elapsed_s=h[-1].get("elapsed"),
-                   img_per_s=sum(x["img_per_s"] for x in h[1:]) / max(1, len(h) - 1) if len(h) > 1 else h[0]["img_per_s"],
-                   time_to={f"{t:g}": time_to(h, t) for t in THRESHOLDS},
-                   curve=[(x["epoch"] + 1, round(x["val_top1"], 2), round(x.get("elapsed", 0), 1)) for x in h])
+        rec.update(
+            final_top1=h[-1]["val_top1"],
+            final_top5=h[-1]["val_top5"],
+            best_top1=best["val_top1"],
+            best_epoch=best["epoch"] + 1,
+            elapsed_s=h[-1].get("elapsed"),
+            img_per_s=sum(x["img_per_s"] for x in h[1:]) / max(1, len(h) - 1) if len(h) > 1 else h[0]["img_per_s"],
+            time_to={f"{t:g}": time_to(h, t) for t in THRESHOLDS},
+            curve=[(x["epoch"] + 1, round(x["val_top1"], 2), round(x.get("elapsed", 0), 1)) for x in h],
+        )
     res.put("train", rec)
 
 
@@ -244,25 +327,61 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
         return
     val = Path(a.data) / "val"
     pt2, onnx = res.root / "rn50.pt2", res.root / "rn50.fp32.onnx"
-    for key, out, extra in (("export/pt2", pt2, ["--precision", "fp32"]), ("export/onnx-fp32", onnx, ["--precision", "fp32"])):
+    for key, out, extra in (
+        ("export/pt2", pt2, ["--precision", "fp32"]),
+        ("export/onnx-fp32", onnx, ["--precision", "fp32"]),
+    ):
         mf = manifest_path(out)
         for f in (out, mf):  # an earlier run's must not stand in for a failed export
             f.unlink(missing_ok=True)
         r = run(res, key.replace("/", "-"), ["-m", "export", "--checkpoint", best, "--output", out, *extra])
         par = json.loads(mf.read_text()).get("parity") if r["rc"] == 0 and mf.is_file() else None
         res.put(key, {**r, "parity": par})
-    r = run(res, "gpu-inference", ["-m", "bench.gpu_inference", "--checkpoint", best,
-                                   *(["--pt2", pt2] if pt2.is_file() else []), "--batches", a.batches,
-                                   "--seconds", a.seconds, "--out", res.root / "inference.json"])
+    r = run(
+        res,
+        "gpu-inference",
+        [
+            "-m",
+            "bench.gpu_inference",
+            "--checkpoint",
+            best,
+            *(["--pt2", pt2] if pt2.is_file() else []),
+            "--batches",
+            a.batches,
+            "--seconds",
+            a.seconds,
+            "--out",
+            res.root / "inference.json",
+        ],
+    )
     inf = res.root / "inference.json"
     res.put("inference", {**r, **(json.loads(inf.read_text()) if r["rc"] == 0 and inf.is_file() else {})})
-    for key, engine, extra in (("validate/pt2", pt2, []),
-                               ("validate/onnx-fp32", onnx, ["--limit", a.cpu_validate_images])):
+    for key, engine, extra in (
+        ("validate/pt2", pt2, []),
+        ("validate/onnx-fp32", onnx, ["--limit", a.cpu_validate_images]),
+    ):
         if not engine.is_file():
             continue
         rep = res.root / key.replace("/", "-")
-        r = run(res, key.replace("/", "-"), ["-m", "serve.validate", "--engine", engine, "--checkpoint", best, val,
-                                             "--batch-size", a.batch_size, "--report", rep, "--quiet", *extra])
+        r = run(
+            res,
+            key.replace("/", "-"),
+            [
+                "-m",
+                "serve.validate",
+                "--engine",
+                engine,
+                "--checkpoint",
+                best,
+                val,
+                "--batch-size",
+                a.batch_size,
+                "--report",
+                rep,
+                "--quiet",
+                *extra,
+            ],
+        )
         j = Path(str(rep) + ".json")
         res.put(key, {**r, "report": json.loads(j.read_text()) if j.is_file() else None})
 
@@ -278,14 +397,31 @@ def stage_serve(a: argparse.Namespace, res: Results, cuda: bool) -> None:
         log(f"serve: {engine} is missing: run the train stage first")
         return
     val = Path(a.data) / "val"
-    for dev in (("gpu", "cpu") if cuda else ("cpu",)):
+    for dev in ("gpu", "cpu") if cuda else ("cpu",):
         summ, pred = res.root / f"serve-{dev}.json", res.root / f"serve-{dev}.jsonl"
         for f in (summ, pred):  # no figure from an earlier run may stand in for this one
             f.unlink(missing_ok=True)
         # the engine runs where CUDA is (auto) both times; only where DALI decodes changes
-        r = run(res, f"serve-{dev}", ["-m", "serve.infer", "--engine", engine, "--decode-on",
-                                      "auto" if dev == "gpu" else "cpu", "--batch-size", a.batch_size,
-                                      "--output", pred, "--summary", summ, "--quiet", val])
+        r = run(
+            res,
+            f"serve-{dev}",
+            [
+                "-m",
+                "serve.infer",
+                "--engine",
+                engine,
+                "--decode-on",
+                "auto" if dev == "gpu" else "cpu",
+                "--batch-size",
+                a.batch_size,
+                "--output",
+                pred,
+                "--summary",
+                summ,
+                "--quiet",
+                val,
+            ],
+        )
         # exit 1: some images could not be decoded; the rest were classified and the summary counts them
         res.put(f"serve/{dev}", {**r, **(json.loads(summ.read_text()) if r["rc"] in (0, 1) and summ.is_file() else {})})
     a_, b_ = res.root / "serve-gpu.jsonl", res.root / "serve-cpu.jsonl"
@@ -295,6 +431,7 @@ def stage_serve(a: argparse.Namespace, res: Results, cuda: bool) -> None:
 
 def top1_agreement(a: Path, b: Path) -> dict[str, Any]:
     """Share of images (by path) for which two serve.infer outputs name the same top-1 class."""
+
     def top1(p: Path) -> dict[str, int]:
         out = {}
         for line in p.read_text().splitlines():
@@ -311,6 +448,7 @@ def top1_agreement(a: Path, b: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- table
 
+
 def _f(v: Any, fmt: str = "{:,.0f}", none: str = "-") -> str:
     return none if v is None else fmt.format(v)
 
@@ -326,33 +464,49 @@ def _mmss(s: float | None) -> str:
 
 def table(res: Results) -> str:
     env = res["env"] or {}
-    L = [f"GPU check: {env.get('gpu') or 'no GPU (CPU smoke run)'}, driver {env.get('driver')}, "
-         f"{env.get('cpu_cores')} CPU cores; torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), "
-         f"DALI {env.get('dali')}, onnxruntime {env.get('onnxruntime')}, Python {env.get('python')}; {env.get('date')}", ""]
+    L = [
+        f"GPU check: {env.get('gpu') or 'no GPU (CPU smoke run)'}, driver {env.get('driver')}, "
+        f"{env.get('cpu_cores')} CPU cores; torch {env.get('torch')} "
+        f"(CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), "
+        f"DALI {env.get('dali')}, onnxruntime {env.get('onnxruntime')}, Python {env.get('python')}; {env.get('date')}",
+        "",
+    ]
     syn = [res["speed/synthetic/" + label] for label, _ in SPEED_CONFIGS]
     real = [res[k] for k in ("speed/real/dali-gpu", "speed/real/dali-cpu", "speed/real/pytorch")]
     if any(syn) or any(real):
         base = (syn[0] or {}).get("img_per_s")
-        L += ["1. Training throughput (images/s; last of 2 epochs)", "",
-              "| configuration | data | images/s | vs eager FP32 |", "| --- | --- | ---: | ---: |"]
+        L += [
+            "1. Training throughput (images/s; last of 2 epochs)",
+            "",
+            "| configuration | data | images/s | vs eager FP32 |",
+            "| --- | --- | ---: | ---: |",
+        ]
         for r in [x for x in syn + real if x]:
             ips = r.get("img_per_s")
             ratio = f"{ips / base:.2f}x" if ips and base else "-"
-            L.append(f"| {r.get('config')} | {r.get('data')} | {_f(ips) if r['rc'] == 0 else 'failed (' + r['log'] + ')'} | {ratio} |")
+            L.append(
+                f"| {r.get('config')} | {r.get('data')} | "
+                f"{_f(ips) if r['rc'] == 0 else 'failed (' + r['log'] + ')'} | {ratio} |"
+            )
         L.append("")
     t = res["train"]
     if t:
         tt = t.get("time_to") or {}
-        L += ["2. Accuracy and time to accuracy (`" + t["command"] + "`)", "",
-              "| epochs | val top-1 | val top-5 | best top-1 (epoch) | to 90 % | to 94 % | to 95 % | last epoch at | "
-              "process wall | train images/s |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-              f"| {t.get('epochs_done')}/{t.get('epochs_planned')} | {_f(t.get('final_top1'), '{:.2f}')} | "
-              f"{_f(t.get('final_top5'), '{:.2f}')} | {_f(t.get('best_top1'), '{:.2f}')} ({t.get('best_epoch')}) | "
-              + " | ".join(_mmss(tt.get(f"{x:g}")) for x in THRESHOLDS)
-              + f" | {_mmss(t.get('elapsed_s'))} | {_mmss(t.get('wall_s'))} | {_f(t.get('img_per_s'))} |", "",
-              "Times are wall time from the start of training (the run's `elapsed`: set-up, compilation and "
-              "validation included); process wall adds Python start-up and exit.", ""]
+        L += [
+            "2. Accuracy and time to accuracy (`" + t["command"] + "`)",
+            "",
+            "| epochs | val top-1 | val top-5 | best top-1 (epoch) | to 90 % | to 94 % | to 95 % | last epoch at | "
+            "process wall | train images/s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {t.get('epochs_done')}/{t.get('epochs_planned')} | {_f(t.get('final_top1'), '{:.2f}')} | "
+            f"{_f(t.get('final_top5'), '{:.2f}')} | {_f(t.get('best_top1'), '{:.2f}')} ({t.get('best_epoch')}) | "
+            + " | ".join(_mmss(tt.get(f"{x:g}")) for x in THRESHOLDS)
+            + f" | {_mmss(t.get('elapsed_s'))} | {_mmss(t.get('wall_s'))} | {_f(t.get('img_per_s'))} |",
+            "",
+            "Times are wall time from the start of training (the run's `elapsed`: set-up, compilation and "
+            "validation included); process wall adds Python start-up and exit.",
+            "",
+        ]
         if t.get("timed_out"):
             L += [f"(stopped by --train-timeout after {t.get('epochs_done')} epochs)", ""]
     inf = res["inference"]
@@ -361,78 +515,123 @@ def table(res: Results) -> str:
         engines = list(dict.fromkeys(r["engine"] for r in inf["rows"]))
         by = {(r["engine"], r["batch"]): r for r in inf["rows"]}
         base = {b: by.get(("pytorch eager fp32", b), {}).get("images_per_s") for b in batches}
-        L += ["3. Inference from the trained checkpoint (images/s, p50 latency per batch; input already on the device)", "",
-              "| engine | " + " | ".join(f"batch {b}" for b in batches) + " | vs eager FP32 at batch " + str(batches[-1]) + " |",
-              "| --- | " + " | ".join("---:" for _ in batches) + " | ---: |"]
+        L += [
+            "3. Inference from the trained checkpoint (images/s, p50 latency per batch; input already on the device)",
+            "",
+            "| engine | "
+            + " | ".join(f"batch {b}" for b in batches)
+            + " | vs eager FP32 at batch "
+            + str(batches[-1])
+            + " |",
+            "| --- | " + " | ".join("---:" for _ in batches) + " | ---: |",
+        ]
         for e in engines:
             cells = []
             for b in batches:
                 r = by.get((e, b), {})
-                cells.append("failed" if "error" in r else f"{_f(r.get('images_per_s'))} ({_f(r.get('p50_ms'), '{:.2f}')} ms)")
+                cells.append(
+                    "failed" if "error" in r else f"{_f(r.get('images_per_s'))} ({_f(r.get('p50_ms'), '{:.2f}')} ms)"
+                )
             top = by.get((e, batches[-1]), {}).get("images_per_s")
             ratio = f"{top / base[batches[-1]]:.2f}x" if top and base[batches[-1]] else "-"
             L.append(f"| {e} | " + " | ".join(cells) + f" | {ratio} |")
         L.append("")
     vals = [(k, res[k]) for k in ("validate/pt2", "validate/onnx-fp32") if res[k]]
     if vals:
-        L += ["serve.validate (engine vs eager FP32 PyTorch on the same DALI batches)", "",
-              "| engine | runs on | images | engine top-1 | PyTorch top-1 | top-1 agreement | max abs logit diff | result |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        L += [
+            "serve.validate (engine vs eager FP32 PyTorch on the same DALI batches)",
+            "",
+            "| engine | runs on | images | engine top-1 | PyTorch top-1 | top-1 agreement "
+            "| max abs logit diff | result |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for k, r in vals:
             rep = r.get("report") or {}
             if not rep:
                 L.append(f"| {k.split('/')[1]} | - | - | - | - | - | - | failed ({r['log']}) |")
                 continue
-            L.append(f"| {k.split('/')[1]} | {rep.get('backend', '')} | {rep.get('images')} | "
-                     f"{_f(rep['engine_acc']['top1'], '{:.2f}')} | {_f(rep['pytorch']['top1'], '{:.2f}')} | "
-                     f"{_f(rep.get('top1_agreement'), '{:.2f}')} % | {_f(rep.get('max_abs_logit_diff'), '{:.3g}')} | "
-                     f"{'PASS' if rep.get('passed') else 'FAIL'} |")
+            L.append(
+                f"| {k.split('/')[1]} | {rep.get('backend', '')} | {rep.get('images')} | "
+                f"{_f(rep['engine_acc']['top1'], '{:.2f}')} | {_f(rep['pytorch']['top1'], '{:.2f}')} | "
+                f"{_f(rep.get('top1_agreement'), '{:.2f}')} % | {_f(rep.get('max_abs_logit_diff'), '{:.3g}')} | "
+                f"{'PASS' if rep.get('passed') else 'FAIL'} |"
+            )
         L.append("")
     serve = [(d, res[f"serve/{d}"]) for d in ("gpu", "cpu") if res[f"serve/{d}"]]
     if serve:
-        L += ["4. serve.infer end to end (files to predictions)", "",
-              "| decoding | engine | images | images/s | engine latency p50 per batch | batch |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+        L += [
+            "4. serve.infer end to end (files to predictions)",
+            "",
+            "| decoding | engine | images | images/s | engine latency p50 per batch | batch |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for d, r in serve:
-            label = ("DALI mixed (nvJPEG + GPU resize)" if d == "gpu" and r.get("dali_device") == "gpu"
-                     else f"DALI on the CPU, engine on {r.get('engine_device', '?')}")
+            label = (
+                "DALI mixed (nvJPEG + GPU resize)"
+                if d == "gpu" and r.get("dali_device") == "gpu"
+                else f"DALI on the CPU, engine on {r.get('engine_device', '?')}"
+            )
             if r["rc"] not in (0, 1) or "images_per_s" not in r:
                 L.append(f"| {label} | - | - | failed ({r['log']}) | - | - |")
                 continue
             lat = (r.get("latency_ms") or {}).get("p50")
-            L.append(f"| {label} | {Path(r.get('engine', '')).name} ({r.get('backend')}, {r.get('provider')}) | "
-                     f"{r.get('images', '-')} | {_f(r.get('images_per_s'))} | {_f(lat, '{:.1f}')} ms | "
-                     f"{r.get('batch_size', '-')} |")
+            L.append(
+                f"| {label} | {Path(r.get('engine', '')).name} ({r.get('backend')}, {r.get('provider')}) | "
+                f"{r.get('images', '-')} | {_f(r.get('images_per_s'))} | {_f(lat, '{:.1f}')} ms | "
+                f"{r.get('batch_size', '-')} |"
+            )
         ag = res["serve/agreement"]
         if ag:
-            L += ["", f"Same top-1 class from both decodings: {ag['same_top1']} of {ag['images']} images ({ag['percent']:.2f} %)."]
+            L += [
+                "",
+                f"Same top-1 class from both decodings: {ag['same_top1']} of {ag['images']} images "
+                f"({ag['percent']:.2f} %).",
+            ]
         L.append("")
     return "\n".join(L)
 
 
 # --------------------------------------------------------------------------- main
 
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bench/gpu_check.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("stages", nargs="*", metavar="STAGE", help=f"{', '.join(STAGES)} or table (default: all)")
-    ap.add_argument("--results", type=Path, default=Path("runs/gpu_check"), help="results folder (default: %(default)s)")
+    ap.add_argument(
+        "--results", type=Path, default=Path("runs/gpu_check"), help="results folder (default: %(default)s)"
+    )
     ap.add_argument("--data", default="data/fashion-mnist", help="ImageNet-layout data (default: %(default)s)")
     ap.add_argument("--epochs", type=int, help="train: epochs (default: the GPU profile's, 90)")
     ap.add_argument("--train-args", help="train: more flags for python -m train, quoted")
-    ap.add_argument("--train-timeout", type=float, help="train: stop the run after this many seconds (its "
-                                                        "last checkpoint stays; continue with python -m train --resume)")
+    ap.add_argument(
+        "--train-timeout",
+        type=float,
+        help="train: stop the run after this many seconds (its "
+        "last checkpoint stays; continue with python -m train --resume)",
+    )
     ap.add_argument("--image-size", type=int, default=224, help="speed: image size (default 224)")
     ap.add_argument("--batch-size", type=int, default=256, help="speed/validate/serve: batch size (default 256)")
     ap.add_argument("--steps", type=int, default=50, help="speed: synthetic steps per epoch (default 50)")
-    ap.add_argument("--real-images", type=int, default=0,
-                    help="data: training images per epoch (default 0: all of them; a short epoch is dominated by "
-                         "the per-epoch start of the data pipeline: 30 batches gave half the rate of a full epoch)")
-    ap.add_argument("--workers", type=int, default=8, help="speed/data: data workers/threads, both backends (default 8)")
+    ap.add_argument(
+        "--real-images",
+        type=int,
+        default=0,
+        help="data: training images per epoch (default 0: all of them; a short epoch is dominated by "
+        "the per-epoch start of the data pipeline: 30 batches gave half the rate of a full epoch)",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=8, help="speed/data: data workers/threads, both backends (default 8)"
+    )
     ap.add_argument("--batches", default="1,32,256", help="infer: batch sizes (default 1,32,256)")
     ap.add_argument("--seconds", type=float, default=3.0, help="infer: seconds per timing (default 3)")
-    ap.add_argument("--cpu-validate-images", type=int, default=1000,
-                    help="infer: images for serve.validate of the ONNX on ONNX Runtime's CPU provider (default 1000)")
+    ap.add_argument(
+        "--cpu-validate-images",
+        type=int,
+        default=1000,
+        help="infer: images for serve.validate of the ONNX on ONNX Runtime's CPU provider (default 1000)",
+    )
     return ap
 
 
@@ -452,8 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         if not cuda:
             log("no CUDA GPU here: running on the CPU (dali-cpu) as a smoke test; the figures mean nothing")
     if any(s in stages for s in ("data", "train", "infer", "serve")) and not (Path(a.data) / "val").is_dir():
-        print(f"error: {a.data}/val not found: make the data set first (make data, or python -m rn50.fashion_mnist "
-              f"--out {a.data})", file=sys.stderr)
+        print(
+            f"error: {a.data}/val not found: make the data set first (make data, or python -m rn50.fashion_mnist "
+            f"--out {a.data})",
+            file=sys.stderr,
+        )
         return 2
     fns = {"speed": stage_speed, "data": stage_data, "train": stage_train, "infer": stage_infer, "serve": stage_serve}
     for s in stages:

@@ -22,8 +22,9 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rn50.errors import first_line
 
@@ -40,10 +41,13 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None], seconds: float, warmu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.gpu_inference", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.gpu_inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"))
-    ap.add_argument("--pt2", type=Path, help="AOTInductor package exported from the same checkpoint (row skipped without it)")
+    ap.add_argument(
+        "--pt2", type=Path, help="AOTInductor package exported from the same checkpoint (row skipped without it)"
+    )
     ap.add_argument("--data", type=Path, help="data root (default: the checkpoint's)")
     ap.add_argument("--batches", default="1,32,256", help="comma-separated batch sizes (default 1,32,256)")
     ap.add_argument("--seconds", type=float, default=3.0, help="timing per measurement (default 3)")
@@ -54,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rn50.batches import iter_split
-    from rn50.layout import balanced_subset
     from rn50.checkpoint import load_model
-    from rn50.layout import load_dataset
+    from rn50.layout import balanced_subset, load_dataset
     from rn50.preprocess import Preprocessing
 
     cuda = torch.cuda.is_available()
@@ -83,13 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         m16 = copy.deepcopy(m32).half()
         engines["pytorch eager fp16"] = (m16, x16)
         if not args.no_compile:
-            engines["torch.compile fp16 (reduce-overhead)"] = (torch.compile(m16, mode="reduce-overhead", dynamic=False), x16)
+            engines["torch.compile fp16 (reduce-overhead)"] = (
+                torch.compile(m16, mode="reduce-overhead", dynamic=False),
+                x16,
+            )
     elif not args.no_compile:
         engines["torch.compile fp32"] = (torch.compile(m32), x32)
-    env = {"device": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-           "tf32_conv": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-           "image_size": p.image_size, "checkpoint": str(args.checkpoint), "pt2": str(args.pt2) if args.pt2 else None}
+    env = {
+        "device": torch.cuda.get_device_name(0) if cuda else "CPU",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "tf32_conv": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "image_size": p.image_size,
+        "checkpoint": str(args.checkpoint),
+        "pt2": str(args.pt2) if args.pt2 else None,
+    }
     rows: list[dict[str, Any]] = []
 
     def save() -> None:  # after every row: a crash later (an AOTInductor loader) keeps the rows so far
@@ -115,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} at batch {b} failed: {msg}")
                 rows.append({"engine": name, "batch": b, "error": msg[:300]})
                 continue
-            r.update(engine=name, batch=b, images_per_s=b / (r["mean_ms"] / 1000),
-                     first_call_s=time.perf_counter() - t_first)
+            r.update(
+                engine=name, batch=b, images_per_s=b / (r["mean_ms"] / 1000), first_call_s=time.perf_counter() - t_first
+            )
             rows.append(r)
             save()
 
@@ -134,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {r['engine']} | {r['batch']} | failed: {r['error'][:80]} | | |")
         else:
-            print(f"| {r['engine']} | {r['batch']} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} |")
+            print(
+                f"| {r['engine']} | {r['batch']} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} |"
+            )
     print(json.dumps(env), file=sys.stderr)
     return 0
 

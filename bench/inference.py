@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +36,12 @@ def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"),
-                    help="trained checkpoint to export and time; without it an untrained 32 px model (default: "
-                         "%(default)s)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("runs/default/best.pt"),
+        help="trained checkpoint to export and time; without it an untrained 32 px model (default: %(default)s)",
+    )
     ap.add_argument("--data", type=Path, help="data root (default: the checkpoint's, else data/fashion-mnist)")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing per measurement (default 4)")
     ap.add_argument("--calib-size", type=int, default=128, help="calibration images per INT8 flavour (default 128)")
@@ -52,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from export.aoti import compile_package
     from export.onnx import export_fp32
     from rn50.batches import iter_split
-    from rn50.layout import balanced_subset
     from rn50.checkpoint import load_model
-    from rn50.layout import load_dataset
+    from rn50.layout import balanced_subset, load_dataset
     from rn50.model import build_model
     from rn50.ort import session
     from rn50.preprocess import Preprocessing
@@ -85,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         files = calibration_set(train.files, train.labels, args.calib_size)
         for fl in ("u8s8", "s8s8"):
             log(f"calibrating INT8 {fl} on {len(files)} training images")
-            calibrate(d_ / "fp32.onnx", d_ / f"int8_{fl}.onnx", files, p, flavour=fl,
-                      cache_dir=d_ / "cache")
+            calibrate(d_ / "fp32.onnx", d_ / f"int8_{fl}.onnx", files, p, flavour=fl, cache_dir=d_ / "cache")
         log("compiling the AOTInductor package (about a minute on 2 cores)")
         t0 = time.perf_counter()
         compile_package(model, p.image_size, d_ / "rn50.pt2", max_batch=64)
@@ -110,27 +111,43 @@ def main(argv: list[str] | None = None) -> int:
             "ort int8 s8s8": ort_fn(d_ / "int8_s8s8.onnx"),
             "aotinductor fp32": aoti,
         }
-        base = {"pytorch eager fp32": None, "ort fp32": "pytorch eager fp32", "ort int8 u8s8": "ort fp32",
-                "ort int8 s8s8": "ort fp32", "aotinductor fp32": "pytorch eager fp32"}
+        base = {
+            "pytorch eager fp32": None,
+            "ort fp32": "pytorch eager fp32",
+            "ort int8 u8s8": "ort fp32",
+            "ort int8 s8s8": "ort fp32",
+            "aotinductor fp32": "pytorch eager fp32",
+        }
         res: dict[tuple[str, int], float] = {}
         for name, fn in engines.items():
             for b, x in inputs.items():
                 log(f"timing {name} at batch {b}")
                 res[name, b] = throughput(fn, x, args.seconds)
 
-    lines = [f"\nResNet50 v1.5 inference on CPU, {p.image_size}x{p.image_size} input ({what})",
-             f"machine: {machine()}; torch {torch.__version__}, {threads} threads; "
-             f"onnxruntime {__import__('onnxruntime').__version__}",
-             f"AOTInductor compile time: {t_aoti:.0f} s; whole run {time.perf_counter() - t_all:.0f} s\n"]
+    lines = [
+        f"\nResNet50 v1.5 inference on CPU, {p.image_size}x{p.image_size} input ({what})",
+        f"machine: {machine()}; torch {torch.__version__}, {threads} threads; "
+        f"onnxruntime {__import__('onnxruntime').__version__}",
+        f"AOTInductor compile time: {t_aoti:.0f} s; whole run {time.perf_counter() - t_all:.0f} s\n",
+    ]
     head = f"| {'engine':<20} | {'img/s b=1':>10} | {'img/s b=32':>10} | {'ratio b=1':>18} | {'ratio b=32':>18} |"
     lines += [head, "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|"]
     for name in engines:
         ref = base[name]
-        r = [f"{res[name, b] / res[ref, b]:.2f}x vs {ref.split()[0] if ref.startswith('pytorch') else 'ort fp32'}"
-             if ref else "baseline" for b in (1, 32)]
+        r = [
+            f"{res[name, b] / res[ref, b]:.2f}x vs {ref.split()[0] if ref.startswith('pytorch') else 'ort fp32'}"
+            if ref
+            else "baseline"
+            for b in (1, 32)
+        ]
         lines.append(f"| {name:<20} | {res[name, 1]:>10.1f} | {res[name, 32]:>10.1f} | {r[0]:>18} | {r[1]:>18} |")
-    publish(args.output, "inference", "\n".join(lines), f"ResNet50 v1.5 inference on CPU, {p.image_size} px",
-            {f"batch {b}": {name: res[name, b] for name in engines} for b in inputs})
+    publish(
+        args.output,
+        "inference",
+        "\n".join(lines),
+        f"ResNet50 v1.5 inference on CPU, {p.image_size} px",
+        {f"batch {b}": {name: res[name, b] for name in engines} for b in inputs},
+    )
     return 0
 
 

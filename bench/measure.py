@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -31,8 +32,14 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} logical cores ({flags}), {gpu}"
 
 
-def time_calls(fn: Callable[[], Any], *, seconds: float, min_calls: int = 3, warmup: int = 1,
-               sync: Callable[[], None] | None = None) -> list[float]:
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    seconds: float,
+    min_calls: int = 3,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> list[float]:
     """Seconds of each call of ``fn`` after ``warmup`` untimed calls: calls go on until ``seconds``
     have passed and at least ``min_calls`` were made. ``sync`` (e.g. ``torch.cuda.synchronize``)
     runs after the warm-up and after each call, inside its time, for asynchronous work."""

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 DEFAULT_DIR = Path("runs/bench")
 
 
 def add_output_flag(ap: argparse.ArgumentParser, name: str) -> None:
-    ap.add_argument("--output", type=Path, default=DEFAULT_DIR, metavar="DIR",
-                    help=f"folder for {name}.md (the table printed) and {name}.png (its bar chart) "
-                         "(default: %(default)s)")
+    ap.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_DIR,
+        metavar="DIR",
+        help=f"folder for {name}.md (the table printed) and {name}.png (its bar chart) (default: %(default)s)",
+    )
 
 
 def publish(out_dir: Path, name: str, text: str, title: str, panels: Mapping[str, Mapping[str, float]]) -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .measure import cpu_name, time_calls
@@ -33,24 +31,30 @@ def timed(fn, min_seconds: float = 3.0, min_iters: int = 2) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx",
-                    help="engine to time, with its manifest beside it (default: %(default)s)")
+    ap.add_argument(
+        "--engine",
+        default="artifacts/rn50.fp32.onnx",
+        help="engine to time, with its manifest beside it (default: %(default)s)",
+    )
     ap.add_argument("--data", default="data/fashion-mnist/val", help="folder of images (default: %(default)s)")
     ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=32,
-                    help="images per batch, clipped to the engine's maximum (default: %(default)s)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per batch, clipped to the engine's maximum (default: %(default)s)",
+    )
     add_output_flag(ap, "serve")
     args = ap.parse_args(argv)
 
     import numpy as np
 
+    from rn50.backends import load_engine
     from rn50.batches import Preprocessor
-    from rn50.layout import read_encoded
     from rn50.errors import PipelineError
-    from rn50.layout import iter_inputs
+    from rn50.layout import iter_inputs, read_encoded
     from rn50.manifest import preprocessing_of
     from rn50.preprocess import load_rgb, torchvision_val
-    from rn50.backends import load_engine
     from serve.pipeline import BatchStream
 
     try:
@@ -78,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     # model only
     x = Preprocessor(p, bs)([read_encoded(f) for f in files[:bs]])
     model_ips = bs / timed(lambda: backend.run(x), min_seconds=5)
-    rows += [(f"end to end, {backend.name} ({backend.provider}), batch {bs}, {p.image_size} px", e2e_ips, ""),
-             (f"model only, same backend and batch", model_ips, f"e2e = {e2e_ips / model_ips:.2f} x model-only")]
+    rows += [
+        (f"end to end, {backend.name} ({backend.provider}), batch {bs}, {p.image_size} px", e2e_ips, ""),
+        ("model only, same backend and batch", model_ips, f"e2e = {e2e_ips / model_ips:.2f} x model-only"),
+    ]
 
     # DALI CPU vs PIL/torchvision, on Fashion-MNIST and on photographs
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,20 +101,32 @@ def main(argv: list[str] | None = None) -> int:
         tv = torchvision_val(p)
         pre = Preprocessor(p, bs)
         for label, fs in sets:
-            dali_ips = len(fs) / timed(lambda: pre([read_encoded(f) for f in fs]))
-            pil_ips = len(fs) / timed(lambda: [tv(load_rgb(f)) for f in fs])
-            rows += [(f"DALI CPU preprocessing, {label}", dali_ips, ""),
-                     (f"PIL + torchvision preprocessing, {label}", pil_ips, f"DALI = {dali_ips / pil_ips:.2f} x PIL")]
+            dali_ips = len(fs) / timed(lambda fs=fs: pre([read_encoded(f) for f in fs]))
+            pil_ips = len(fs) / timed(lambda fs=fs: [tv(load_rgb(f)) for f in fs])
+            rows += [
+                (f"DALI CPU preprocessing, {label}", dali_ips, ""),
+                (f"PIL + torchvision preprocessing, {label}", pil_ips, f"DALI = {dali_ips / pil_ips:.2f} x PIL"),
+            ]
 
     threads = os.environ.get("RN50_DALI_THREADS") or f"{max(1, min(8, os.cpu_count() or 1))}"
-    lines = [f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} "
-             f"({man.get('precision')}); DALI threads {threads}; {len(files)} images end to end\n",
-             "| measurement | images/s | ratio |", "| --- | ---: | --- |"]
+    lines = [
+        f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} "
+        f"({man.get('precision')}); DALI threads {threads}; {len(files)} images end to end\n",
+        "| measurement | images/s | ratio |",
+        "| --- | ---: | --- |",
+    ]
     lines += [f"| {name} | {ips:,.1f} | {ratio} |" for name, ips, ratio in rows]
     serving, prep = rows[:2], rows[2:]
-    publish(args.output, "serve", "\n".join(lines), f"Serving on CPU: {backend.name}, batch {bs}, {p.image_size} px",
-            {"serving: end to end vs model only": {n.split(",")[0]: v for n, v, _ in serving},
-             "preprocessing, single process": {n.replace(" preprocessing", ""): v for n, v, _ in prep}})
+    publish(
+        args.output,
+        "serve",
+        "\n".join(lines),
+        f"Serving on CPU: {backend.name}, batch {bs}, {p.image_size} px",
+        {
+            "serving: end to end vs model only": {n.split(",")[0]: v for n, v, _ in serving},
+            "preprocessing, single process": {n.replace(" preprocessing", ""): v for n, v, _ in prep},
+        },
+    )
     return 0
 
 

@@ -42,9 +42,24 @@ def free_ports(n: int) -> list[int]:
 def offline(engine: str, files: list[str], batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "summary.json"
-        subprocess.run([sys.executable, "-m", "serve.infer", "--engine", engine, "--quiet", "--batch-size",
-                        str(batch_size), "--output", str(Path(tmp) / "p.jsonl"), "--summary", str(lst), *files],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "serve.infer",
+                "--engine",
+                engine,
+                "--quiet",
+                "--batch-size",
+                str(batch_size),
+                "--output",
+                str(Path(tmp) / "p.jsonl"),
+                "--summary",
+                str(lst),
+                *files,
+            ],
+            check=True,
+        )
         return json.loads(lst.read_text())
 
 
@@ -79,19 +94,28 @@ async def load(port: int, payloads: list[bytes], concurrency: int, requests: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.triton", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", default="artifacts/rn50.fp32.onnx", help="engine to serve and to run offline "
-                                                                          "(default artifacts/rn50.fp32.onnx)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.triton",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--engine",
+        default="artifacts/rn50.fp32.onnx",
+        help="engine to serve and to run offline (default artifacts/rn50.fp32.onnx)",
+    )
     ap.add_argument("--data", default="data/fashion-mnist/val", help="image folder (default data/fashion-mnist/val)")
-    ap.add_argument("--images", type=int, default=1024, help="images for the offline run and to draw requests "
-                                                             "from (default 1024)")
+    ap.add_argument(
+        "--images", type=int, default=1024, help="images for the offline run and to draw requests from (default 1024)"
+    )
     ap.add_argument("--requests", type=int, default=1024, help="requests per concurrency level (default 1024)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="levels (default 1 8 32)")
-    ap.add_argument("--batch-size", type=int, default=32, help="offline batch, and the server's largest dynamic "
-                                                               "batch (default 32)")
-    ap.add_argument("--queue-delay-us", type=int, default=2000, help="the server's dynamic-batching delay "
-                                                                     "(default 2000)")
+    ap.add_argument(
+        "--batch-size", type=int, default=32, help="offline batch, and the server's largest dynamic batch (default 32)"
+    )
+    ap.add_argument(
+        "--queue-delay-us", type=int, default=2000, help="the server's dynamic-batching delay (default 2000)"
+    )
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -101,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     files = [str(x) for x in iter_inputs([args.data])]
     if not files or not Path(args.engine).is_file():
-        print(f"error: need images in {args.data} and the engine {args.engine} (make data; make export)",
-              file=sys.stderr)
+        print(
+            f"error: need images in {args.data} and the engine {args.engine} (make data; make export)", file=sys.stderr
+        )
         return 2
     files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[: args.images]]
     off = offline(args.engine, files, args.batch_size)
@@ -110,10 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     http, grpc, metrics = free_ports(3)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     log = tempfile.NamedTemporaryFile(prefix="bench-triton-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "serve.triton", "--engine", args.engine, "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch",
-                             str(args.batch_size), "--queue-delay-us", str(args.queue_delay_us)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve.triton",
+            "--engine",
+            args.engine,
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--max-batch",
+            str(args.batch_size),
+            "--queue-delay-us",
+            str(args.queue_delay_us),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     rows = []
     try:
         import tritonclient.http as th
@@ -144,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(log.name)
 
     ips = off["images_per_s"]
-    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} ({off['backend']}, "
-          f"{off['provider']}); {len(files)} images; offline batch {off['batch_size']}; server max batch "
-          f"{args.batch_size}, queue delay {args.queue_delay_us} us\n")
+    print(
+        f"\nmachine: {cpu_name()}, {os.cpu_count()} logical cores; engine {args.engine} ({off['backend']}, "
+        f"{off['provider']}); {len(files)} images; offline batch {off['batch_size']}; server max batch "
+        f"{args.batch_size}, queue delay {args.queue_delay_us} us\n"
+    )
     print("| run | requests | images/s (requests/s) | p50 ms | p99 ms | online / offline |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| offline serve.infer, batch {off['batch_size']} | {off['images']} | {ips:,.1f} | | | 1.00 |")

@@ -13,7 +13,7 @@ and it calibrates in well under a minute on 2 CPU cores at 32 px.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rn50.layout import balanced_subset
 

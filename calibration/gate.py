@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,13 @@ from rn50.preprocess import Preprocessing
 MAX_TOP1_DROP = bounds_for("int8").max_top1_drop  # points
 
 
-def _logits(models: dict[str, str | os.PathLike[str]], files: Sequence[str], labels: Sequence[int],
-            p: Preprocessing, batch_size: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _logits(
+    models: dict[str, str | os.PathLike[str]],
+    files: Sequence[str],
+    labels: Sequence[int],
+    p: Preprocessing,
+    batch_size: int = 64,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each ONNX model's logits on the same batches (preprocessed once), and the labels."""
     from rn50.backends import load_backend
 
@@ -36,8 +42,14 @@ def _logits(models: dict[str, str | os.PathLike[str]], files: Sequence[str], lab
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(ys)
 
 
-def score(models: dict[str, str | os.PathLike[str]], files: Sequence[str], labels: Sequence[int],
-          p: Preprocessing, batch_size: int = 64, classes: Sequence[str] | None = None) -> dict[str, Any]:
+def score(
+    models: dict[str, str | os.PathLike[str]],
+    files: Sequence[str],
+    labels: Sequence[int],
+    p: Preprocessing,
+    batch_size: int = 64,
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """top-1/top-5 of each ONNX model on the same batches (preprocessed once); for two models also
     their top-1 agreement and ``per_class`` (``rn50.metrics.per_class``: the second against the first)."""
     logits, y = _logits(models, files, labels, p, batch_size)
@@ -53,17 +65,32 @@ def score(models: dict[str, str | os.PathLike[str]], files: Sequence[str], label
     return res
 
 
-def gate(fp32: str | os.PathLike[str], int8: str | os.PathLike[str], files: Sequence[str], labels: Sequence[int],
-         p: Preprocessing, max_drop: float = MAX_TOP1_DROP, classes: Sequence[str] | None = None) -> dict[str, Any]:
+def gate(
+    fp32: str | os.PathLike[str],
+    int8: str | os.PathLike[str],
+    files: Sequence[str],
+    labels: Sequence[int],
+    p: Preprocessing,
+    max_drop: float = MAX_TOP1_DROP,
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """INT8 against FP32 on ``files``: passes when INT8 loses at most ``max_drop`` points of top-1
     and keeps the int8 agreement floor; ``lost_most`` is the class whose top-1 INT8 lowered most."""
     logits, y = _logits({"fp32": fp32, "int8": int8}, files, labels, p)
-    c = compare_logits(logits["fp32"], logits["int8"], y, "int8",
-                       dataclasses.replace(bounds_for("int8"), max_top1_drop=max_drop))
+    c = compare_logits(
+        logits["fp32"], logits["int8"], y, "int8", dataclasses.replace(bounds_for("int8"), max_top1_drop=max_drop)
+    )
     n = c.images
     rows = per_class(y, logits["fp32"], logits["int8"], classes or [str(i) for i in range(logits["fp32"].shape[1])])
     lost_most = min((r for r in rows if r["images"]), key=lambda r: r["diff"])
-    return {"fp32": {**c.reference, "images": n}, "int8": {**c.candidate, "images": n},
-            "top1_agreement": c.top1_agreement, "top1_drop": c.top1_drop, "max_top1_drop": max_drop,
-            "min_top1_agreement": c.bounds.min_top1_agreement, "problem": c.problem, "passed": c.passed,
-            "lost_most": lost_most}
+    return {
+        "fp32": {**c.reference, "images": n},
+        "int8": {**c.candidate, "images": n},
+        "top1_agreement": c.top1_agreement,
+        "top1_drop": c.top1_drop,
+        "max_top1_drop": max_drop,
+        "min_top1_agreement": c.bounds.min_top1_agreement,
+        "problem": c.problem,
+        "passed": c.passed,
+        "lost_most": lost_most,
+    }

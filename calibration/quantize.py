@@ -35,8 +35,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -116,9 +117,13 @@ CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
 # configure_ort, graph_utils.py build_non_residual_input_map / remove_partial_input_qdq).
 TENSORRT_OPTIONS: dict[str, Any] = {
     "op_types_to_quantize": ["Add", "Conv", "Gemm"],
-    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                      "OpTypesToExcludeOutputQuantization": ["Add", "Conv", "Gemm"],
-                      "DedicatedQDQPair": False},
+    "extra_options": {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "OpTypesToExcludeOutputQuantization": ["Add", "Conv", "Gemm"],
+        "DedicatedQDQPair": False,
+    },
     "residual_add": "shortcut input only",
 }
 # u8s8 is for ONNX Runtime's CPU kernels: its own default placement (every op it can quantize,
@@ -188,8 +193,11 @@ def _keep_residual_adds_fusible(model: Any) -> int:
     # drop Q/DQ nodes nobody reads any more
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
+        dead = [
+            n
+            for n in g.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)
+        ]
         if not dead:
             return removed
         for n in dead:
@@ -205,14 +213,20 @@ def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: s
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-             "percentile": CalibrationMethod.Percentile}[method]
+    calib = {
+        "entropy": CalibrationMethod.Entropy,
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     options = {"symmetric": flavour == "s8s8", **CALIBRATOR_OPTIONS[method]}
     with tempfile.TemporaryDirectory(prefix="rn50-calib-") as tmp:
         calibrator = create_calibrator(
-            model, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
-            augmented_model_path=os.path.join(tmp, "augmented.onnx"), calibrate_method=calib,
-            extra_options=options)
+            model,
+            sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+            augmented_model_path=os.path.join(tmp, "augmented.onnx"),
+            calibrate_method=calib,
+            extra_options=options,
+        )
         # one batch per collect_data call: ORT then keeps a running min/max or histogram instead
         # of every intermediate output of every batch (about 45 MB per 224 px image for
         # ResNet50, so 23 GB for 512 images), and a short last batch works (its histogram
@@ -224,8 +238,14 @@ def _compute_ranges(model: Path, out: Path, reader: Any, method: str, flavour: s
     return calib
 
 
-def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, size: int, flavour: str,
-              p: Preprocessing | None = None) -> str:
+def cache_key(
+    fp32: str | os.PathLike[str],
+    files: Sequence[str],
+    method: str,
+    size: int,
+    flavour: str,
+    p: Preprocessing | None = None,
+) -> str:
     """What a calibration depends on: the model's bytes, each image's bytes (a data set converted
     again in place under the same names is new data), the preprocessing, method, size, flavour
     and the quantizer's options for that flavour."""
@@ -233,14 +253,31 @@ def cache_key(fp32: str | os.PathLike[str], files: Sequence[str], method: str, s
     h.update(sha256_file(fp32).encode())
     for f in files:
         h.update(os.fspath(f).encode() + b"\0" + sha256_file(f).encode())
-    h.update(json.dumps([method, size, flavour, CALIBRATOR_OPTIONS[method], quantizer_options(flavour),
-                         p.to_dict() if p is not None else None], sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [
+                method,
+                size,
+                flavour,
+                CALIBRATOR_OPTIONS[method],
+                quantizer_options(flavour),
+                p.to_dict() if p is not None else None,
+            ],
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:32]
 
 
-def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files: Sequence[str], p: Preprocessing,
-              method: str = DEFAULT_METHOD, flavour: str = "s8s8", cache_dir: str | os.PathLike[str] | None = None
-              ) -> dict[str, Any]:
+def calibrate(
+    fp32: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    files: Sequence[str],
+    p: Preprocessing,
+    method: str = DEFAULT_METHOD,
+    flavour: str = "s8s8",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Write the Q/DQ model to ``dest``; returns what was done (for the manifest)."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
@@ -250,10 +287,16 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
     key = cache_key(fp32, files, method, len(files), flavour, p)
     cache = Path(cache_dir) if cache_dir else dest.parent / ".calib-cache"
     cached = cache / f"{key}.onnx"
-    info = {"method": method, "flavour": flavour, "calibration_images": len(files), "cache_key": key,
-            "format": "QDQ", "weights": "int8 symmetric per-channel",
-            "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor",
-            "quantizer_options": quantizer_options(flavour)}
+    info = {
+        "method": method,
+        "flavour": flavour,
+        "calibration_images": len(files),
+        "cache_key": key,
+        "format": "QDQ",
+        "weights": "int8 symmetric per-channel",
+        "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor",
+        "quantizer_options": quantizer_options(flavour),
+    }
     if cached.is_file():
         shutil.copyfile(cached, dest)
         return {**info, "cache_hit": True}
@@ -274,23 +317,42 @@ def calibrate(fp32: str | os.PathLike[str], dest: str | os.PathLike[str], files:
     return {**info, "cache_hit": False}
 
 
-def _quantize(fp32: str | os.PathLike[str], cache: Path, key: str, cached: Path, files: Sequence[str],
-              p: Preprocessing, input_name: str, method: str, flavour: str) -> None:
+def _quantize(
+    fp32: str | os.PathLike[str],
+    cache: Path,
+    key: str,
+    cached: Path,
+    files: Sequence[str],
+    p: Preprocessing,
+    input_name: str,
+    method: str,
+    flavour: str,
+) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with atomic_path(cache / f"{key}.pre.onnx") as pre, atomic_path(cache / f"{key}.ranges.json") as ranges, \
-            atomic_path(cached) as out:
+    with (
+        atomic_path(cache / f"{key}.pre.onnx") as pre,
+        atomic_path(cache / f"{key}.ranges.json") as ranges,
+        atomic_path(cached) as out,
+    ):
         quant_pre_process(os.fspath(fp32), os.fspath(pre), skip_symbolic_shape=True)
         with contextlib.redirect_stdout(sys.stderr):  # ORT prints its calibration notes to stdout
             calib = _compute_ranges(pre, ranges, _Reader(list(files), p, input_name), method, flavour)
             opts = quantizer_options(flavour)
             quantize_static(
-                os.fspath(pre), os.fspath(out), None,
-                quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                os.fspath(pre),
+                os.fspath(out),
+                None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
                 activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
-                calibrate_method=calib, calibration_cache_path=os.fspath(ranges),
-                op_types_to_quantize=opts["op_types_to_quantize"], extra_options=dict(opts["extra_options"]))
+                calibrate_method=calib,
+                calibration_cache_path=os.fspath(ranges),
+                op_types_to_quantize=opts["op_types_to_quantize"],
+                extra_options=dict(opts["extra_options"]),
+            )
         if flavour == "s8s8":
             import onnx
 

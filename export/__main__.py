@@ -22,9 +22,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 SUFFIXES = (".onnx", ".plan", ".pt2")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -52,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tensorrt_engine import HARDWARE_COMPAT
 
-    ap = _Parser(prog="python -m export", description=(__doc__ or "").replace("``", "`"),
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(
+        prog="python -m export",
+        description=(__doc__ or "").replace("``", "`"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a = ap.add_argument
     a("--checkpoint", required=True, type=Path, help="the trained checkpoint (best.pt)")
     a("--precision", required=True, choices=PRECISIONS, help="fp32, fp16 or int8")
@@ -65,22 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workspace", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
     a("--timing-cache", type=Path, help="TensorRT timing cache file (loaded if present, saved after the build)")
     a("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
-    a("--hardware-compat", default="none", choices=HARDWARE_COMPAT,
-      help="TensorRT hardware compatibility: none (default), same-cc (TensorRT 10.9+, built on Turing+), "
-           "ampere+ (built on Ampere+)")
-    a("--calib-method", default=DEFAULT_METHOD, choices=METHODS,
-      help=f"INT8 calibration: {', '.join(METHODS)} (default {DEFAULT_METHOD}; see docs/tensorrt.md)")
+    a(
+        "--hardware-compat",
+        default="none",
+        choices=HARDWARE_COMPAT,
+        help="TensorRT hardware compatibility: none (default), same-cc (TensorRT 10.9+, built on Turing+), "
+        "ampere+ (built on Ampere+)",
+    )
+    a(
+        "--calib-method",
+        default=DEFAULT_METHOD,
+        choices=METHODS,
+        help=f"INT8 calibration: {', '.join(METHODS)} (default {DEFAULT_METHOD}; see docs/tensorrt.md)",
+    )
     a("--calib-size", type=int, default=512, help="INT8 calibration images from the training split (default 512)")
-    a("--int8-flavour", default="auto", choices=("auto", *FLAVOURS),
-      help="auto (s8s8 for .plan, u8s8 for .onnx), s8s8 (TensorRT's Q/DQ rules) or u8s8 (ONNX Runtime on x86; "
-           "not for .plan: TensorRT needs zero points of 0)")
-    a("--gate-images", type=int, default=2000,
-      help="validation images (class-balanced) for the INT8-vs-FP32 accuracy gate (default 2000; all if fewer)")
+    a(
+        "--int8-flavour",
+        default="auto",
+        choices=("auto", *FLAVOURS),
+        help="auto (s8s8 for .plan, u8s8 for .onnx), s8s8 (TensorRT's Q/DQ rules) or u8s8 (ONNX Runtime on x86; "
+        "not for .plan: TensorRT needs zero points of 0)",
+    )
+    a(
+        "--gate-images",
+        type=int,
+        default=2000,
+        help="validation images (class-balanced) for the INT8-vs-FP32 accuracy gate (default 2000; all if fewer)",
+    )
     a("--max-top1-drop", type=float, default=0.5, help="INT8 gate: most top-1 points INT8 may lose (default 0.5)")
     a("--calib-cache", type=Path, help="calibration cache folder (default: <output folder>/.calib-cache)")
     a("--force", action="store_true", help="write the artifact even if it fails its parity bound or the INT8 gate")
-    a("--parity-images", type=int,
-      help="validation images (class-balanced) for the parity check (default 256; fp16: 64, as fp16 runs slowly on CPU)")
+    a(
+        "--parity-images",
+        type=int,
+        help="validation images (class-balanced) for the parity check "
+        "(default 256; fp16: 64, as fp16 runs slowly on CPU)",
+    )
     return ap
 
 
@@ -91,14 +115,20 @@ def _check_args(args: argparse.Namespace) -> str:
     if suffix not in SUFFIXES:
         raise UsageError(f"--output {out}: unknown suffix {suffix or '(none)'!r}: use .onnx, .plan or .pt2")
     if suffix == ".plan" and args.precision == "int8" and args.int8_flavour == "u8s8":
-        raise UsageError("--int8-flavour u8s8 cannot go into a .plan: TensorRT accepts only zero points of 0 "
-                         "(s8s8, the default for .plan); use s8s8, or write an .onnx for ONNX Runtime")
+        raise UsageError(
+            "--int8-flavour u8s8 cannot go into a .plan: TensorRT accepts only zero points of 0 "
+            "(s8s8, the default for .plan); use s8s8, or write an .onnx for ONNX Runtime"
+        )
     if suffix == ".pt2" and args.precision != "fp32":
-        raise UsageError(f"--precision {args.precision} is not available for .pt2 (AOTInductor packages are fp32 "
-                         f"here); use .onnx or .plan for {args.precision}")
+        raise UsageError(
+            f"--precision {args.precision} is not available for .pt2 (AOTInductor packages are fp32 "
+            f"here); use .onnx or .plan for {args.precision}"
+        )
     if not 1 <= args.batch_min <= args.batch_opt <= args.batch_max:
-        raise UsageError(f"batch profile {args.batch_min}/{args.batch_opt}/{args.batch_max} must satisfy "
-                         f"1 <= --batch-min <= --batch-opt <= --batch-max")
+        raise UsageError(
+            f"batch profile {args.batch_min}/{args.batch_opt}/{args.batch_max} must satisfy "
+            f"1 <= --batch-min <= --batch-opt <= --batch-max"
+        )
     if not 0 <= args.opt_level <= 5:
         raise UsageError(f"--opt-level {args.opt_level} is outside 0-5")
     for name in ("calib_size", "parity_images", "gate_images", "workspace"):
@@ -124,8 +154,10 @@ def _data_root(args: argparse.Namespace, manifest: dict[str, Any]) -> Path:
     cfg = manifest.get("train_config") or {}
     if cfg.get("data"):
         return Path(cfg["data"])
-    raise DataError(f"{args.checkpoint}: its manifest records no training data folder; pass --data ROOT "
-                    f"(ImageNet layout with train/ and val/; needed for the parity check and INT8 calibration)")
+    raise DataError(
+        f"{args.checkpoint}: its manifest records no training data folder; pass --data ROOT "
+        f"(ImageNet layout with train/ and val/; needed for the parity check and INT8 calibration)"
+    )
 
 
 @contextlib.contextmanager
@@ -167,22 +199,34 @@ def _parity(job: _Job, run: Callable[[Any], Any], precision: str, what: str) -> 
     from .parity import compare
 
     n = len(job.par_files)
-    c = _timed(f"parity of {what} against PyTorch on {n} validation images",
-               lambda: compare(job.model, run, job.par_files, job.par_labels, job.p, precision))
-    log(f"parity: max |dlogit| {c.max_abs_logit_diff:.3g} (logit scale {c.max_abs_logit:.3g}), "
+    c = _timed(
+        f"parity of {what} against PyTorch on {n} validation images",
+        lambda: compare(job.model, run, job.par_files, job.par_labels, job.p, precision),
+    )
+    log(
+        f"parity: max |dlogit| {c.max_abs_logit_diff:.3g} (logit scale {c.max_abs_logit:.3g}), "
         f"top-1 agreement {c.top1_agreement:.2f}%, top-1 {c.candidate['top1']:.2f}% "
-        f"(PyTorch {c.reference['top1']:.2f}%)")
+        f"(PyTorch {c.reference['top1']:.2f}%)"
+    )
     if c.problem:
         if not job.args.force:
-            raise GateError(f"{what} fails the {precision} parity bound: {c.problem}; nothing written "
-                            f"(--force writes it anyway)")
+            raise GateError(
+                f"{what} fails the {precision} parity bound: {c.problem}; nothing written (--force writes it anyway)"
+            )
         log(f"warning: {c.problem} (written anyway: --force)")
     return c
 
 
 def _accuracy(c: Any) -> dict[str, Any]:
-    return {"top1": c.candidate["top1"], "top5": c.candidate["top5"], "images": c.images, "split": "val",
-            "subset": "class-balanced", "pytorch_top1": c.reference["top1"], "pytorch_top5": c.reference["top5"]}
+    return {
+        "top1": c.candidate["top1"],
+        "top5": c.candidate["top5"],
+        "images": c.images,
+        "split": "val",
+        "subset": "class-balanced",
+        "pytorch_top1": c.reference["top1"],
+        "pytorch_top5": c.reference["top5"],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,11 +234,10 @@ def run(args: argparse.Namespace) -> int:
 
     from rn50.checkpoint import load_model
     from rn50.compare import bounds_for
-    from rn50.layout import load_dataset
+    from rn50.layout import balanced_subset, load_dataset
     from rn50.manifest import preprocessing_of
 
     from . import onnx as onnx_export
-    from rn50.layout import balanced_subset
 
     suffix = _check_args(args)
     t_start = time.perf_counter()
@@ -212,14 +255,28 @@ def run(args: argparse.Namespace) -> int:
     par_files, par_labels = balanced_subset(val.files, val.labels, n_par)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     b = bounds_for(args.precision)
-    job = _Job(args=args, model=model, p=p, train=train, val=val, par_files=par_files, par_labels=par_labels,
-               common={"classes": classes, "preprocessing": p, "source": args.checkpoint},
-               extra={"source_accuracy": ck_man.get("accuracy", {}), "data": str(data),
-                      "input_name": onnx_export.INPUT, "output_name": onnx_export.OUTPUT,
-                      "parity_bounds": {"max_rel_logit_diff": b.max_rel_logit_diff,
-                                        "min_top1_agreement": b.min_top1_agreement,
-                                        "max_top1_drop": b.max_top1_drop}},
-               t_start=t_start)
+    job = _Job(
+        args=args,
+        model=model,
+        p=p,
+        train=train,
+        val=val,
+        par_files=par_files,
+        par_labels=par_labels,
+        common={"classes": classes, "preprocessing": p, "source": args.checkpoint},
+        extra={
+            "source_accuracy": ck_man.get("accuracy", {}),
+            "data": str(data),
+            "input_name": onnx_export.INPUT,
+            "output_name": onnx_export.OUTPUT,
+            "parity_bounds": {
+                "max_rel_logit_diff": b.max_rel_logit_diff,
+                "min_top1_agreement": b.min_top1_agreement,
+                "max_top1_drop": b.max_top1_drop,
+            },
+        },
+        t_start=t_start,
+    )
     return {".onnx": _export_onnx, ".plan": _export_plan, ".pt2": _export_pt2}[suffix](job)
 
 
@@ -228,8 +285,8 @@ def _export_pt2(job: _Job) -> int:
     import torch
 
     from rn50.atomic import atomic_path
-    from rn50.manifest import new_manifest, write_manifest
     from rn50.backends import load_backend
+    from rn50.manifest import new_manifest, write_manifest
 
     from .aoti import check_loads, compile_package
 
@@ -237,19 +294,32 @@ def _export_pt2(job: _Job) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with atomic_path(out) as tmp, _scratch(out) as scratch:
         pkg = scratch / "rn50.pt2"  # the packager insists on a name ending in .pt2
-        _timed(f"torch.export + AOTInductor compile ({device}, batch 1..{args.batch_max})",
-               lambda: compile_package(job.model, p.image_size, pkg, args.batch_max, device))
+        _timed(
+            f"torch.export + AOTInductor compile ({device}, batch 1..{args.batch_max})",
+            lambda: compile_package(job.model, p.image_size, pkg, args.batch_max, device),
+        )
         # AOTInductor's loader can crash its process instead of raising: a child loads it first
         _timed("loading it in a separate process", lambda: check_loads(pkg, device, p.image_size))
-        backend = load_backend(pkg, {"max_batch": args.batch_max, "preprocessing": p.to_dict(), "precision": "fp32"},
-                               prefer_gpu=device == "cuda")
+        backend = load_backend(
+            pkg,
+            {"max_batch": args.batch_max, "preprocessing": p.to_dict(), "precision": "fp32"},
+            prefer_gpu=device == "cuda",
+        )
         job.model = job.model.cpu()
         par = _parity(job, backend.run, "fp32", out.name)
         del backend
         os.replace(pkg, tmp)
-    m = new_manifest("aoti", precision="fp32", accuracy=_accuracy(par), parity=par.to_dict(), device=device,
-                     max_batch=args.batch_max, torch_export={"dynamic_batch": [1, args.batch_max]},
-                     **job.common, **job.extra)
+    m = new_manifest(
+        "aoti",
+        precision="fp32",
+        accuracy=_accuracy(par),
+        parity=par.to_dict(),
+        device=device,
+        max_batch=args.batch_max,
+        torch_export={"dynamic_batch": [1, args.batch_max]},
+        **job.common,
+        **job.extra,
+    )
     write_manifest(out, m)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - job.t_start:.0f} s")
     return 0
@@ -259,23 +329,30 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
     """Export (fp32/fp16) or calibrate (int8) the ONNX at ``onnx_out``, checked through OrtBackend,
     and its manifest; returns the int8 facts a plan's manifest repeats ({} otherwise)."""
     from rn50.atomic import atomic_path
-    from rn50.manifest import new_manifest, write_manifest
     from rn50.backends import load_backend
+    from rn50.manifest import new_manifest, write_manifest
 
     from . import onnx as onnx_export
 
-    args, precision, p = job.args, job.args.precision, job.p
-    onnx_info: dict[str, Any] = {"opset": onnx_export.OPSET, "exporter": "torch.onnx (TorchScript, dynamo=False)",
-                                 "dynamic_axes": {"input": "batch", "logits": "batch"}}
+    precision, p = job.args.precision, job.p
+    onnx_info: dict[str, Any] = {
+        "opset": onnx_export.OPSET,
+        "exporter": "torch.onnx (TorchScript, dynamo=False)",
+        "dynamic_axes": {"input": "batch", "logits": "batch"},
+    }
     int8_info: dict[str, Any] = {}
     with atomic_path(onnx_out) as tmp, _scratch(onnx_out) as scratch:
         if precision == "fp32":
-            _timed(f"ONNX export (opset {onnx_export.OPSET})",
-                   lambda: onnx_export.export_fp32(job.model, p.image_size, tmp))
+            _timed(
+                f"ONNX export (opset {onnx_export.OPSET})",
+                lambda: onnx_export.export_fp32(job.model, p.image_size, tmp),
+            )
         elif precision == "fp16":
             fp32 = scratch / "fp32.onnx"
-            _timed(f"ONNX export (opset {onnx_export.OPSET})",
-                   lambda: onnx_export.export_fp32(job.model, p.image_size, fp32))
+            _timed(
+                f"ONNX export (opset {onnx_export.OPSET})",
+                lambda: onnx_export.export_fp32(job.model, p.image_size, fp32),
+            )
             _timed("FP16 conversion (onnxconverter-common, fp32 I/O)", lambda: onnx_export.convert_fp16(fp32, tmp))
             onnx_info["converter"] = "onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)"
         else:
@@ -283,8 +360,16 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
             onnx_info["quantization"] = int8_info["quantization"]
         backend = load_backend(tmp, suffix=".onnx", prefer_gpu=True)
         par = _parity(job, backend.run, precision, onnx_out.name)
-    m = new_manifest("onnx", precision=precision, accuracy=_accuracy(par), parity=par.to_dict(), onnx=onnx_info,
-                     **int8_info.get("manifest", {}), **job.common, **job.extra)
+    m = new_manifest(
+        "onnx",
+        precision=precision,
+        accuracy=_accuracy(par),
+        parity=par.to_dict(),
+        onnx=onnx_info,
+        **int8_info.get("manifest", {}),
+        **job.common,
+        **job.extra,
+    )
     write_manifest(onnx_out, m)
     log(f"wrote {onnx_out} ({onnx_out.stat().st_size / 2**20:.1f} MiB)")
     return int8_info
@@ -300,9 +385,9 @@ def _export_plan(job: _Job) -> int:
     """TensorRT plan: the ONNX beside it first (written even where TensorRT is missing), then the
     build, and parity through TrtBackend, the class that serves a plan."""
     from rn50.atomic import atomic_path
+    from rn50.backends import load_backend
     from rn50.errors import EngineError
     from rn50.manifest import new_manifest, sha256_file, write_manifest
-    from rn50.backends import load_backend
 
     from . import onnx as onnx_export
     from . import tensorrt_engine as te
@@ -312,22 +397,41 @@ def _export_plan(job: _Job) -> int:
     int8_info = _write_onnx(job, onnx_out, "tensorrt")
     why = te.missing()
     if why:
-        raise EngineError(f"cannot build {out}: {why}. The ONNX it would be built from is written: {onnx_out} "
-                          f"(serve it with ONNX Runtime: python -m serve.infer --engine {onnx_out} IMAGES...)")
+        raise EngineError(
+            f"cannot build {out}: {why}. The ONNX it would be built from is written: {onnx_out} "
+            f"(serve it with ONNX Runtime: python -m serve.infer --engine {onnx_out} IMAGES...)"
+        )
     with atomic_path(out) as tmp:
-        info = _timed(f"TensorRT {te.version()} build ({precision}, profile "
-                      f"{args.batch_min}/{args.batch_opt}/{args.batch_max})",
-                      lambda: te.build_engine(onnx_out, tmp, precision=precision, input_name=onnx_export.INPUT,
-                                              image_size=job.p.image_size, workspace_mib=args.workspace,
-                                              batch=(args.batch_min, args.batch_opt, args.batch_max),
-                                              opt_level=args.opt_level, hardware_compat=args.hardware_compat,
-                                              timing_cache=args.timing_cache))
+        info = _timed(
+            f"TensorRT {te.version()} build ({precision}, profile {args.batch_min}/{args.batch_opt}/{args.batch_max})",
+            lambda: te.build_engine(
+                onnx_out,
+                tmp,
+                precision=precision,
+                input_name=onnx_export.INPUT,
+                image_size=job.p.image_size,
+                workspace_mib=args.workspace,
+                batch=(args.batch_min, args.batch_opt, args.batch_max),
+                opt_level=args.opt_level,
+                hardware_compat=args.hardware_compat,
+                timing_cache=args.timing_cache,
+            ),
+        )
         plan = load_backend(tmp, {"max_batch": args.batch_max}, suffix=".plan")
         par = _parity(job, plan.run, precision, out.name)
         del plan
-    m = new_manifest("tensorrt", precision=precision, accuracy=_accuracy(par), parity=par.to_dict(),
-                     max_batch=args.batch_max, onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
-                     **info, **int8_info.get("manifest", {}), **job.common, **job.extra)
+    m = new_manifest(
+        "tensorrt",
+        precision=precision,
+        accuracy=_accuracy(par),
+        parity=par.to_dict(),
+        max_batch=args.batch_max,
+        onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
+        **info,
+        **int8_info.get("manifest", {}),
+        **job.common,
+        **job.extra,
+    )
     write_manifest(out, m)
     log(f"wrote {out} in {time.perf_counter() - job.t_start:.0f} s")
     return 0
@@ -338,38 +442,52 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     from calibration.dataset import calibration_set
     from calibration.gate import gate
     from calibration.quantize import calibrate
+    from rn50.layout import balanced_subset
 
     from . import onnx as onnx_export
-    from rn50.layout import balanced_subset
 
     args, p = job.args, job.p
     flavour = args.int8_flavour if args.int8_flavour != "auto" else ("s8s8" if kind == "tensorrt" else "u8s8")
     cache_dir = args.calib_cache or (args.output.parent / ".calib-cache")
     fp32 = scratch / "fp32.onnx"
-    _timed(f"FP32 ONNX export (opset {onnx_export.OPSET}) for calibration",
-           lambda: onnx_export.export_fp32(job.model, p.image_size, fp32))
+    _timed(
+        f"FP32 ONNX export (opset {onnx_export.OPSET}) for calibration",
+        lambda: onnx_export.export_fp32(job.model, p.image_size, fp32),
+    )
     files = calibration_set(job.train.files, job.train.labels, args.calib_size)
-    log(f"calibration: {len(files)} class-balanced training images, method {args.calib_method}, "
-        f"flavour {flavour}, cache {cache_dir}")
-    q = _timed("INT8 calibration + Q/DQ quantization",
-               lambda: calibrate(fp32, dest, files, p, method=args.calib_method, flavour=flavour, cache_dir=cache_dir))
+    log(
+        f"calibration: {len(files)} class-balanced training images, method {args.calib_method}, "
+        f"flavour {flavour}, cache {cache_dir}"
+    )
+    q = _timed(
+        "INT8 calibration + Q/DQ quantization",
+        lambda: calibrate(fp32, dest, files, p, method=args.calib_method, flavour=flavour, cache_dir=cache_dir),
+    )
     if q["cache_hit"]:
         log(f"calibration: cache hit ({q['cache_key']}), not recalibrated")
     g_files, g_labels = balanced_subset(job.val.files, job.val.labels, args.gate_images)
-    g = _timed(f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
-               lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop,
-                                classes=job.val.classes))
+    g = _timed(
+        f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
+        lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop, classes=job.val.classes),
+    )
     lm = g["lost_most"]
-    lost = (f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
-            if lm["diff"] < 0 else "no class lost top-1")
-    log(f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
+    lost = (
+        f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
+        if lm["diff"] < 0
+        else "no class lost top-1"
+    )
+    log(
+        f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
         f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%; "
-        f"{lost}")
+        f"{lost}"
+    )
     if not g["passed"]:
         n = g["int8"]["images"]
         if g["top1_drop"] > g["max_top1_drop"]:
-            msg = (f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) "
-                   f"on {n} validation images; {lost}")
+            msg = (
+                f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) "
+                f"on {n} validation images; {lost}"
+            )
         else:
             msg = f"INT8 fails the accuracy gate against FP32 on {n} validation images: {g['problem']}; {lost}"
         if not args.force:

@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import warnings
+
 import torch
 from torch import nn
 
 
-def compile_package(model: nn.Module, image_size: int, dest: str | os.PathLike[str], max_batch: int = 256,
-                    device: str = "cpu") -> None:
+def compile_package(
+    model: nn.Module, image_size: int, dest: str | os.PathLike[str], max_batch: int = 256, device: str = "cpu"
+) -> None:
     """torch.export -> aoti_compile_and_package into ``dest`` (a .pt2 path)."""
     from torch._inductor import aoti_compile_and_package
 
@@ -52,8 +54,12 @@ def check_loads(path: str | os.PathLike[str], device: str, image_size: int, time
     from rn50.errors import EngineError
 
     try:
-        r = subprocess.run([sys.executable, "-c", _LOAD_CHECK, os.fspath(path), device, str(image_size)],
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHECK, os.fspath(path), device, str(image_size)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise EngineError(f"{path}: loading the AOTInductor package did not finish in {timeout:.0f} s") from None
     if r.returncode == 0:
@@ -63,10 +69,14 @@ def check_loads(path: str | os.PathLike[str], device: str, image_size: int, time
             sig = signal.Signals(-r.returncode).name
         except ValueError:
             sig = f"signal {-r.returncode}"
-        raise EngineError(f"AOTInductor's loader crashed ({sig}) loading the {device} package it has just compiled, "
-                          f"so it cannot be served here; nothing was written. This torch build ({torch.__version__}) "
-                          f"does this on some machines (see docs/benchmarks.md): export ONNX instead, or a .pt2 "
-                          f"on a machine where the check passes")
+        raise EngineError(
+            f"AOTInductor's loader crashed ({sig}) loading the {device} package it has just compiled, "
+            f"so it cannot be served here; nothing was written. This torch build ({torch.__version__}) "
+            f"does this on some machines (see docs/benchmarks.md): export ONNX instead, or a .pt2 "
+            f"on a machine where the check passes"
+        )
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    raise EngineError(f"{path}: AOTInductor cannot load the package it has just compiled: "
-                      f"{lines[-1] if lines else 'exit status ' + str(r.returncode)}")
+    raise EngineError(
+        f"{path}: AOTInductor cannot load the package it has just compiled: "
+        f"{lines[-1] if lines else 'exit status ' + str(r.returncode)}"
+    )

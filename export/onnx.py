@@ -29,9 +29,16 @@ def export_fp32(model: nn.Module, image_size: int, dest: str | os.PathLike[str])
         # dynamo=False is deprecated in torch 2.9+ (DeprecationWarning) but is the exporter that
         # gets ResNets right today (see the module docstring); silence that and tracer notes.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), os.fspath(dest), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x,),
+            os.fspath(dest),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        )
     onnx.checker.check_model(os.fspath(dest), full_check=True)
 
 

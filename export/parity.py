@@ -8,7 +8,7 @@ the artifact's precision (:data:`rn50.compare.BOUNDS`).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,15 @@ from rn50.compare import LogitComparison, compare_logits
 from rn50.preprocess import Preprocessing
 
 
-def compare(model: nn.Module, run: Callable[[np.ndarray], np.ndarray], files: Sequence[str], labels: Sequence[int],
-            p: Preprocessing, precision: str, batch_size: int = 64) -> LogitComparison:
+def compare(
+    model: nn.Module,
+    run: Callable[[np.ndarray], np.ndarray],
+    files: Sequence[str],
+    labels: Sequence[int],
+    p: Preprocessing,
+    precision: str,
+    batch_size: int = 64,
+) -> LogitComparison:
     """``run`` (an artifact's backend) against ``model`` on ``files``, judged for ``precision``."""
     model = model.eval()
     refs, gots, ys = [], [], []

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # polygraphy runs this file by path
 
 
 def load_data() -> Iterator[dict[str, Any]]:
-    from rn50.layout import balanced_subset
     from rn50.batches import iter_split
     from rn50.errors import PipelineError
-    from rn50.layout import scan_split
+    from rn50.layout import balanced_subset, scan_split
     from rn50.manifest import preprocessing_of, read_manifest
 
     model = os.environ.get("RN50_MODEL")

@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 INSTALL_HINT = (
     "install TensorRT from NVIDIA's index (`pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13` "
     "with driver r580+, or tensorrt-cu12 with driver r535+; TensorRT 11 needs a Turing (sm_75) or newer GPU, "
-    "Volta needs TensorRT <= 10.4 with CUDA 12 and a CUDA 12 PyTorch build; see docs/tensorrt.md)")
+    "Volta needs TensorRT <= 10.4 with CUDA 12 and a CUDA 12 PyTorch build; see docs/tensorrt.md)"
+)
 HARDWARE_COMPAT = ("none", "same-cc", "ampere+")
 
 
@@ -57,8 +58,7 @@ def gpu() -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
-            "sm": f"sm_{major}{minor}"}
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "sm": f"sm_{major}{minor}"}
 
 
 def missing() -> str | None:
@@ -66,8 +66,10 @@ def missing() -> str | None:
     if not _HAVE_TRT:
         return f"TensorRT is not installed (no usable `tensorrt` module): {INSTALL_HINT}"
     if gpu() is None:
-        return ("no CUDA GPU is visible (TensorRT builds engines on the GPU they will run on): run on a machine "
-                "with an NVIDIA GPU (Turing or newer) and driver r580+ (CUDA 13) or r535+ (CUDA 12)")
+        return (
+            "no CUDA GPU is visible (TensorRT builds engines on the GPU they will run on): run on a machine "
+            "with an NVIDIA GPU (Turing or newer) and driver r580+ (CUDA 13) or r535+ (CUDA 12)"
+        )
     return None
 
 
@@ -77,8 +79,11 @@ def version() -> str:
 
 SUPPORTED = ((10, 0), (12, 0))  # [first, end): the releases this module is written and tested for
 # --hardware-compat -> (HardwareCompatibilityLevel member, first TensorRT that has it)
-_HARDWARE_LEVELS = {"none": ("NONE", "10.0"), "ampere+": ("AMPERE_PLUS", "10.0"),
-                    "same-cc": ("SAME_COMPUTE_CAPABILITY", "10.9")}
+_HARDWARE_LEVELS = {
+    "none": ("NONE", "10.0"),
+    "ampere+": ("AMPERE_PLUS", "10.0"),
+    "same-cc": ("SAME_COMPUTE_CAPABILITY", "10.9"),
+}
 
 
 def _version_tuple(v: str) -> tuple[int, int]:
@@ -107,8 +112,9 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
     version = str(trt_mod.__version__)
     v = _version_tuple(version)
     if not SUPPORTED[0] <= v < SUPPORTED[1]:
-        raise EngineError(f"TensorRT {version} is not supported: this exporter builds with TensorRT 10.0 to 11.x "
-                          f"({INSTALL_HINT})")
+        raise EngineError(
+            f"TensorRT {version} is not supported: this exporter builds with TensorRT 10.0 to 11.x ({INSTALL_HINT})"
+        )
     if precision not in ("fp32", "fp16", "int8"):
         raise EngineError(f"unknown precision {precision!r} for a TensorRT plan (fp32, fp16 or int8)")
     typed = getattr(trt_mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -123,8 +129,10 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
     member, since = _HARDWARE_LEVELS[hardware_compat]
     level = getattr(trt_mod.HardwareCompatibilityLevel, member, None)
     if level is None:
-        raise EngineError(f"--hardware-compat {hardware_compat} needs TensorRT {since} or newer "
-                          f"(HardwareCompatibilityLevel.{member}); this is TensorRT {version}")
+        raise EngineError(
+            f"--hardware-compat {hardware_compat} needs TensorRT {since} or newer "
+            f"(HardwareCompatibilityLevel.{member}); this is TensorRT {version}"
+        )
     tf32_flag = getattr(trt_mod.BuilderFlag, "TF32", None)
     clear: tuple[Any, ...] = ()
     tf32 = tf32_flag is not None
@@ -132,16 +140,29 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
         if tf32_flag is None:
             raise EngineError(f"TensorRT {version} has no BuilderFlag.TF32 to turn TF32 off for an fp32 plan")
         clear, tf32 = (tf32_flag,), False
-    return BuildOptions(version=version, network_flags=network_flags, hardware_compatibility_level=level,
-                        clear_flags=clear, tf32=tf32, workspace_pool=trt_mod.MemoryPoolType.WORKSPACE)
+    return BuildOptions(
+        version=version,
+        network_flags=network_flags,
+        hardware_compatibility_level=level,
+        clear_flags=clear,
+        tf32=tf32,
+        workspace_pool=trt_mod.MemoryPoolType.WORKSPACE,
+    )
 
 
-
-
-def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], *, precision: str,
-                 input_name: str, image_size: int, batch: tuple[int, int, int], workspace_mib: int = 4096,
-                 opt_level: int = 3, hardware_compat: str = "none",
-                 timing_cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    plan_path: str | os.PathLike[str],
+    *,
+    precision: str,
+    input_name: str,
+    image_size: int,
+    batch: tuple[int, int, int],
+    workspace_mib: int = 4096,
+    opt_level: int = 3,
+    hardware_compat: str = "none",
+    timing_cache: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Build ``plan_path`` (written atomically) from ``onnx_path``; returns facts for the manifest.
 
     TensorRT's own exceptions (RuntimeError/TypeError from the bindings) become EngineError."""
@@ -157,22 +178,45 @@ def build_engine(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike
     assert g is not None
     cc = tuple(int(v) for v in str(g["compute_capability"]).split("."))
     if hardware_compat == "ampere+" and cc < (8, 0):
-        raise EngineError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; "
-                          f"this is {g['name']} ({g['sm']})")
+        raise EngineError(
+            f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {g['name']} ({g['sm']})"
+        )
     if hardware_compat == "same-cc" and cc < (7, 5):
-        raise EngineError(f"--hardware-compat same-cc needs a Turing or newer GPU to build on; "
-                          f"this is {g['name']} ({g['sm']})")
+        raise EngineError(
+            f"--hardware-compat same-cc needs a Turing or newer GPU to build on; this is {g['name']} ({g['sm']})"
+        )
     try:
-        return _build(onnx_path, plan_path, opts, g, input_name=input_name, image_size=image_size, batch=batch,
-                      workspace_mib=workspace_mib, opt_level=opt_level, hardware_compat=hardware_compat,
-                      timing_cache=timing_cache)
+        return _build(
+            onnx_path,
+            plan_path,
+            opts,
+            g,
+            input_name=input_name,
+            image_size=image_size,
+            batch=batch,
+            workspace_mib=workspace_mib,
+            opt_level=opt_level,
+            hardware_compat=hardware_compat,
+            timing_cache=timing_cache,
+        )
     except (RuntimeError, TypeError) as e:
         raise EngineError(f"{onnx_path}: TensorRT {opts.version} failed to build: {first_line(e)}") from e
 
 
-def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str], opts: BuildOptions,
-           g: dict[str, Any], *, input_name: str, image_size: int, batch: tuple[int, int, int], workspace_mib: int,
-           opt_level: int, hardware_compat: str, timing_cache: str | os.PathLike[str] | None) -> dict[str, Any]:
+def _build(
+    onnx_path: str | os.PathLike[str],
+    plan_path: str | os.PathLike[str],
+    opts: BuildOptions,
+    g: dict[str, Any],
+    *,
+    input_name: str,
+    image_size: int,
+    batch: tuple[int, int, int],
+    workspace_mib: int,
+    opt_level: int,
+    hardware_compat: str,
+    timing_cache: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(opts.network_flags)
@@ -191,8 +235,9 @@ def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
 
     profile = builder.create_optimization_profile()
     shape = (3, image_size, image_size)
-    profile.set_shape(input_name, trt.Dims([batch[0], *shape]), trt.Dims([batch[1], *shape]),
-                      trt.Dims([batch[2], *shape]))
+    profile.set_shape(
+        input_name, trt.Dims([batch[0], *shape]), trt.Dims([batch[1], *shape]), trt.Dims([batch[2], *shape])
+    )
     config.add_optimization_profile(profile)
 
     cache_path = Path(timing_cache) if timing_cache else None
@@ -207,9 +252,20 @@ def _build(onnx_path: str | os.PathLike[str], plan_path: str | os.PathLike[str],
     write_bytes(plan_path, bytes(memoryview(serialized)))
     if cache_path is not None:
         write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    return {"tensorrt_version": opts.version, "gpu": g, "strongly_typed": True, "tf32": opts.tf32,
-            "profile": {"input": input_name, "min": [batch[0], *shape], "opt": [batch[1], *shape],
-                        "max": [batch[2], *shape]},
-            "hardware_compat": hardware_compat, "builder_optimization_level": opt_level,
-            "workspace_mib": workspace_mib, "timing_cache": str(cache_path) if cache_path else None,
-            "timing_cache_loaded": cache_loaded}
+    return {
+        "tensorrt_version": opts.version,
+        "gpu": g,
+        "strongly_typed": True,
+        "tf32": opts.tf32,
+        "profile": {
+            "input": input_name,
+            "min": [batch[0], *shape],
+            "opt": [batch[1], *shape],
+            "max": [batch[2], *shape],
+        },
+        "hardware_compat": hardware_compat,
+        "builder_optimization_level": opt_level,
+        "workspace_mib": workspace_mib,
+        "timing_cache": str(cache_path) if cache_path else None,
+        "timing_cache_loaded": cache_loaded,
+    }

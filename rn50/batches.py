@@ -10,7 +10,7 @@ holds exactly the files the caller chose (the last one may be short).
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -27,8 +27,15 @@ class Preprocessor:
     (zero-copy from DALI's buffer, valid until the next call) that an engine can read directly.
     """
 
-    def __init__(self, p: Preprocessing, batch_size: int, device: str = "cpu", num_threads: int | None = None,
-                 device_id: int = 0, fp16: bool = False):
+    def __init__(
+        self,
+        p: Preprocessing,
+        batch_size: int,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        device_id: int = 0,
+        fp16: bool = False,
+    ):
         from nvidia.dali import fn, pipeline_def, types
 
         if device not in ("cpu", "gpu"):
@@ -36,9 +43,13 @@ class Preprocessor:
         self.p, self.batch_size, self.device = p, batch_size, device
         threads = num_threads or max(1, min(8, os.cpu_count() or 1))
 
-        @pipeline_def(batch_size=batch_size, num_threads=threads,
-                      device_id=device_id if device == "gpu" else None, prefetch_queue_depth=1,
-                      exec_dynamic=True)
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device_id if device == "gpu" else None,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
         def pipe():
             enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             imgs = dali_decode(enc, device="mixed" if device == "gpu" else "cpu")
@@ -81,13 +92,19 @@ class Preprocessor:
         return np.array(out.as_tensor())
 
 
-def iter_split(files: Sequence[str], labels: Sequence[int], p: Preprocessing, batch_size: int = 64,
-               device: str = "cpu", limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_split(
+    files: Sequence[str],
+    labels: Sequence[int],
+    p: Preprocessing,
+    batch_size: int = 64,
+    device: str = "cpu",
+    limit: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(x float32 NCHW numpy, y int64)`` over a labelled file list, in order."""
     n = len(files) if limit is None else min(limit, len(files))
     pre = Preprocessor(p, batch_size, device)
     for i in range(0, n, batch_size):
-        chunk = files[i:i + batch_size][: n - i]
+        chunk = files[i : i + batch_size][: n - i]
         encoded = read_checked(chunk, p)
         try:
             x = pre(encoded)
@@ -95,7 +112,7 @@ def iter_split(files: Sequence[str], labels: Sequence[int], p: Preprocessing, ba
             raise DataError("undecodable image(s): " + _culprits(chunk, e)) from None
         if device == "gpu":
             x = x.float().cpu().numpy()
-        yield x, np.asarray(labels[i:i + len(chunk)], dtype=np.int64)
+        yield x, np.asarray(labels[i : i + len(chunk)], dtype=np.int64)
 
 
 def _culprits(files: Sequence[str], e: BaseException) -> str:

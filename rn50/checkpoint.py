@@ -37,18 +37,18 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         for pre in ("module.", "_orig_mod."):
             while k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
         k = k.replace("._orig_mod.", ".")
         out[k] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
     return out
 
 
-def save_checkpoint(path: str | os.PathLike[str], model_state: dict[str, torch.Tensor],
-                    manifest: dict[str, Any], **extra: Any) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike[str], model_state: dict[str, torch.Tensor], manifest: dict[str, Any], **extra: Any
+) -> Path:
     """Write ``path`` and ``path.manifest.json`` atomically; return ``path``."""
     path = Path(path)
-    obj = {"format": FORMAT, "version": VERSION, "model": clean_state_dict(model_state),
-           "manifest": manifest, **extra}
+    obj = {"format": FORMAT, "version": VERSION, "model": clean_state_dict(model_state), "manifest": manifest, **extra}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     write_manifest(path, manifest)
@@ -64,11 +64,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file, or corrupt): "
-                              f"{_unpickling_cause(e)}") from e
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (not a torch.save file, or corrupt): {_unpickling_cause(e)}"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {first_line(e)}") from e
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
+        ) from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
         raise CheckpointError(f"{path}: not an rn50 checkpoint (no 'format': '{FORMAT}' with a 'model' state)")
     if obj.get("version") != VERSION:
@@ -111,7 +113,9 @@ def state_dict_mismatch(expected: dict[str, Any], got: dict[str, Any]) -> str | 
     return None
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build the network from a checkpoint; returns ``(model in eval mode, manifest)``."""
     obj = load_checkpoint(path, map_location)
     manifest = obj["manifest"]
@@ -121,8 +125,9 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     except KeyError as e:
         raise CheckpointError(f"{path}: checkpoint has no fc.weight: not a ResNet50 classifier") from e
     if n != len(classes):
-        raise CheckpointError(f"{path}: the checkpoint's classifier has {n} outputs but its manifest lists "
-                              f"{len(classes)} classes")
+        raise CheckpointError(
+            f"{path}: the checkpoint's classifier has {n} outputs but its manifest lists {len(classes)} classes"
+        )
     model = build_model(n)
     why = state_dict_mismatch(model.state_dict(), obj["model"])
     if why is not None:

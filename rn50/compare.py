@@ -73,8 +73,9 @@ class LogitComparison:
         return {**asdict(self), "passed": self.passed, "top1_drop": self.top1_drop}
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, precision: str,
-                   bounds: Bounds | None = None) -> LogitComparison:
+def compare_logits(
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, precision: str, bounds: Bounds | None = None
+) -> LogitComparison:
     """Compare ``candidate`` logits (N, classes) with ``reference`` on images labelled ``labels``,
     judged by ``bounds`` (default: the table's for ``precision``)."""
     ref = np.asarray(reference, dtype=np.float32)
@@ -94,13 +95,26 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndar
     drop = reference_acc["top1"] - candidate_acc["top1"]
     problem = None
     if b.max_rel_logit_diff is not None and rel > b.max_rel_logit_diff:
-        problem = (f"max |logit difference| {diff:.3g} is {rel:.3g} of the logit scale {max(1.0, scale):.3g}, "
-                   f"above the {b.max_rel_logit_diff:g} allowed for {precision}")
+        problem = (
+            f"max |logit difference| {diff:.3g} is {rel:.3g} of the logit scale {max(1.0, scale):.3g}, "
+            f"above the {b.max_rel_logit_diff:g} allowed for {precision}"
+        )
     elif agree < b.min_top1_agreement:
         problem = f"top-1 agreement {agree:.2f}% is below the {b.min_top1_agreement}% required for {precision}"
     elif drop > b.max_top1_drop + 1e-9:
-        problem = (f"top-1 {candidate_acc['top1']:.2f}% loses {drop:.2f} points against the reference's "
-                   f"{reference_acc['top1']:.2f}%, more than the {b.max_top1_drop} allowed for {precision}")
-    return LogitComparison(images=n, precision=precision, bounds=b, max_abs_logit_diff=diff, max_abs_logit=scale,
-                           rel_logit_diff=rel, top1_agreement=agree, reference=reference_acc,
-                           candidate=candidate_acc, problem=problem)
+        problem = (
+            f"top-1 {candidate_acc['top1']:.2f}% loses {drop:.2f} points against the reference's "
+            f"{reference_acc['top1']:.2f}%, more than the {b.max_top1_drop} allowed for {precision}"
+        )
+    return LogitComparison(
+        images=n,
+        precision=precision,
+        bounds=b,
+        max_abs_logit_diff=diff,
+        max_abs_logit=scale,
+        rel_logit_diff=rel,
+        top1_agreement=agree,
+        reference=reference_acc,
+        candidate=candidate_acc,
+        problem=problem,
+    )

@@ -28,10 +28,11 @@ from .errors import DataError
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
-           "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 MARKER = ".complete.json"
 
 
@@ -46,7 +47,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise DataError(f"{path}: {arr.size} bytes of data for shape {dims}")
@@ -54,9 +55,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def source_missing_message(source: Path) -> str:
-    return (f"{source}: Fashion-MNIST not found. Install Debian's package: "
-            f"`sudo apt-get install -y {DEBIAN_PACKAGE}` (as root: `apt-get update && apt-get install -y {DEBIAN_PACKAGE}`), "
-            f"or pass --source to a folder holding {', '.join(FILES['train'] + FILES['val'])}")
+    return (
+        f"{source}: Fashion-MNIST not found. Install Debian's package: "
+        f"`sudo apt-get install -y {DEBIAN_PACKAGE}` "
+        f"(as root: `apt-get update && apt-get install -y {DEBIAN_PACKAGE}`), "
+        f"or pass --source to a folder holding {', '.join(FILES['train'] + FILES['val'])}"
+    )
 
 
 def load_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,13 +82,24 @@ def select(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def convert(out: Path, source: Path = DEFAULT_SOURCE, per_class_train: int | None = None,
-            per_class_val: int | None = None, quality: int = 95, progress: bool = True) -> Path:
+def convert(
+    out: Path,
+    source: Path = DEFAULT_SOURCE,
+    per_class_train: int | None = None,
+    per_class_val: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+) -> Path:
     from PIL import Image
 
     out = Path(out)
-    spec = {"source": str(source), "per_class_train": per_class_train, "per_class_val": per_class_val,
-            "quality": quality, "classes": CLASSES}
+    spec = {
+        "source": str(source),
+        "per_class_train": per_class_train,
+        "per_class_val": per_class_val,
+        "quality": quality,
+        "classes": CLASSES,
+    }
     marker = out / MARKER
     if marker.is_file():
         try:
@@ -106,8 +121,9 @@ def convert(out: Path, source: Path = DEFAULT_SOURCE, per_class_train: int | Non
             (tmp / split / c).mkdir(parents=True, exist_ok=True)
         it = idx if not (progress and tqdm) else tqdm(idx, desc=f"fashion-mnist {split}", unit="img", file=sys.stderr)
         for i in it:
-            Image.fromarray(images[i], mode="L").save(tmp / split / CLASSES[labels[i]] / f"{i:05d}.jpg",
-                                                      quality=quality)
+            Image.fromarray(images[i], mode="L").save(
+                tmp / split / CLASSES[labels[i]] / f"{i:05d}.jpg", quality=quality
+            )
         counts[split] = int(idx.size)
     (tmp / MARKER).write_text(json.dumps({"spec": spec, "counts": counts}, indent=2))
     if out.exists():
@@ -118,12 +134,19 @@ def convert(out: Path, source: Path = DEFAULT_SOURCE, per_class_train: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rn50.fashion_mnist", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m rn50.fashion_mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("data/fashion-mnist"), help="output folder (default: %(default)s)")
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder of the IDX .gz files (default: %(default)s)")
-    ap.add_argument("--per-class-train", type=int, default=None, help="keep only the first N training images of each class")
-    ap.add_argument("--per-class-val", type=int, default=None, help="keep only the first N validation images of each class")
+    ap.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help="folder of the IDX .gz files (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--per-class-train", type=int, default=None, help="keep only the first N training images of each class"
+    )
+    ap.add_argument(
+        "--per-class-val", type=int, default=None, help="keep only the first N validation images of each class"
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     try:

@@ -8,9 +8,10 @@ manifest so later stages never re-derive it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,8 +25,16 @@ MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused,
 # What DALI's image decoder reads, by PIL's format names (PPM is PIL's name for the PNM family;
 # MPO is a multi-picture JPEG whose first frame DALI decodes). Anything else (GIF, ICO, PSD, ...)
 # is refused by name before DALI sees it.
-DALI_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP",
-                "JPEG2000": "JPEG 2000", "PPM": "PNM"}
+DALI_FORMATS = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "PNG": "PNG",
+    "BMP": "BMP",
+    "TIFF": "TIFF",
+    "WEBP": "WebP",
+    "JPEG2000": "JPEG 2000",
+    "PPM": "PNM",
+}
 # Formats whose DALI decoders (libtiff, OpenJPEG through OpenCV) report corrupt data only on
 # stderr and still return pixels: PIL decodes these in full first, so a corrupt one is refused
 # instead of classified. WebP and PNM are decoded too (their errors do raise in DALI today, but
@@ -61,8 +70,10 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     if classes is not None and found != list(classes):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
-        raise DataError(f"{root}: class folders differ from the training classes "
-                        f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})")
+        raise DataError(
+            f"{root}: class folders differ from the training classes "
+            f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})"
+        )
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
@@ -79,8 +90,10 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
         raise DataError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) under the class folders")
     if empty:
         # a class without images would still get an output of the classifier and a manifest entry
-        raise DataError(f"{empty[0]}: class folder has no image files ({', '.join(IMG_EXTENSIONS)})"
-                        + (f" (nor do {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else ""))
+        raise DataError(
+            f"{empty[0]}: class folder has no image files ({', '.join(IMG_EXTENSIONS)})"
+            + (f" (nor do {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else "")
+        )
     return Split(root, found, files, labels)
 
 
@@ -88,7 +101,9 @@ def load_dataset(data: str | os.PathLike[str]) -> tuple[Split, Split]:
     """Index ``data/train`` and ``data/val``; their classes must agree."""
     data = Path(data)
     if not data.is_dir():
-        raise DataError(f"{data}: data folder not found (run `make data`, or point --data at an ImageNet-layout folder)")
+        raise DataError(
+            f"{data}: data folder not found (run `make data`, or point --data at an ImageNet-layout folder)"
+        )
     train = scan_split(data / "train")
     val = scan_split(data / "val", classes=train.classes)
     return train, val
@@ -136,8 +151,10 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 w, h = im.size
                 fmt = im.format or "unknown"
                 if fmt not in DALI_FORMATS:
-                    return (f"unsupported image format {fmt} (the decoder reads "
-                            f"{', '.join(sorted(set(DALI_FORMATS.values())))})")
+                    return (
+                        f"unsupported image format {fmt} (the decoder reads "
+                        f"{', '.join(sorted(set(DALI_FORMATS.values())))})"
+                    )
                 if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
                     try:
                         im.load()
@@ -153,8 +170,10 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     except Exception as e:
         return f"unreadable image header ({type(e).__name__}: {e})"
     if w * h > max_pixels:
-        return (f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                f"pixels (possible decompression bomb)")
+        return (
+            f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            f"pixels (possible decompression bomb)"
+        )
     if w < 1 or h < 1:
         return f"bad image size {w}x{h} in the {fmt} header"
     if resize_shorter is not None:
@@ -162,8 +181,10 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
         rw, rh = (resize_shorter, -(-resize_shorter * long // short))
         rw, rh = (rw, rh) if w <= h else (rh, rw)
         if rw * rh > max_pixels:
-            return (f"image too thin: {w}x{h} resized to {rw}x{rh} = {rw * rh:,} pixels exceeds the limit of "
-                    f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)")
+            return (
+                f"image too thin: {w}x{h} resized to {rw}x{rh} = {rw * rh:,} pixels exceeds the limit of "
+                f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
+            )
     return None
 
 
@@ -184,14 +205,21 @@ def _signature_format(data: bytes) -> str | None:
     return None  # (BMP's two-byte "BM" is too weak a signature to name)
 
 
-def check_files(files: list[str], max_report: int = 10, progress: bool = True,
-                resize_shorter: int | None = None) -> None:
+def check_files(
+    files: list[str], max_report: int = 10, progress: bool = True, resize_shorter: int | None = None
+) -> None:
     """Check every file with :func:`check_header`; DataError naming the bad ones (up to ``max_report``)."""
     from tqdm import tqdm
 
     bad: list[str] = []
-    it = tqdm(files, desc="checking images", unit="file", mininterval=2.0, leave=False,
-              disable=not progress or len(files) < 20000)
+    it = tqdm(
+        files,
+        desc="checking images",
+        unit="file",
+        mininterval=2.0,
+        leave=False,
+        disable=not progress or len(files) < 20000,
+    )
     for f in it:
         try:
             with open(f, "rb") as fh:
@@ -248,8 +276,9 @@ def read_checked(files: Sequence[str], p: Preprocessing) -> list[np.ndarray]:
     return out
 
 
-def balanced_subset(files: Sequence[str], labels: Sequence[int], n: int | None,
-                    seed: int = 0) -> tuple[list[str], list[int]]:
+def balanced_subset(
+    files: Sequence[str], labels: Sequence[int], n: int | None, seed: int = 0
+) -> tuple[list[str], list[int]]:
     """``n`` of ``files`` with their ``labels``, class-balanced and deterministic: ceil(n / classes)
     drawn from each class with ``seed``, shuffled together, the first ``n`` kept. All of them, in
     their order, when ``n`` is None or not below their number."""

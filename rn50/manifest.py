@@ -25,8 +25,19 @@ from .preprocess import Preprocessing
 SUFFIX = ".manifest.json"
 SCHEMA = 1
 REQUIRED = ("schema", "kind", "arch", "classes", "preprocessing", "precision")
-_DISTS = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "onnx",
-          "onnxruntime-gpu", "onnxruntime", "onnxscript", "tensorrt", "polygraphy", "numpy")
+_DISTS = (
+    "torch",
+    "torchvision",
+    "nvidia-dali-cuda130",
+    "nvidia-dali-cuda120",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "onnxscript",
+    "tensorrt",
+    "polygraphy",
+    "numpy",
+)
 
 
 def manifest_path(artifact: str | os.PathLike[str]) -> Path:
@@ -51,9 +62,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def new_manifest(kind: str, *, classes: list[str], preprocessing: Preprocessing, precision: str,
-                 source: str | os.PathLike[str] | None = None, accuracy: dict[str, Any] | None = None,
-                 **extra: Any) -> dict[str, Any]:
+def new_manifest(
+    kind: str,
+    *,
+    classes: list[str],
+    preprocessing: Preprocessing,
+    precision: str,
+    source: str | os.PathLike[str] | None = None,
+    accuracy: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """A fresh manifest. ``source`` (a file) is recorded with its sha256."""
     from .model import ARCH
 
@@ -104,8 +122,10 @@ def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check the manifest beside ``artifact``; ManifestError says what is wrong."""
     p = manifest_path(artifact)
     if not p.is_file():
-        raise ManifestError(f"{p}: manifest not found beside {artifact} (every artifact this project writes has one; "
-                            f"was {Path(artifact).name} produced by `python -m export`?)")
+        raise ManifestError(
+            f"{p}: manifest not found beside {artifact} (every artifact this project writes has one; "
+            f"was {Path(artifact).name} produced by `python -m export`?)"
+        )
     try:
         m = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -3,7 +3,8 @@ benchmarks and serve.infer report; shared by training validation, the INT8 gate 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +33,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     preds = np.asarray(preds, dtype=np.int64).reshape(-1)
     if labels.shape != preds.shape:
         raise ValueError(f"labels {labels.shape} and predictions {preds.shape} do not match")
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes,
-                                                                                                  num_classes)
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
-def per_class(labels: np.ndarray, ref_logits: np.ndarray, logits: np.ndarray,
-              classes: Sequence[str]) -> list[dict[str, Any]]:
+def per_class(
+    labels: np.ndarray, ref_logits: np.ndarray, logits: np.ndarray, classes: Sequence[str]
+) -> list[dict[str, Any]]:
     """Per class: its images, the top-1 (%) of a reference and of a candidate on them (``diff`` =
     candidate - reference, in points) and ``disagreement``, the share (%) of them on which the
     two pick different classes. Top-1 is the argmax (ties to the lower index, as ``topk_correct``),
@@ -54,9 +57,19 @@ def per_class(labels: np.ndarray, ref_logits: np.ndarray, logits: np.ndarray,
     def pct(c: int, i: int) -> float | None:  # None: the class has no images here
         return 100.0 * c / images[i] if images[i] else None
 
-    return [{"class": str(name), "images": int(images[i]), "reference_correct": int(ref_ok[i]), "correct": int(ok[i]),
-             "reference_top1": pct(ref_ok[i], i), "top1": pct(ok[i], i), "diff": pct(ok[i] - ref_ok[i], i),
-             "disagreement": pct(differ[i], i)} for i, name in enumerate(classes)]
+    return [
+        {
+            "class": str(name),
+            "images": int(images[i]),
+            "reference_correct": int(ref_ok[i]),
+            "correct": int(ok[i]),
+            "reference_top1": pct(ref_ok[i], i),
+            "top1": pct(ok[i], i),
+            "diff": pct(ok[i] - ref_ok[i], i),
+            "disagreement": pct(differ[i], i),
+        }
+        for i, name in enumerate(classes)
+    ]
 
 
 def most_changed(rows: Sequence[dict[str, Any]], k: int = 5) -> list[dict[str, Any]]:

@@ -59,9 +59,14 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
         if not p.requires_grad:
             continue
         groups.setdefault((split and not is_head(name), p.ndim > 1), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0,
-             "lr_scale": backbone_lr_scale if backbone else 1.0}
-            for (backbone, decays), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))]
+    return [
+        {
+            "params": ps,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": backbone_lr_scale if backbone else 1.0,
+        }
+        for (backbone, decays), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))
+    ]
 
 
 def num_classes_of(state_dict: dict[str, torch.Tensor]) -> int:

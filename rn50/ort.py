@@ -29,8 +29,9 @@ def cuda_device_count() -> int:
     return 0
 
 
-def session(model: str | os.PathLike[str] | bytes, *, prefer_gpu: bool = True, threads: int | None = None,
-            optimize: bool = True) -> Any:
+def session(
+    model: str | os.PathLike[str] | bytes, *, prefer_gpu: bool = True, threads: int | None = None, optimize: bool = True
+) -> Any:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)

@@ -6,8 +6,9 @@ atomically (``rn50.atomic``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,7 @@ def smooth(y: Sequence[float], window: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(len(out)) + (w - 1) / 2, out
 
 
-def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]],
-                    path: str | Path) -> None:
+def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """Four panels over the schedule, in epochs: training loss per record with a smoothed line,
     the learning rate, validation top-1/top-5 per epoch and training images/s.
 
@@ -64,17 +64,27 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
         x = np.asarray([r["epoch"] for r in steps], dtype=np.float64)
         y = [r[key] for r in steps]
         every = _every(steps)
-        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8,
-                label=f"{label}, every {every} steps" if every > 1 else f"{label}, every step")
+        ax.plot(
+            x,
+            y,
+            color="tab:blue",
+            alpha=0.3,
+            lw=0.8,
+            label=f"{label}, every {every} steps" if every > 1 else f"{label}, every step",
+        )
         if window > 1:
             pos, sm = smooth(y, window)
-            ax.plot(np.interp(pos, np.arange(len(x)), x), sm, color="tab:blue", lw=2,
-                    label=f"moving average of {window} records")
+            ax.plot(
+                np.interp(pos, np.arange(len(x)), x),
+                sm,
+                color="tab:blue",
+                lw=2,
+                label=f"moving average of {window} records",
+            )
 
     if steps:
         per_step(a_loss, "loss", "training loss")
-    a_loss.plot(mid_x, [r["train_loss"] for r in history], color="tab:orange", marker=marker, lw=1,
-                label="epoch mean")
+    a_loss.plot(mid_x, [r["train_loss"] for r in history], color="tab:orange", marker=marker, lw=1, label="epoch mean")
     a_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
     if steps:
         a_lr.plot([r["epoch"] for r in steps], [r["lr"] for r in steps], color="tab:green")
@@ -95,8 +105,14 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
 
     if steps:
         per_step(a_ips, "img_per_s", "images/s")
-    a_ips.plot(mid_x, [r["img_per_s"] for r in history], color="tab:orange", marker=marker, lw=1,
-               label="epoch mean (with loader start)")
+    a_ips.plot(
+        mid_x,
+        [r["img_per_s"] for r in history],
+        color="tab:orange",
+        marker=marker,
+        lw=1,
+        label="epoch mean (with loader start)",
+    )
     a_ips.set(xlabel="epoch", ylabel="images/s", title="training throughput (all ranks)")
     a_ips.set_ylim(bottom=0)
     for ax in (a_loss, a_val, a_ips):
@@ -113,8 +129,14 @@ def _every(steps: Sequence[Mapping[str, Any]]) -> int:
     return int(steps[1]["step"] - steps[0]["step"]) if len(steps) > 1 else 1
 
 
-def confusion_matrices(engine: np.ndarray, reference: np.ndarray, classes: Sequence[str], path: str | Path,
-                       engine_name: str = "engine", reference_name: str = "PyTorch") -> None:
+def confusion_matrices(
+    engine: np.ndarray,
+    reference: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    engine_name: str = "engine",
+    reference_name: str = "PyTorch",
+) -> None:
     """Two panels: the engine's confusion matrix (rows true class, columns predicted; colour the
     share of the row, numbers the image counts) and engine minus reference (counts; red where
     the engine puts more images than the reference, blue fewer)."""
@@ -146,14 +168,22 @@ def confusion_matrices(engine: np.ndarray, reference: np.ndarray, classes: Seque
                     v = int(values[i, j])
                     if v or not skip_zero:
                         dark = share[i, j] > 0.6 if ax is a_eng else abs(v) > 0.6 * lim
-                        ax.text(j, i, f"{v:+d}" if skip_zero else str(v), ha="center", va="center", fontsize=7,
-                                color="white" if dark else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{v:+d}" if skip_zero else str(v),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if dark else "black",
+                        )
     fig.tight_layout()
     _save(fig, path)
 
 
-def throughput_bars(title: str, panels: Mapping[str, Mapping[str, float]], path: str | Path,
-                    unit: str = "images/s") -> None:
+def throughput_bars(
+    title: str, panels: Mapping[str, Mapping[str, float]], path: str | Path, unit: str = "images/s"
+) -> None:
     """Horizontal bars, one panel per key of ``panels`` (e.g. a batch size), each bar labelled with
     its value. A panel whose values span more than 20x uses a log scale."""
     plt = _pyplot()

@@ -49,7 +49,7 @@ class Preprocessing:
     version: int = field(default=CONTRACT_VERSION)
 
     @classmethod
-    def for_image_size(cls, image_size: int, **kw: Any) -> "Preprocessing":
+    def for_image_size(cls, image_size: int, **kw: Any) -> Preprocessing:
         if image_size < 16:
             raise ValueError(f"image size {image_size} is too small (ResNet50 needs at least 16 px)")
         # 256/224 of the crop, rounded so that the margin (resize - crop) is even: then the centre
@@ -62,7 +62,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -78,6 +78,7 @@ class Preprocessing:
 
 
 # --------------------------------------------------------------------------- PIL / torchvision
+
 
 def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
     """Open an image file (or its ``data``, already read) as an RGB PIL image, EXIF orientation
@@ -99,27 +100,37 @@ def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
 def torchvision_train(p: Preprocessing):
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(p.image_size, scale=p.train_scale, ratio=p.train_ratio,
-                            interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-        T.RandomHorizontalFlip(p.flip_prob),
-        T.ToTensor(),
-        T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                p.image_size,
+                scale=p.train_scale,
+                ratio=p.train_ratio,
+                interpolation=T.InterpolationMode.BILINEAR,
+                antialias=True,
+            ),
+            T.RandomHorizontalFlip(p.flip_prob),
+            T.ToTensor(),
+            T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+        ]
+    )
 
 
 def torchvision_val(p: Preprocessing):
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-        T.CenterCrop(p.image_size),
-        T.ToTensor(),
-        T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
-    ])
+    return T.Compose(
+        [
+            T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(p.image_size),
+            T.ToTensor(),
+            T.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- DALI
+
 
 def dali_decode(encoded, device: str = "cpu"):
     """Decode a batch of encoded images (DataNode) to HWC uint8 RGB. ``device``: cpu or mixed."""
@@ -133,19 +144,35 @@ def dali_train(images, p: Preprocessing, dtype=None):
     from nvidia.dali import fn, types
 
     images = fn.random_resized_crop(
-        images, size=(p.image_size, p.image_size), random_area=list(p.train_scale),
-        random_aspect_ratio=list(p.train_ratio), interp_type=types.INTERP_LINEAR, antialias=True)
+        images,
+        size=(p.image_size, p.image_size),
+        random_area=list(p.train_scale),
+        random_aspect_ratio=list(p.train_ratio),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
     return fn.crop_mirror_normalize(
-        images, dtype=dtype or types.FLOAT, output_layout="CHW", mean=list(p.mean), std=list(p.std),
-        mirror=fn.random.coin_flip(probability=p.flip_prob))
+        images,
+        dtype=dtype or types.FLOAT,
+        output_layout="CHW",
+        mean=list(p.mean),
+        std=list(p.std),
+        mirror=fn.random.coin_flip(probability=p.flip_prob),
+    )
 
 
 def dali_val(images, p: Preprocessing, dtype=None):
     """Resize shorter side + centre crop + normalise a batch of decoded images (DataNode)."""
     from nvidia.dali import fn, types
 
-    images = fn.resize(images, resize_shorter=p.resize_size, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
+    images = fn.resize(images, resize_shorter=p.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop_mirror_normalize(
-        images, dtype=dtype or types.FLOAT, output_layout="CHW", crop=(p.image_size, p.image_size),
-        crop_pos_x=0.5, crop_pos_y=0.5, mean=list(p.mean), std=list(p.std))
+        images,
+        dtype=dtype or types.FLOAT,
+        output_layout="CHW",
+        crop=(p.image_size, p.image_size),
+        crop_pos_x=0.5,
+        crop_pos_y=0.5,
+        mean=list(p.mean),
+        std=list(p.std),
+    )

@@ -42,8 +42,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -53,34 +54,63 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m serve.infer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m serve.infer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2) or a checkpoint (.pt); "
-                    "DALI preprocessing from the engine's manifest; one JSON line per image.",
-        epilog="exit status: 0 all images classified; 1 some images failed (each has an \"error\" line); "
-               "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
-               "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
-               "stdout closed the pipe (| head).\nSee docs/serving.md.")
-    ap.add_argument("--engine", required=True, help="engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
-                                                    "training checkpoint .pt (eager PyTorch FP32), "
-                                                    "with its .manifest.json beside it")
+        "DALI preprocessing from the engine's manifest; one JSON line per image.",
+        epilog='exit status: 0 all images classified; 1 some images failed (each has an "error" line); '
+        "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
+        "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
+        "stdout closed the pipe (| head).\nSee docs/serving.md.",
+    )
+    ap.add_argument(
+        "--engine",
+        required=True,
+        help="engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
+        "training checkpoint .pt (eager PyTorch FP32), "
+        "with its .manifest.json beside it",
+    )
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
-    ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)")
-    ap.add_argument("--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)")
-    ap.add_argument("--output", help="write the JSON lines to this file (atomically, at the end) instead of stdout; "
-                                     "under torchrun (required there) rank R of N writes preds.rankR-of-N.jsonl "
-                                     "for --output preds.jsonl")
-    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                    help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
-    ap.add_argument("--decode-on", choices=["auto", "cpu"], default="auto",
-                    help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
-                         "and the batch is copied to the engine's GPU")
-    ap.add_argument("--max-pixels", type=int, default=None,
-                    help="refuse images larger than this many pixels, as stored or once resized to the "
-                         "engine's resize size (a very thin image); default 100,000,000")
+    ap.add_argument(
+        "--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)"
+    )
+    ap.add_argument(
+        "--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)"
+    )
+    ap.add_argument(
+        "--output",
+        help="write the JSON lines to this file (atomically, at the end) instead of stdout; "
+        "under torchrun (required there) rank R of N writes preds.rankR-of-N.jsonl "
+        "for --output preds.jsonl",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)",
+    )
+    ap.add_argument(
+        "--decode-on",
+        choices=["auto", "cpu"],
+        default="auto",
+        help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
+        "and the batch is copied to the engine's GPU",
+    )
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images larger than this many pixels, as stored or once resized to the "
+        "engine's resize size (a very thin image); default 100,000,000",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
-    ap.add_argument("--summary", metavar="FILE", help="also write the summary as JSON to FILE (images, failed, seconds, "
-                                                       "images_per_s, batch_size, latency_ms p50/p95/p99, backend, "
-                                                       "provider, dali_device, engine_device)")
+    ap.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="also write the summary as JSON to FILE (images, failed, seconds, "
+        "images_per_s, batch_size, latency_ms p50/p95/p99, backend, "
+        "provider, dali_device, engine_device)",
+    )
     return ap
 
 
@@ -97,7 +127,7 @@ def rank_share(paths: list[str], rank: int, world: int) -> list[str]:
     """This rank's contiguous block of ``paths``: the blocks of ranks 0..world-1, concatenated in
     rank order, are ``paths`` in order (so the ranks' files, concatenated, are one run's lines)."""
     n = len(paths)
-    return paths[rank * n // world:(rank + 1) * n // world]
+    return paths[rank * n // world : (rank + 1) * n // world]
 
 
 def rank_file(path: str, rank: int, world: int) -> str:
@@ -182,11 +212,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         args.output = rank_file(args.output, rank, world)
         if args.summary:
             args.summary = rank_file(args.summary, rank, world)
+    from rn50.backends import load_engine, softmax
     from rn50.errors import PipelineError
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of
-
-    from rn50.backends import load_engine, softmax
     from rn50.metrics import percentiles
 
     from .cli import check_outputs, env_threads, pick_device
@@ -230,18 +259,29 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     classes: list[str] = manifest["classes"]
     k = min(args.topk, len(classes))
     bs = min(args.batch_size, backend.max_batch)
-    stream = BatchStream(paths, p, bs, device=device, max_pixels=args.max_pixels or MAX_PIXELS,
-                         num_threads=env_threads(), fp16=backend.input_dtype == "float16")
+    stream = BatchStream(
+        paths,
+        p,
+        bs,
+        device=device,
+        max_pixels=args.max_pixels or MAX_PIXELS,
+        num_threads=env_threads(),
+        fp16=backend.input_dtype == "float16",
+    )
     from tqdm import tqdm
 
     lat: list[float] = []
     n_ok = n_bad = 0
     t0 = time.perf_counter()
     try:
-        with _sink(args.output) as out, tqdm(total=len(paths), unit="img", disable=args.quiet,
-                                               file=sys.stderr, dynamic_ncols=True) as bar:
+        with (
+            _sink(args.output) as out,
+            tqdm(total=len(paths), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar,
+        ):
             for b in stream:
-                recs: list[tuple[int, dict[str, object]]] = [(i, {"path": pth, "error": cause}) for i, pth, cause in b.errors]
+                recs: list[tuple[int, dict[str, object]]] = [
+                    (i, {"path": pth, "error": cause}) for i, pth, cause in b.errors
+                ]
                 if b.x is not None and b.indices:
                     t = time.perf_counter()
                     logits = backend.run(b.x)
@@ -250,8 +290,17 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
                     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
                     for row, (i, pth) in enumerate(zip(b.indices, b.paths)):
                         idx = [int(c) for c in top[row]]
-                        recs.append((i, {"path": pth, "topk": idx, "classes": [classes[c] for c in idx],
-                                         "probs": [round(float(probs[row, c]), 6) for c in idx]}))
+                        recs.append(
+                            (
+                                i,
+                                {
+                                    "path": pth,
+                                    "topk": idx,
+                                    "classes": [classes[c] for c in idx],
+                                    "probs": [round(float(probs[row, c]), 6) for c in idx],
+                                },
+                            )
+                        )
                 recs.sort(key=lambda r: r[0])
                 for _, rec in recs:
                     out.write(json.dumps(rec) + "\n")
@@ -268,18 +317,33 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     if args.summary:
         from rn50.atomic import write_json
 
-        write_json(args.summary, {
-            "engine": str(args.engine), "images": len(paths), "classified": n_ok, "failed": n_bad,
-            "seconds": wall, "images_per_s": len(paths) / wall if wall > 0 else 0.0, "batch_size": bs,
-            "batches": len(lat), "latency_ms": {k: v if v == v else None for k, v in pc.items()},  # no NaN in JSON
-            "backend": backend.name, "provider": backend.provider,
-            "dali_device": device, "engine_device": backend.device})
+        write_json(
+            args.summary,
+            {
+                "engine": str(args.engine),
+                "images": len(paths),
+                "classified": n_ok,
+                "failed": n_bad,
+                "seconds": wall,
+                "images_per_s": len(paths) / wall if wall > 0 else 0.0,
+                "batch_size": bs,
+                "batches": len(lat),
+                "latency_ms": {k: v if v == v else None for k, v in pc.items()},  # no NaN in JSON
+                "backend": backend.name,
+                "provider": backend.provider,
+                "dali_device": device,
+                "engine_device": backend.device,
+            },
+        )
     if not args.quiet:
-        print(f"summary: {len(paths)} images, {n_ok} classified, {n_bad} failed in {wall:.2f} s "
-              f"({len(paths) / wall if wall > 0 else 0:.1f} images/s end to end); batch {bs}, "
-              f"{len(lat)} batches, engine latency per batch p50 {pc['p50']:.1f} ms, p95 {pc['p95']:.1f} ms, "
-              f"p99 {pc['p99']:.1f} ms; backend {backend.name} ({backend.provider}), DALI on {device}"
-              + (f"; predictions in {args.output}" if args.output else ""), file=sys.stderr)
+        print(
+            f"summary: {len(paths)} images, {n_ok} classified, {n_bad} failed in {wall:.2f} s "
+            f"({len(paths) / wall if wall > 0 else 0:.1f} images/s end to end); batch {bs}, "
+            f"{len(lat)} batches, engine latency per batch p50 {pc['p50']:.1f} ms, p95 {pc['p95']:.1f} ms, "
+            f"p99 {pc['p99']:.1f} ms; backend {backend.name} ({backend.provider}), DALI on {device}"
+            + (f"; predictions in {args.output}" if args.output else ""),
+            file=sys.stderr,
+        )
     return EXIT_SOME_FAILED if n_bad else EXIT_OK
 
 

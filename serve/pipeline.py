@@ -26,17 +26,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from rn50.batches import Preprocessor
-from rn50.layout import read_encoded
 from rn50.errors import DataError
-from rn50.layout import MAX_PIXELS, check_header
+from rn50.layout import MAX_PIXELS, check_header, read_encoded
 from rn50.preprocess import Preprocessing
-
 
 
 @dataclass
@@ -109,8 +108,9 @@ def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS, resize_shor
     return check_header(data.tobytes(), max_pixels, resize_shorter)
 
 
-def preprocess_encoded(pre: Preprocessor, items: list[tuple[int, str, np.ndarray]], copy: bool = False
-                       ) -> tuple[Any, list[tuple[int, str, np.ndarray]], list[tuple[int, str, str]]]:
+def preprocess_encoded(
+    pre: Preprocessor, items: list[tuple[int, str, np.ndarray]], copy: bool = False
+) -> tuple[Any, list[tuple[int, str, np.ndarray]], list[tuple[int, str, str]]]:
     """Run ``pre`` on already read and sniffed ``(index, name, data)`` items, isolating bad ones.
 
     Returns ``(x, kept, errors)``: the batch of the images DALI decoded (None when none did), the
@@ -146,9 +146,17 @@ def preprocess_encoded(pre: Preprocessor, items: list[tuple[int, str, np.ndarray
 class BatchStream:
     """Iterate :class:`Prepared` batches over ``paths``, preprocessing ahead in a thread."""
 
-    def __init__(self, paths: Sequence[str], p: Preprocessing, batch_size: int, device: str = "cpu",
-                 prefetch: int = 2, max_pixels: int = MAX_PIXELS, num_threads: int | None = None,
-                 fp16: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        p: Preprocessing,
+        batch_size: int,
+        device: str = "cpu",
+        prefetch: int = 2,
+        max_pixels: int = MAX_PIXELS,
+        num_threads: int | None = None,
+        fp16: bool = False,
+    ):
         self.paths = [str(x) for x in paths]
         self.resize_shorter = p.resize_size
         self.batch_size, self.device, self.max_pixels = batch_size, device, max_pixels
@@ -176,13 +184,12 @@ class BatchStream:
         x, good, failed = preprocess_encoded(self.pre, good, copy=self.device == "gpu")
         errors.extend(failed)
         errors.sort()
-        return Prepared([i for i, _, _ in good], [pth for _, pth, _ in good], x, errors,
-                        time.perf_counter() - t0)
+        return Prepared([i for i, _, _ in good], [pth for _, pth, _ in good], x, errors, time.perf_counter() - t0)
 
     def _spans(self) -> Iterator[list[tuple[int, str]]]:
         items = list(enumerate(self.paths))
         for s in range(0, len(items), self.batch_size):
-            yield items[s:s + self.batch_size]
+            yield items[s : s + self.batch_size]
 
     def _producer(self) -> None:
         try:

@@ -45,22 +45,36 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m serve.validate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m serve.validate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compare an engine with its PyTorch checkpoint on a labelled ImageNet-layout split "
-                    "(VAL_DIR/<class>/*.jpg), through one shared DALI preprocessing pass.",
+        "(VAL_DIR/<class>/*.jpg), through one shared DALI preprocessing pass.",
         epilog="pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
-               "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed), "
-               "top-1 agreement >= 99.5/99/90 % and (fp32/fp16) max |logit difference| <= 1e-3/2e-2 of the "
-               "logit scale.\nexit status: 0 pass; 1 fail; 2 usage or engine error.")
-    ap.add_argument("--engine", required=True, help=".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
-                                                    "computation as the reference) with its manifest beside it")
+        "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed), "
+        "top-1 agreement >= 99.5/99/90 % and (fp32/fp16) max |logit difference| <= 1e-3/2e-2 of the "
+        "logit scale.\nexit status: 0 pass; 1 fail; 2 usage or engine error.",
+    )
+    ap.add_argument(
+        "--engine",
+        required=True,
+        help=".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
+        "computation as the reference) with its manifest beside it",
+    )
     ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
     ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
     ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)")
-    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)")
-    ap.add_argument("--report", metavar="PREFIX", help="write PREFIX.json and PREFIX.md (default <engine>.validate); "
-                                                        "checked before any work: exit 2 if they cannot be written")
+    ap.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)"
+    )
+    ap.add_argument(
+        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)"
+    )
+    ap.add_argument(
+        "--report",
+        metavar="PREFIX",
+        help="write PREFIX.json and PREFIX.md (default <engine>.validate); "
+        "checked before any work: exit 2 if they cannot be written",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -72,11 +86,14 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
 
     c = compare_logits(ref_logits, eng_logits, labels, precision)
     return {
-        "images": c.images, "precision": precision,
-        "pytorch": dict(c.reference), "engine": dict(c.candidate),
+        "images": c.images,
+        "precision": precision,
+        "pytorch": dict(c.reference),
+        "engine": dict(c.candidate),
         "diff": {k: c.candidate[k] - c.reference[k] for k in ("top1", "top5")},
         "top1_agreement": c.top1_agreement,
-        "max_abs_logit_diff": c.max_abs_logit_diff, "rel_logit_diff": c.rel_logit_diff,
+        "max_abs_logit_diff": c.max_abs_logit_diff,
+        "rel_logit_diff": c.rel_logit_diff,
         "bound_top1_points": c.bounds.max_top1_drop,
         "min_top1_agreement": c.bounds.min_top1_agreement,
         "max_rel_logit_diff": c.bounds.max_rel_logit_diff,
@@ -87,29 +104,32 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
 
 def markdown(r: dict[str, Any]) -> str:
     verdict = "PASS" if r["passed"] else "FAIL"
-    return "\n".join([
-        f"Validation of `{r['engine']}` ({r['backend']}, {r['precision']}) against `{r['checkpoint']}` "
-        f"on {r['images']} images of `{r['val_dir']}`",
-        "",
-        "| | top-1 (%) | top-5 (%) |",
-        "| --- | ---: | ---: |",
-        f"| PyTorch (eager fp32) | {r['pytorch']['top1']:.2f} | {r['pytorch']['top5']:.2f} |",
-        f"| engine | {r['engine_acc']['top1']:.2f} | {r['engine_acc']['top5']:.2f} |",
-        f"| difference (engine - PyTorch) | {r['diff']['top1']:+.2f} | {r['diff']['top5']:+.2f} |",
-        "",
-        f"top-1 agreement {r['top1_agreement']:.2f} %, max abs logit difference {r['max_abs_logit_diff']:.4g}; "
-        f"bounds for {r['precision']}: top-1 loss <= {r['bound_top1_points']} point and top-1 agreement "
-        f">= {r['min_top1_agreement']} % -> **{verdict}**" + (f" ({r['problem']})" if r.get("problem") else ""),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"Validation of `{r['engine']}` ({r['backend']}, {r['precision']}) against `{r['checkpoint']}` "
+            f"on {r['images']} images of `{r['val_dir']}`",
+            "",
+            "| | top-1 (%) | top-5 (%) |",
+            "| --- | ---: | ---: |",
+            f"| PyTorch (eager fp32) | {r['pytorch']['top1']:.2f} | {r['pytorch']['top5']:.2f} |",
+            f"| engine | {r['engine_acc']['top1']:.2f} | {r['engine_acc']['top5']:.2f} |",
+            f"| difference (engine - PyTorch) | {r['diff']['top1']:+.2f} | {r['diff']['top5']:+.2f} |",
+            "",
+            f"top-1 agreement {r['top1_agreement']:.2f} %, max abs logit difference {r['max_abs_logit_diff']:.4g}; "
+            f"bounds for {r['precision']}: top-1 loss <= {r['bound_top1_points']} point and top-1 agreement "
+            f">= {r['min_top1_agreement']} % -> **{verdict}**" + (f" ({r['problem']})" if r.get("problem") else ""),
+            "",
+        ]
+    )
 
 
 PER_CLASS_ROWS = 50  # the Markdown lists every class up to this many, else the ones that changed most
 JSON_CONFUSION_MAX_CLASSES = 100
 
 
-def per_class_report(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, classes: list[str],
-                     png: str | Path) -> dict[str, Any]:
+def per_class_report(
+    ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, classes: list[str], png: str | Path
+) -> dict[str, Any]:
     """The per-class part of the report; draws the confusion matrices to ``png``."""
     from rn50.metrics import confusion_matrix, most_changed, per_class
     from rn50.plots import confusion_matrices
@@ -119,8 +139,11 @@ def per_class_report(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.
     cm_eng = confusion_matrix(labels, eng_logits.argmax(1), n)
     cm_ref = confusion_matrix(labels, ref_logits.argmax(1), n)
     confusion_matrices(cm_eng, cm_ref, classes, png)
-    out: dict[str, Any] = {"per_class": rows, "most_disagreement": [r["class"] for r in most_changed(rows)],
-                           "confusion_png": str(png)}
+    out: dict[str, Any] = {
+        "per_class": rows,
+        "most_disagreement": [r["class"] for r in most_changed(rows)],
+        "confusion_png": str(png),
+    }
     if n <= JSON_CONFUSION_MAX_CLASSES:
         out["confusion_matrix"] = {"engine": cm_eng.tolist(), "pytorch": cm_ref.tolist()}
     return out
@@ -131,24 +154,41 @@ def per_class_markdown(r: dict[str, Any]) -> str:
 
     rows = r["per_class"]
     shown = rows if len(rows) <= PER_CLASS_ROWS else most_changed(rows, 20)
-    head = ("Per class" if shown is rows else
-            f"The {len(shown)} of {len(rows)} classes where they disagree most (all in the JSON report)")
+    head = (
+        "Per class"
+        if shown is rows
+        else f"The {len(shown)} of {len(rows)} classes where they disagree most (all in the JSON report)"
+    )
 
     def f(v: float | None, sign: str = "") -> str:
         return "-" if v is None else f"{v:{sign}.2f}"
 
-    lines = [f"{head}: top-1 (%) of PyTorch and the engine, and disagreement (% of the class's images on which "
-             "they pick different classes)", "",
-             "| class | images | PyTorch | engine | difference | disagreement |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {x['class']} | {x['images']} | {f(x['reference_top1'])} | {f(x['top1'])} | {f(x['diff'], '+')} | "
-              f"{f(x['disagreement'])} |" for x in shown]
+    lines = [
+        f"{head}: top-1 (%) of PyTorch and the engine, and disagreement (% of the class's images on which "
+        "they pick different classes)",
+        "",
+        "| class | images | PyTorch | engine | difference | disagreement |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {x['class']} | {x['images']} | {f(x['reference_top1'])} | {f(x['top1'])} | {f(x['diff'], '+')} | "
+        f"{f(x['disagreement'])} |"
+        for x in shown
+    ]
     by_name = {x["class"]: x for x in rows}
     worst = [by_name[c] for c in r["most_disagreement"]]
-    lines += ["", "Where they disagree most: " + (", ".join(
-        f"{x['class']} ({x['disagreement']:.1f} % of its images, {x['diff']:+.2f} points)" for x in worst)
-        if worst else "nowhere (the same top-1 class on every image)"), "",
-        f"![confusion matrices: the engine's, and engine minus PyTorch]({Path(r['confusion_png']).name})", ""]
+    lines += [
+        "",
+        "Where they disagree most: "
+        + (
+            ", ".join(f"{x['class']} ({x['disagreement']:.1f} % of its images, {x['diff']:+.2f} points)" for x in worst)
+            if worst
+            else "nowhere (the same top-1 class on every image)"
+        ),
+        "",
+        f"![confusion matrices: the engine's, and engine minus PyTorch]({Path(r['confusion_png']).name})",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -171,13 +211,13 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from rn50.atomic import write_json, write_text
+    from rn50.backends import load_engine
+    from rn50.backends.pytorch import TorchBackend
     from rn50.compare import BOUNDS
     from rn50.errors import PipelineError
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
-    from rn50.backends import load_engine
-    from rn50.backends.pytorch import TorchBackend
     from .cli import check_outputs, env_threads, pick_device
     from .pipeline import BatchStream
 
@@ -193,8 +233,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.report and (args.report.endswith(("/", os.sep)) or Path(args.report).is_dir()):
         return err(f"--report {args.report}: is a directory (PREFIX names the files PREFIX.json and PREFIX.md)")
     # every report file, before any work (a bad path would otherwise lose a finished validation)
-    bad_output = (check_outputs(report=f"{prefix}.json") or check_outputs(report=f"{prefix}.md")
-                  or check_outputs(report=f"{prefix}.confusion.png"))
+    bad_output = (
+        check_outputs(report=f"{prefix}.json")
+        or check_outputs(report=f"{prefix}.md")
+        or check_outputs(report=f"{prefix}.confusion.png")
+    )
     if bad_output:
         return err(bad_output)
     try:
@@ -206,8 +249,10 @@ def _run(args: argparse.Namespace) -> int:
         reference = TorchBackend(Path(args.checkpoint), {}, prefer_gpu=device == "gpu")
         ck_classes = reference.manifest["classes"]
         if list(ck_classes) != list(manifest["classes"]):
-            return err(f"{args.engine}: the engine's classes {manifest['classes']} differ from the checkpoint's "
-                       f"{ck_classes} ({args.checkpoint}): not exported from this checkpoint?")
+            return err(
+                f"{args.engine}: the engine's classes {manifest['classes']} differ from the checkpoint's "
+                f"{ck_classes} ({args.checkpoint}): not exported from this checkpoint?"
+            )
         precision = str(manifest.get("precision", "fp32"))
         if precision not in BOUNDS:
             return err(f"{args.engine}: its manifest gives precision {precision!r}, not one of {', '.join(BOUNDS)}")
@@ -238,15 +283,24 @@ def _run(args: argparse.Namespace) -> int:
     ref, eng, lab = np.concatenate(ref_l), np.concatenate(eng_l), np.concatenate(lab_l)
     r = compare(ref, eng, lab, precision)
     r["engine_acc"] = r.pop("engine")
-    r.update(engine=str(args.engine), backend=f"{backend.name} ({backend.provider})", checkpoint=str(args.checkpoint),
-             val_dir=str(args.val_dir), failed_images=failed, seconds=round(time.perf_counter() - t0, 2))
+    r.update(
+        engine=str(args.engine),
+        backend=f"{backend.name} ({backend.provider})",
+        checkpoint=str(args.checkpoint),
+        val_dir=str(args.val_dir),
+        failed_images=failed,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
     r.update(per_class_report(ref, eng, lab, list(manifest["classes"]), f"{prefix}.confusion.png"))
     md = markdown(r) + "\n" + per_class_markdown(r)
     write_json(f"{prefix}.json", r)
     write_text(f"{prefix}.md", md)
     print(md)
     if failed:
-        print(f"warning: {len(failed)} images could not be decoded and were left out (listed in {prefix}.json)", file=sys.stderr)
+        print(
+            f"warning: {len(failed)} images could not be decoded and were left out (listed in {prefix}.json)",
+            file=sys.stderr,
+        )
     print(f"report: {prefix}.json, {prefix}.md, {prefix}.confusion.png", file=sys.stderr)
     return EXIT_PASS if r["passed"] else EXIT_FAIL
 

@@ -23,10 +23,13 @@ def pytest_configure(config):
 # (owned by train/: `fmnist_small` and `trained_run` are used by the export, calibration and serve
 #  tests too; change their sizes only together with those tests)
 
+
 def _need_fmnist():
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail("Fashion-MNIST is missing: `make test` installs Debian's dataset-fashion-mnist; "
-                    "run `apt-get install -y dataset-fashion-mnist`")
+        pytest.fail(
+            "Fashion-MNIST is missing: `make test` installs Debian's dataset-fashion-mnist; "
+            "run `apt-get install -y dataset-fashion-mnist`"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +50,25 @@ def fmnist_tiny(tmp_path_factory) -> Path:
     return convert(tmp_path_factory.mktemp("fmnist-tiny") / "fm", per_class_train=20, per_class_val=5, progress=False)
 
 
-TRAINED_RUN_ARGS = ["--profile", "cpu", "--data-backend", "dali-cpu", "--no-compile", "--image-size", "32",
-                    "--epochs", "3", "--batch-size", "32", "--min-crop-scale", "0.5", "--warmup-epochs", "0.3",
-                    "--workers", "1"]
+TRAINED_RUN_ARGS = [
+    "--profile",
+    "cpu",
+    "--data-backend",
+    "dali-cpu",
+    "--no-compile",
+    "--image-size",
+    "32",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--min-crop-scale",
+    "0.5",
+    "--warmup-epochs",
+    "0.3",
+    "--workers",
+    "1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +90,7 @@ def trained_run(tmp_path_factory, fmnist_small) -> Path:
 
 # ============================================================================ serving engines
 # (owned by serve/: engines built from `trained_run` by the export CLI, one per session)
+
 
 def _export_engine(tmp_path_factory, run: Path, precision: str, suffix: str) -> Path:
     out = tmp_path_factory.mktemp(f"engine-{precision}{suffix.replace('.', '-')}") / f"rn50.{precision}{suffix}"

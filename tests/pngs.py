@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def check_png(path: Path, min_size: tuple[int, int] = (300, 200), max_size: tuple[int, int] = (2500, 2000),
-              max_bytes: int = 600_000) -> tuple[int, int]:
+def check_png(
+    path: Path,
+    min_size: tuple[int, int] = (300, 200),
+    max_size: tuple[int, int] = (2500, 2000),
+    max_bytes: int = 600_000,
+) -> tuple[int, int]:
     """``path`` is a PNG that PIL decodes, of a readable size (width, height within the bounds) and
     with a drawing on it (many colours, not a blank canvas); returns its size."""
     from PIL import Image

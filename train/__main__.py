@@ -36,68 +36,114 @@ from .recipe import FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     a = ap.add_argument
-    a("--data", type=Path,
-      help="ImageNet-layout folder with train/<class>/ and val/<class>/ (default: data/fashion-mnist; none for "
-           "--data-backend synthetic)")
-    a("--data-backend", choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"],
-      help="default: dali-gpu with CUDA, dali-cpu without; asking for dali-gpu without CUDA is an error")
+    a(
+        "--data",
+        type=Path,
+        help="ImageNet-layout folder with train/<class>/ and val/<class>/ (default: data/fashion-mnist; none for "
+        "--data-backend synthetic)",
+    )
+    a(
+        "--data-backend",
+        choices=["dali-gpu", "dali-cpu", "pytorch", "synthetic"],
+        help="default: dali-gpu with CUDA, dali-cpu without; asking for dali-gpu without CUDA is an error",
+    )
     a("--profile", choices=["auto", "gpu", "cpu"], default="auto", help="defaults for the flags below (see above)")
-    a("--preset", choices=["50", "90", "250", "finetune"],
-      help="recipe preset: epochs (and MixUp 0.2 for 250); finetune: lr 0.0256 per 256, "
-           f"{FINETUNE_EPOCHS} epochs, warmup over the first {FINETUNE_WARMUP_FRACTION:g} of them "
-           "(default: finetune with --init-from, else 90 on the gpu profile)")
+    a(
+        "--preset",
+        choices=["50", "90", "250", "finetune"],
+        help="recipe preset: epochs (and MixUp 0.2 for 250); finetune: lr 0.0256 per 256, "
+        f"{FINETUNE_EPOCHS} epochs, warmup over the first {FINETUNE_WARMUP_FRACTION:g} of them "
+        "(default: finetune with --init-from, else 90 on the gpu profile)",
+    )
     a("--epochs", type=int, help="number of epochs (default: from the preset or profile)")
     a("--batch-size", type=int, help="images per process per step (global batch = this x processes)")
-    a("--lr", type=float, help="learning rate per 256 images of global batch (default: 0.256; "
-                                f"{FINETUNE_LR_PER_256:g} with the finetune preset)")
+    a(
+        "--lr",
+        type=float,
+        help="learning rate per 256 images of global batch (default: 0.256; "
+        f"{FINETUNE_LR_PER_256:g} with the finetune preset)",
+    )
     a("--momentum", type=float, default=0.875, help="SGD momentum (default: %(default)s, no Nesterov)")
     a("--weight-decay", type=float, default=1 / 32768, help="on conv/fc weights only (default: 1/32768)")
     a("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
     a("--mixup", type=float, help="MixUp alpha (default: 0.2 with --preset 250, else off)")
-    a("--warmup-epochs", type=float,
-      help="linear warmup length in epochs (default: a tenth of the epochs with the finetune preset; the "
-           "preset's, 2 or 5 for preset 250, when the global batch "
-           "is >= 512; else the profile's: " + ", ".join(f"{PROFILES[k].get('warmup_epochs', 0):g} for {k}"
-                                                        for k in ("cpu", "gpu")) + ")")
+    a(
+        "--warmup-epochs",
+        type=float,
+        help="linear warmup length in epochs (default: a tenth of the epochs with the finetune preset; the "
+        "preset's, 2 or 5 for preset 250, when the global batch "
+        "is >= 512; else the profile's: "
+        + ", ".join(f"{PROFILES[k].get('warmup_epochs', 0):g} for {k}" for k in ("cpu", "gpu"))
+        + ")",
+    )
     a("--image-size", type=int, help="training/validation crop size in pixels")
     a("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop (recipe: 0.08)")
-    a("--amp", action=argparse.BooleanOptionalAction,
-      help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)")
+    a(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)",
+    )
     a("--amp-dtype", choices=["fp16", "bf16"], help="fp16 uses dynamic loss scaling (default: fp16 on GPU)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
     a("--memory-format", choices=["channels_last", "contiguous"])
     a("--workers", type=int, help="data threads/workers per process")
-    a("--check-images", choices=["auto", "on", "off"], default="auto",
-      help="header-check every image before training: auto = only when the selected files are at most "
-           f"{CHECK_IMAGES_AUTO_MAX:,} (not for ImageNet's 1.2M); without it an undecodable file is still "
-           "named, when DALI fails on its batch (default: %(default)s)")
+    a(
+        "--check-images",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="header-check every image before training: auto = only when the selected files are at most "
+        f"{CHECK_IMAGES_AUTO_MAX:,} (not for ImageNet's 1.2M); without it an undecodable file is still "
+        "named, when DALI fails on its batch (default: %(default)s)",
+    )
     a("--seed", type=int, default=0, help="seeds weights, data order and augmentation (default: %(default)s)")
     a("--limit-train", type=int, help="train on a class-balanced subset of N images")
     a("--limit-val", type=int, help="validate on a class-balanced subset of N images")
     a("--synthetic-steps", type=int, default=100, help="steps per epoch with --data-backend synthetic")
-    a("--num-classes", type=int, help="classes for --data-backend synthetic without --data (default: "
-                                       f"{SYNTHETIC_CLASSES:,}); with a data folder its class folders are the classes")
-    a("--init-from", type=Path, metavar="PATH",
-      help="start from the weights in PATH, read from disk (a torchvision/timm resnet50 state dict, "
-           ".pth/.bin/.safetensors; a DeepLearningExamples/NGC checkpoint; a best.pt/last.pt): everything "
-           "but the classifier must fit ResNet50 v1.5, the classifier is kept when its class count is the "
-           "data's and newly initialised otherwise; the manifest records the file and its sha256")
-    a("--freeze-backbone", action="store_true",
-      help="with --init-from: train the classifier only (the rest keeps its loaded weights and BatchNorm "
-           "statistics)")
-    a("--backbone-lr-scale", type=float, metavar="X",
-      help="with --init-from: the backbone's learning rate is X times the classifier's (default: 1; e.g. 0.1 "
-           "keeps the loaded features closer to where they were)")
+    a(
+        "--num-classes",
+        type=int,
+        help="classes for --data-backend synthetic without --data (default: "
+        f"{SYNTHETIC_CLASSES:,}); with a data folder its class folders are the classes",
+    )
+    a(
+        "--init-from",
+        type=Path,
+        metavar="PATH",
+        help="start from the weights in PATH, read from disk (a torchvision/timm resnet50 state dict, "
+        ".pth/.bin/.safetensors; a DeepLearningExamples/NGC checkpoint; a best.pt/last.pt): everything "
+        "but the classifier must fit ResNet50 v1.5, the classifier is kept when its class count is the "
+        "data's and newly initialised otherwise; the manifest records the file and its sha256",
+    )
+    a(
+        "--freeze-backbone",
+        action="store_true",
+        help="with --init-from: train the classifier only (the rest keeps its loaded weights and BatchNorm statistics)",
+    )
+    a(
+        "--backbone-lr-scale",
+        type=float,
+        metavar="X",
+        help="with --init-from: the backbone's learning rate is X times the classifier's (default: 1; e.g. 0.1 "
+        "keeps the loaded features closer to where they were)",
+    )
     a("--output", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     a("--resume", nargs="?", const="", metavar="CKPT", help="continue from CKPT (default: OUTPUT/last.pt) exactly")
-    a("--stop-after", type=int, metavar="N",
-      help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)")
-    a("--evaluate", metavar="CKPT",
-      help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training "
-           "run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)")
+    a(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)",
+    )
+    a(
+        "--evaluate",
+        metavar="CKPT",
+        help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training "
+        "run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)",
+    )
     a("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--cpu", action="store_true", help="ignore CUDA even if present")
     return ap
@@ -136,8 +182,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume is not None and args.init_from is not None:
             from .config import ConfigError
 
-            raise ConfigError("--resume continues a run from its own checkpoint, --init-from starts a new one "
-                              "from a weights file: give one of them")
+            raise ConfigError(
+                "--resume continues a run from its own checkpoint, --init-from starts a new one "
+                "from a weights file: give one of them"
+            )
         if args.resume is not None:
             cfg, state = Trainer.load_resume(args, cfg)
         else:

@@ -28,14 +28,33 @@ DEFAULT_DATA = "data/fashion-mnist"
 SYNTHETIC_CLASSES = 1000  # ImageNet's, for throughput runs of the full-size classifier
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "gpu": dict(image_size=224, preset=90, batch_size=256, amp=True, amp_dtype="fp16", compile=True,
-                memory_format="channels_last", data_backend="dali-gpu", limit_train=None),
+    "gpu": dict(
+        image_size=224,
+        preset=90,
+        batch_size=256,
+        amp=True,
+        amp_dtype="fp16",
+        compile=True,
+        memory_format="channels_last",
+        data_backend="dali-gpu",
+        limit_train=None,
+    ),
     # amp "native-bf16": bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
     # AMX: 1.27x the fp32 step rate measured on a 2-core EPYC); elsewhere emulated bf16 is slower
     # than fp32, so it stays off
-    "cpu": dict(image_size=32, epochs=2, batch_size=64, amp="native-bf16", amp_dtype="bf16", compile=False,
-                memory_format="channels_last", data_backend="dali-cpu", limit_train=None,
-                min_crop_scale=0.5, warmup_epochs=0.1),
+    "cpu": dict(
+        image_size=32,
+        epochs=2,
+        batch_size=64,
+        amp="native-bf16",
+        amp_dtype="bf16",
+        compile=False,
+        memory_format="channels_last",
+        data_backend="dali-cpu",
+        limit_train=None,
+        min_crop_scale=0.5,
+        warmup_epochs=0.1,
+    ),
 }
 
 
@@ -81,8 +100,7 @@ class RunConfig:
     # what the recipe fixes, recorded so a manifest reads on its own; not settable
     lr_schedule: str = field(default="cosine", init=False)
     nesterov: bool = field(default=False, init=False)
-    weight_decay_on: str = field(default="conv and fc weights (not BatchNorm gamma/beta, not the fc bias)",
-                                 init=False)
+    weight_decay_on: str = field(default="conv and fc weights (not BatchNorm gamma/beta, not the fc bias)", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,8 +121,10 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(k for k in d if k not in known and k not in fixed)
         if unknown:
-            raise CheckpointError(f"{where}: train_config has setting(s) this version does not know: "
-                                  f"{', '.join(unknown)} (written by a newer version?)")
+            raise CheckpointError(
+                f"{where}: train_config has setting(s) this version does not know: "
+                f"{', '.join(unknown)} (written by a newer version?)"
+            )
         kw = {k: v for k, v in d.items() if k in known}
         if "num_classes" not in kw and kw.get("data_backend") == "synthetic":
             kw["num_classes"] = SYNTHETIC_CLASSES
@@ -122,8 +142,10 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
     prof = PROFILES[profile]
     asked = _preset(args.preset)
     if args.num_classes is not None and (args.data is not None or args.data_backend != "synthetic"):
-        raise ConfigError("--num-classes applies to --data-backend synthetic without --data; with a data folder "
-                          "the classes are its class folders")
+        raise ConfigError(
+            "--num-classes applies to --data-backend synthetic without --data; with a data folder "
+            "the classes are its class folders"
+        )
     if args.init_from is None and (args.freeze_backbone or args.backbone_lr_scale is not None):
         raise ConfigError("--freeze-backbone and --backbone-lr-scale apply to loaded weights: add --init-from PATH")
     if args.freeze_backbone and args.backbone_lr_scale is not None:
@@ -201,8 +223,10 @@ def _data_backend(asked: str | None, profile_default: str, cuda: bool) -> str:
     if asked is None:
         return "dali-cpu" if profile_default == "dali-gpu" and not cuda else profile_default
     if asked == "dali-gpu" and not cuda:
-        raise DataError("--data-backend dali-gpu: CUDA is not available here (or --cpu was given); "
-                        "use --data-backend dali-cpu on this machine")
+        raise DataError(
+            "--data-backend dali-gpu: CUDA is not available here (or --cpu was given); "
+            "use --data-backend dali-cpu on this machine"
+        )
     return asked
 
 

@@ -18,8 +18,8 @@ exactly where an uninterrupted run would have been.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def shard_indices(order: np.ndarray, shard: Shard, batch_size: int, drop_last: bool) -> np.ndarray:
     per_rank = len(order) // shard.world if drop_last else -(-len(order) // shard.world)
-    mine = order[shard.rank::shard.world][:per_rank]
+    mine = order[shard.rank :: shard.world][:per_rank]
     if drop_last:
         mine = mine[: (len(mine) // batch_size) * batch_size]
     return mine
@@ -62,14 +62,26 @@ def find_bad_images(files: Sequence[str]) -> list[str]:
 
 
 class _Base:
-    def __init__(self, files: Sequence[str], labels: Sequence[int], p: Preprocessing, batch_size: int,
-                 train: bool, device: torch.device, shard: Shard, seed: int, workers: int):
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        p: Preprocessing,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        shard: Shard,
+        seed: int,
+        workers: int,
+    ):
         self.files, self.labels = list(files), np.asarray(labels, dtype=np.int64)
         self.p, self.batch_size, self.train, self.device = p, batch_size, train, device
         self.shard, self.seed, self.workers, self.epoch = shard, seed, workers, 0
         if train and len(self.files) < batch_size * shard.world:
-            raise DataError(f"{len(self.files)} training images are fewer than one global batch "
-                            f"({batch_size} x {shard.world} processes): lower --batch-size")
+            raise DataError(
+                f"{len(self.files)} training images are fewer than one global batch "
+                f"({batch_size} x {shard.world} processes): lower --batch-size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,7 +90,7 @@ class _Base:
         if self.train:
             order = epoch_order(len(self.files), self.seed, self.epoch)
             return shard_indices(order, self.shard, self.batch_size, drop_last=True)
-        return np.arange(len(self.files))[self.shard.rank::self.shard.world]
+        return np.arange(len(self.files))[self.shard.rank :: self.shard.world]
 
     def __len__(self) -> int:
         n = len(self._indices())
@@ -102,12 +114,17 @@ class DaliLoader(_Base):
 
         p, train, gpu = self.p, self.train, self.gpu
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=max(1, self.workers),
-                      device_id=(self.device.index or 0) if gpu else None, seed=self._seed(),
-                      prefetch_queue_depth=2)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=max(1, self.workers),
+            device_id=(self.device.index or 0) if gpu else None,
+            seed=self._seed(),
+            prefetch_queue_depth=2,
+        )
         def pipe():
-            jpegs, lab = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         pad_last_batch=True, name="Reader")
+            jpegs, lab = fn.readers.file(
+                files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="Reader"
+            )
             imgs = dali_decode(jpegs, "mixed" if gpu else "cpu")
             out = dali_train(imgs, p) if train else dali_val(imgs, p)
             return out, (lab.gpu() if gpu else lab)
@@ -137,8 +154,10 @@ class DaliLoader(_Base):
                 if bad:
                     raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
                 first = first_line(e, prefer="error")
-                raise DataError(f"DALI failed on batch {step + 1} of {len(files)} files "
-                                f"(PIL decodes all of them; DALI says: {first})") from None
+                raise DataError(
+                    f"DALI failed on batch {step + 1} of {len(files)} files "
+                    f"(PIL decodes all of them; DALI says: {first})"
+                ) from None
             n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
             yield self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
 
@@ -170,9 +189,15 @@ class TorchLoader(_Base):
 
         ds = _FileDataset(self.files, self.labels, torchvision_train(self.p) if self.train else torchvision_val(self.p))
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, sampler=self._indices().tolist(), num_workers=self.workers,
-            drop_last=self.train, pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self._seed()), persistent_workers=False)
+            ds,
+            batch_size=self.batch_size,
+            sampler=self._indices().tolist(),
+            num_workers=self.workers,
+            drop_last=self.train,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self._seed()),
+            persistent_workers=False,
+        )
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -196,9 +221,21 @@ class SyntheticLoader(_Base):
             yield x, y
 
 
-def make_loader(backend: str, files, labels, p: Preprocessing, *, batch_size: int, train: bool,
-                device: torch.device, shard: Shard, seed: int, workers: int,
-                num_classes: int = 1000, synthetic_steps: int = 100):
+def make_loader(
+    backend: str,
+    files,
+    labels,
+    p: Preprocessing,
+    *,
+    batch_size: int,
+    train: bool,
+    device: torch.device,
+    shard: Shard,
+    seed: int,
+    workers: int,
+    num_classes: int = 1000,
+    synthetic_steps: int = 100,
+):
     kw = dict(batch_size=batch_size, train=train, device=device, shard=shard, seed=seed, workers=workers)
     if backend == "dali-gpu":
         if device.type != "cuda":

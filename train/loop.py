@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from rn50.atomic import remove_stale_temporaries, write_json, write_text
-from rn50.layout import balanced_subset
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
-from rn50.layout import check_files, load_dataset, scan_split
+from rn50.layout import balanced_subset, check_files, load_dataset, scan_split
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
 from rn50.model import build_model
@@ -33,10 +32,16 @@ from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
 from .steplog import StepLogger
 
-
 # Every file the trainer writes into the run folder (atomically).
-RUN_FILES = ("last.pt", "last.pt.manifest.json", "best.pt", "best.pt.manifest.json", "manifest.json",
-             "metrics.jsonl", "curves.png")
+RUN_FILES = (
+    "last.pt",
+    "last.pt.manifest.json",
+    "best.pt",
+    "best.pt.manifest.json",
+    "manifest.json",
+    "metrics.jsonl",
+    "curves.png",
+)
 
 
 class TrainingError(PipelineError):
@@ -44,8 +49,11 @@ class TrainingError(PipelineError):
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -93,14 +101,26 @@ class Trainer:
                 # rn50.layout.check_header); every rank checks, so no rank starts on bad data. A set
                 # too large for the full check still gets it for its files that are not JPEG or PNG.
                 everything = tr_files + va_files
-                check_files(everything if should_check_images(cfg.check_images, len(everything))
-                            else [f for f in everything if not f.lower().endswith((".jpg", ".jpeg", ".png"))],
-                            progress=d.main, resize_shorter=self.p.resize_size)
-        common = dict(batch_size=cfg.batch_size, device=d.device, shard=shard, seed=cfg.seed,
-                      workers=cfg.workers, num_classes=len(self.classes), synthetic_steps=cfg.synthetic_steps)
+                check_files(
+                    everything
+                    if should_check_images(cfg.check_images, len(everything))
+                    else [f for f in everything if not f.lower().endswith((".jpg", ".jpeg", ".png"))],
+                    progress=d.main,
+                    resize_shorter=self.p.resize_size,
+                )
+        common = dict(
+            batch_size=cfg.batch_size,
+            device=d.device,
+            shard=shard,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            num_classes=len(self.classes),
+            synthetic_steps=cfg.synthetic_steps,
+        )
         self.train_loader = make_loader(cfg.data_backend, tr_files, tr_labels, self.p, train=True, **common)
-        self.val_loader = (make_loader(cfg.data_backend, va_files, va_labels, self.p, train=False, **common)
-                           if va_files else None)
+        self.val_loader = (
+            make_loader(cfg.data_backend, va_files, va_labels, self.p, train=False, **common) if va_files else None
+        )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise DataError(f"{cfg.data}: not enough training images for one batch of {cfg.batch_size}")
@@ -126,8 +146,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: what checkpoints and exports see
         self.opt = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.backbone_lr_scale)
-        self.sched = WarmupCosine(cfg.lr, cfg.epochs * self.steps_per_epoch,
-                                  int(round(cfg.warmup_epochs * self.steps_per_epoch)))
+        self.sched = WarmupCosine(
+            cfg.lr, cfg.epochs * self.steps_per_epoch, int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        )
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype]
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
         self.start_epoch, self.step, self.best_top1, self.history = 0, 0, -1.0, []
@@ -135,7 +156,9 @@ class Trainer:
             self._restore(resume)
         net: nn.Module = model
         if d.world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
         if cfg.compile:
             net = torch.compile(net)
         self.net = net
@@ -150,8 +173,13 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resume else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
-            self.steplog = StepLogger(self.out / "steps.jsonl", cfg.epochs * self.steps_per_epoch,
-                                      self.steps_per_epoch, start_step=self.step, tb=self.tb)
+            self.steplog = StepLogger(
+                self.out / "steps.jsonl",
+                cfg.epochs * self.steps_per_epoch,
+                self.steps_per_epoch,
+                start_step=self.step,
+                tb=self.tb,
+            )
             write_json(self.out / "manifest.json", self._run_manifest())
 
     # ------------------------------------------------------------------ resume
@@ -160,17 +188,23 @@ class Trainer:
         path = Path(args.resume) if args.resume else Path(cfg.output) / "last.pt"
         obj = load_checkpoint(path)
         if "optimizer" not in obj or "epoch" not in obj:
-            raise CheckpointError(f"{path}: has no training state to resume from (a best.pt holds the weights only: "
-                                  f"resume from last.pt)")
+            raise CheckpointError(
+                f"{path}: has no training state to resume from (a best.pt holds the weights only: resume from last.pt)"
+            )
         lacks = [k for k in ("scaler", "step", "rng") if k not in obj]
         if lacks or "train_config" not in obj["manifest"]:
-            raise CheckpointError(f"{path}: incomplete training state (lacks "
-                                  f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it")
+            raise CheckpointError(
+                f"{path}: incomplete training state (lacks "
+                f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it"
+            )
         saved = RunConfig.from_dict(obj["manifest"]["train_config"], f"{path} (embedded manifest)")
-        saved = dataclasses.replace(saved, output=cfg.output,
-                                    # the data may have moved since
-                                    data=str(args.data) if args.data is not None else saved.data,
-                                    epochs=args.epochs or saved.epochs)
+        saved = dataclasses.replace(
+            saved,
+            output=cfg.output,
+            # the data may have moved since
+            data=str(args.data) if args.data is not None else saved.data,
+            epochs=args.epochs or saved.epochs,
+        )
         return saved, {**obj, "_path": str(path)}
 
     def _restore(self, obj: dict[str, Any]) -> None:
@@ -182,8 +216,9 @@ class Trainer:
         # shapes first: load_state_dict's own error is a multi-line traceback
         why = state_dict_mismatch(self.model.state_dict(), obj["model"])
         if why is not None:
-            raise CheckpointError(f"{path}: its weights do not fit ResNet50 v1.5 with {len(self.classes)} classes: "
-                                  f"{why}")
+            raise CheckpointError(
+                f"{path}: its weights do not fit ResNet50 v1.5 with {len(self.classes)} classes: {why}"
+            )
         self.model.load_state_dict(obj["model"])
         try:
             self.opt.load_state_dict(obj["optimizer"])
@@ -193,41 +228,60 @@ class Trainer:
             for prm in group["params"]:
                 buf = self.opt.state.get(prm, {}).get("momentum_buffer")
                 if buf is not None and buf.shape != prm.shape:
-                    raise CheckpointError(f"{path}: its optimizer state does not fit this model: a momentum "
-                                          f"buffer has shape {tuple(buf.shape)} for a parameter of shape "
-                                          f"{tuple(prm.shape)}")
+                    raise CheckpointError(
+                        f"{path}: its optimizer state does not fit this model: a momentum "
+                        f"buffer has shape {tuple(buf.shape)} for a parameter of shape "
+                        f"{tuple(prm.shape)}"
+                    )
         self.scaler.load_state_dict(obj["scaler"])
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
         # a history without "elapsed" (training time only, no set-up): its epochs' own times are the best estimate
-        self._elapsed_before = (float(self.history[-1].get("elapsed", sum(r.get("time", 0.0) for r in self.history)))
-                                if self.history else 0.0)
+        self._elapsed_before = (
+            float(self.history[-1].get("elapsed", sum(r.get("time", 0.0) for r in self.history)))
+            if self.history
+            else 0.0
+        )
         set_rng_state(obj["rng"])
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> None:
         cfg, d = self.cfg, self.d
         if d.main:
-            print(f"training {cfg.epochs} epochs x {self.steps_per_epoch} steps, global batch "
-                  f"{cfg.global_batch_size}, lr {cfg.lr:.4g}, {cfg.image_size} px, {cfg.data_backend}, "
-                  f"device {d.device}, amp {cfg.amp and cfg.amp_dtype}, compile {cfg.compile}", file=sys.stderr)
+            print(
+                f"training {cfg.epochs} epochs x {self.steps_per_epoch} steps, global batch "
+                f"{cfg.global_batch_size}, lr {cfg.lr:.4g}, {cfg.image_size} px, {cfg.data_backend}, "
+                f"device {d.device}, amp {cfg.amp and cfg.amp_dtype}, compile {cfg.compile}",
+                file=sys.stderr,
+            )
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, end):
             t0 = time.time()
             loss, lr, n_img = self.train_epoch(epoch)
             train_time = time.time() - t0
             top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
-            rec = {"epoch": epoch, "train_loss": loss, "lr": lr, "img_per_s": n_img * d.world / train_time,
-                   "val_top1": top1, "val_top5": top5, "val_images": n_val, "time": time.time() - t0,
-                   # wall seconds since the run started (set-up and compilation included; a resumed
-                   # run adds its own time to the elapsed time of the epochs it continues from)
-                   "elapsed": self._elapsed_before + time.time() - self._t0}
+            rec = {
+                "epoch": epoch,
+                "train_loss": loss,
+                "lr": lr,
+                "img_per_s": n_img * d.world / train_time,
+                "val_top1": top1,
+                "val_top5": top5,
+                "val_images": n_val,
+                "time": time.time() - t0,
+                # wall seconds since the run started (set-up and compilation included; a resumed
+                # run adds its own time to the elapsed time of the epochs it continues from)
+                "elapsed": self._elapsed_before + time.time() - self._t0,
+            }
             self.history.append(rec)
             if d.main:
                 self._save(epoch, top1, top5, n_val)
-                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
-                      f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s)", file=sys.stderr)
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
+                    f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s)",
+                    file=sys.stderr,
+                )
         if d.main and self.tb is not None:
             self.tb.close()
 
@@ -241,8 +295,15 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         total, count, lr = torch.zeros((), device=d.device), 0, 0.0
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not d.main, file=sys.stderr, mininterval=2.0, unit="step")
+        bar = tqdm(
+            self.train_loader,
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not d.main,
+            file=sys.stderr,
+            mininterval=2.0,
+            unit="step",
+        )
         if self.steplog is not None:
             self.steplog.begin_epoch()
         for i, (x, y) in enumerate(bar):
@@ -265,9 +326,11 @@ class Trainer:
             if d.device.type == "cpu" or i % 50 == 0:
                 v = loss.item()
                 if not math.isfinite(v):
-                    raise TrainingError(f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
-                                        f"(lower --lr, or check the data); the last good checkpoint "
-                                        f"({self.out / 'last.pt'}) is untouched")
+                    raise TrainingError(
+                        f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
+                        f"(lower --lr, or check the data); the last good checkpoint "
+                        f"({self.out / 'last.pt'}) is untouched"
+                    )
                 bar.set_postfix(loss=f"{v:.3f}", lr=f"{lr:.3g}", refresh=False)
         mean = float(total) / max(count, 1)
         if not math.isfinite(mean):
@@ -288,26 +351,57 @@ class Trainer:
         without one), the run folder and the number of epochs trained. Export's manifests record
         their source file (path and sha256) the same way, under "source"."""
         synthetic = self.cfg.synthetic_without_data
-        return {"data": None if synthetic else str(self.cfg.data), "data_backend": self.cfg.data_backend,
-                "run": str(self.out), "epoch": epochs_done}
+        return {
+            "data": None if synthetic else str(self.cfg.data),
+            "data_backend": self.cfg.data_backend,
+            "run": str(self.out),
+            "epoch": epochs_done,
+        }
 
     def _init_extra(self) -> dict[str, Any]:
         return {} if self.init_record is None else {"init_from": self.init_record}
 
     def _run_manifest(self) -> dict[str, Any]:
-        m = new_manifest("run", classes=self.classes, preprocessing=self.p, precision="fp32",
-                         train_config=self.cfg.to_dict(), history=self.history, **self._init_extra())
+        m = new_manifest(
+            "run",
+            classes=self.classes,
+            preprocessing=self.p,
+            precision="fp32",
+            train_config=self.cfg.to_dict(),
+            history=self.history,
+            **self._init_extra(),
+        )
         m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
         return m
 
     def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
-        acc = {"top1": top1, "top5": top5, "split": "val", "images": n_val, "epoch": epoch + 1,
-               "autocast": self.cfg.amp_dtype if self.cfg.amp else None}
-        man = new_manifest("checkpoint", classes=self.classes, preprocessing=self.p, precision="fp32",
-                           accuracy=acc, train_config=self.cfg.to_dict(), **self._init_extra())
+        acc = {
+            "top1": top1,
+            "top5": top5,
+            "split": "val",
+            "images": n_val,
+            "epoch": epoch + 1,
+            "autocast": self.cfg.amp_dtype if self.cfg.amp else None,
+        }
+        man = new_manifest(
+            "checkpoint",
+            classes=self.classes,
+            preprocessing=self.p,
+            precision="fp32",
+            accuracy=acc,
+            train_config=self.cfg.to_dict(),
+            **self._init_extra(),
+        )
         man["source"] = self._source(epoch + 1)  # new_manifest's source= is for a file (with its sha256)
-        state = dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                     step=self.step, rng=rng_state(), best_top1=max(self.best_top1, top1), history=self.history)
+        state = dict(
+            optimizer=self.opt.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=epoch,
+            step=self.step,
+            rng=rng_state(),
+            best_top1=max(self.best_top1, top1),
+            history=self.history,
+        )
         save_checkpoint(self.out / "last.pt", self.model.state_dict(), man, **state)
         if top1 > self.best_top1 or not math.isfinite(top1):
             self.best_top1 = top1 if math.isfinite(top1) else self.best_top1
@@ -321,45 +415,69 @@ class Trainer:
             for k in ("train_loss", "lr", "img_per_s", "val_top1", "val_top5"):
                 self.tb.add_scalar(k, r[k], epoch + 1)
             self.tb.flush()
-        training_curves(self.steplog.records if self.steplog is not None else [], self.history,
-                        self.out / "curves.png")
+        training_curves(self.steplog.records if self.steplog is not None else [], self.history, self.out / "curves.png")
 
     # ------------------------------------------------------------------ --evaluate
     @staticmethod
     def evaluate_checkpoint(args, d: distributed.Dist) -> int:
         model, man = load_model(args.evaluate, map_location=d.device)
         # its training run's configuration; absent from checkpoints written by other tools
-        saved = (RunConfig.from_dict(man["train_config"], f"{args.evaluate} (embedded manifest)")
-                 if "train_config" in man else None)
+        saved = (
+            RunConfig.from_dict(man["train_config"], f"{args.evaluate} (embedded manifest)")
+            if "train_config" in man
+            else None
+        )
         data = Path(args.data or (saved.data if saved is not None and saved.data else DEFAULT_DATA))
         try:
             val = scan_split(data / "val", classes=man["classes"])
         except DataError as e:
             if not (data / "val").is_dir():
                 raise
-            raise CheckpointError(f"{args.evaluate}: its {len(man['classes'])} classes do not match the "
-                                  f"data: {e}") from None
+            raise CheckpointError(
+                f"{args.evaluate}: its {len(man['classes'])} classes do not match the data: {e}"
+            ) from None
         p = Preprocessing.from_dict(man["preprocessing"])
         files, labels = balanced_subset(val.files, val.labels, args.limit_val, args.seed)
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
         # score it the way its training run did (autocast, memory format, batch size), so the result
         # reproduces the accuracy in its manifest; --amp/--no-amp, --memory-format, --batch-size override
         dtype = args.amp_dtype or (saved.amp_dtype if saved is not None else "bf16")
-        amp = resolve_amp(args.amp if args.amp is not None else ("native-bf16" if saved is not None and saved.amp
-                                                                 else False),
-                          dtype, d.device.type == "cuda")
+        amp = resolve_amp(
+            args.amp if args.amp is not None else ("native-bf16" if saved is not None and saved.amp else False),
+            dtype,
+            d.device.type == "cuda",
+        )
         memory_format = args.memory_format or (saved.memory_format if saved is not None else "channels_last")
         batch_size = args.batch_size or (saved.batch_size if saved is not None else 128)
-        loader = make_loader(backend, files, labels, p, batch_size=batch_size, train=False,
-                             device=d.device, shard=Shard(d.rank, d.world), seed=args.seed,
-                             workers=args.workers or 2)
+        loader = make_loader(
+            backend,
+            files,
+            labels,
+            p,
+            batch_size=batch_size,
+            train=False,
+            device=d.device,
+            shard=Shard(d.rank, d.world),
+            seed=args.seed,
+            workers=args.workers or 2,
+        )
         if memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
         top1, top5, n = run_eval(model, loader, d, amp, AMP_DTYPES[dtype], memory_format == "channels_last")
         if d.main:
-            print(json.dumps({"checkpoint": str(args.evaluate), "data": str(data / "val"), "images": n,
-                              "top1": top1, "top5": top5, "autocast": dtype if amp else None,
-                              "memory_format": memory_format}))
+            print(
+                json.dumps(
+                    {
+                        "checkpoint": str(args.evaluate),
+                        "data": str(data / "val"),
+                        "images": n,
+                        "top1": top1,
+                        "top5": top5,
+                        "autocast": dtype if amp else None,
+                        "memory_format": memory_format,
+                    }
+                )
+            )
         return 0
 
 

@@ -84,12 +84,15 @@ def _load_file(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a refused class: garbage or a truncated file
             raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?)") from e
-        raise CheckpointError(f"{path}: holds more than tensors and plain containers, which are loaded without "
-                              f"running code (weights_only) only: save its state dict alone "
-                              f"(torch.save(model.state_dict(), ...)) and pass that") from e
+        raise CheckpointError(
+            f"{path}: holds more than tensors and plain containers, which are loaded without "
+            f"running code (weights_only) only: save its state dict alone "
+            f"(torch.save(model.state_dict(), ...)) and pass that"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?): "
-                              f"{type(e).__name__}: {first_line(e)}") from e
+        raise CheckpointError(
+            f"{path}: not a readable weights file (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
+        ) from e
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
@@ -103,8 +106,9 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
                 return inner, f'state dict under "{key}"'
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj, "state dict"
-    raise CheckpointError(f"{path}: no state dict found (neither a dict of tensors nor one under "
-                          f"'state_dict' or 'model')")
+    raise CheckpointError(
+        f"{path}: no state dict found (neither a dict of tensors nor one under 'state_dict' or 'model')"
+    )
 
 
 def read_weights(path: str | os.PathLike[str]) -> Weights:
@@ -118,16 +122,19 @@ def read_weights(path: str | os.PathLike[str]) -> Weights:
     layout = where + (f" ({', '.join(notes)})" if notes else "")
     ref = build_model(2).state_dict()
     # the classifier is checked on its own below: its row count is the file's class count
-    expected = {k: v for k, v in ref.items() if not is_head(k)
-                and not (k.endswith("num_batches_tracked") and k not in state)}
+    expected = {
+        k: v for k, v in ref.items() if not is_head(k) and not (k.endswith("num_batches_tracked") and k not in state)
+    }
     why = state_dict_mismatch(expected, {k: v for k, v in state.items() if not is_head(k)})
     if why is None:
         w, b = state.get(f"{HEAD}.weight"), state.get(f"{HEAD}.bias")
         if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
             why = f"tensor {HEAD}.weight or {HEAD}.bias is missing"
         elif w.dim() != 2 or w.shape[1] != FEATURES or tuple(b.shape) != (w.shape[0],):
-            why = (f"{HEAD}.weight has shape {tuple(w.shape)} and {HEAD}.bias {tuple(b.shape)}; "
-                   f"ResNet50's classifier is (classes, {FEATURES}) and (classes,)")
+            why = (
+                f"{HEAD}.weight has shape {tuple(w.shape)} and {HEAD}.bias {tuple(b.shape)}; "
+                f"ResNet50's classifier is (classes, {FEATURES}) and (classes,)"
+            )
     if why is not None:
         raise CheckpointError(f"{path}: not ResNet50 v1.5 weights ({layout}): {why}")
     obj_classes = None
@@ -150,20 +157,29 @@ def apply_weights(model: nn.Module, w: Weights, classes: list[str] | None = None
     if result.unexpected_keys:  # read_weights has checked every key; this would be a bug
         raise CheckpointError(f"{w.path}: unexpected tensors {result.unexpected_keys[:3]}")
     skipped = [] if keep_head else sorted(k for k in w.state if is_head(k))
-    return {"path": w.path, "sha256": w.sha256, "layout": w.layout, "classes_in_file": w.num_classes,
-            "same_classes": keep_head,
-            "loaded": len(load), "skipped": skipped,
-            "new": sorted(k for k in result.missing_keys if is_head(k)),
-            # BatchNorm fills these in itself when a file lacks them (torch < 0.4.1 saved none)
-            "absent_counters": sum(k.endswith("num_batches_tracked") and k not in w.state for k in own)}
+    return {
+        "path": w.path,
+        "sha256": w.sha256,
+        "layout": w.layout,
+        "classes_in_file": w.num_classes,
+        "same_classes": keep_head,
+        "loaded": len(load),
+        "skipped": skipped,
+        "new": sorted(k for k in result.missing_keys if is_head(k)),
+        # BatchNorm fills these in itself when a file lacks them (torch < 0.4.1 saved none)
+        "absent_counters": sum(k.endswith("num_batches_tracked") and k not in w.state for k in own),
+    }
 
 
 def describe(rec: dict[str, Any], n_classes: int) -> str:
     """One line for the log: what was loaded, skipped and newly initialised."""
     s = f"init-from {rec['path']} ({rec['layout']}, sha256 {rec['sha256'][:12]}): loaded {rec['loaded']} tensors"
     if rec["skipped"]:
-        why = (f"the file's classifier has {rec['classes_in_file']} classes, the data {n_classes}"
-               if rec["classes_in_file"] != n_classes else "the file's classes are other ones than the data's")
+        why = (
+            f"the file's classifier has {rec['classes_in_file']} classes, the data {n_classes}"
+            if rec["classes_in_file"] != n_classes
+            else "the file's classes are other ones than the data's"
+        )
         s += f"; skipped {', '.join(rec['skipped'])} ({why})"
     s += f"; newly initialised: {', '.join(rec['new']) or 'nothing'}"
     if rec["absent_counters"]:

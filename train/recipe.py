@@ -67,8 +67,13 @@ def default_warmup(preset_warmup: int, global_batch: int) -> int:
     return preset_warmup if global_batch >= 512 else 0
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float = MOMENTUM,
-                   weight_decay: float = WEIGHT_DECAY, backbone_lr_scale: float = 1.0) -> torch.optim.SGD:
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float = MOMENTUM,
+    weight_decay: float = WEIGHT_DECAY,
+    backbone_lr_scale: float = 1.0,
+) -> torch.optim.SGD:
     """SGD over the trainable parameters; ``backbone_lr_scale`` multiplies the learning rate of
     everything but the classifier (each group's ``lr_scale``, applied by :class:`WarmupCosine`)."""
     from rn50.model import param_groups
@@ -104,8 +109,14 @@ class WarmupCosine:
         return lr
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, smoothing: float,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    alpha: float,
+    smoothing: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp with label smoothing: returns mixed inputs and soft targets (rows sum to 1)."""
     t = smooth_one_hot(y, num_classes, smoothing)
     if alpha <= 0:

@@ -42,7 +42,7 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise DataError(f"{p}: line {i + 1} is not a JSON record (delete the file to start it again)")
+                raise DataError(f"{p}: line {i + 1} is not a JSON record (delete the file to start it again)") from None
     return out
 
 
@@ -53,8 +53,7 @@ class StepLogger:
     those written after the checkpoint it resumes from belong to steps that are trained again.
     """
 
-    def __init__(self, path: str | Path, total_steps: int, steps_per_epoch: int, start_step: int = 0,
-                 tb: Any = None):
+    def __init__(self, path: str | Path, total_steps: int, steps_per_epoch: int, start_step: int = 0, tb: Any = None):
         self.path, self.tb = Path(path), tb
         self.every, self.steps_per_epoch = log_interval(total_steps), steps_per_epoch
         self.records = [r for r in read_steps(self.path) if r["step"] <= start_step]
@@ -76,8 +75,13 @@ class StepLogger:
             return
         mean = float(self._loss_sum) / self._loss_steps  # the one device sync per record
         now = time.perf_counter()
-        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": mean, "lr": lr,
-               "img_per_s": self._images / max(now - self._t, 1e-9)}
+        rec = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": mean,
+            "lr": lr,
+            "img_per_s": self._images / max(now - self._t, 1e-9),
+        }
         self.records.append(rec)
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")

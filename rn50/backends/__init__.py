@@ -55,13 +55,18 @@ class Backend(Protocol):
 def _suffix(path: Path) -> str:
     s = path.suffix.lower()
     if s not in SUFFIXES:
-        raise EngineError(f"{path}: unknown engine type '{s or '(no suffix)'}' "
-                          f"(expected {', '.join(sorted(SUFFIXES))})")
+        raise EngineError(
+            f"{path}: unknown engine type '{s or '(no suffix)'}' (expected {', '.join(sorted(SUFFIXES))})"
+        )
     return s
 
 
-def load_backend(path: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
-                 prefer_gpu: bool = True, suffix: str | None = None) -> Backend:
+def load_backend(
+    path: str | os.PathLike[str],
+    manifest: dict[str, Any] | None = None,
+    prefer_gpu: bool = True,
+    suffix: str | None = None,
+) -> Backend:
     """Open ``path`` with the backend its suffix names (no manifest checks; see load_engine).
 
     ``suffix`` names the engine type where the path's own suffix does not (a file that is still
@@ -102,13 +107,16 @@ def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[
     m = read_manifest(path)
     kind = str(m.get("kind", ""))
     if kind != KINDS[s]:
-        raise ManifestError(f"{path}: the manifest beside it describes a '{kind}' artifact, not a {s} engine "
-                            f"(expected kind {KINDS[s]!r}); "
-                            f"is {path.name}{'.manifest.json'} the right manifest?")
+        raise ManifestError(
+            f"{path}: the manifest beside it describes a '{kind}' artifact, not a {s} engine "
+            f"(expected kind {KINDS[s]!r}); "
+            f"is {path.name}{'.manifest.json'} the right manifest?"
+        )
     size = preprocessing_of(m).image_size
     if "image_size" in m and m["image_size"] != size:
-        raise ManifestError(f"{path}: its manifest is inconsistent: image_size {m['image_size']} but its "
-                            f"preprocessing crops {size} px")
+        raise ManifestError(
+            f"{path}: its manifest is inconsistent: image_size {m['image_size']} but its preprocessing crops {size} px"
+        )
     backend = load_backend(path, m, prefer_gpu=prefer_gpu)
     check_input_shape(path, backend.input_shape, size)
     n = backend.num_classes
@@ -131,7 +139,8 @@ def check_input_shape(path: Path, engine_shape: tuple[int | None, ...] | None, i
         raise ManifestError(
             f"{path}: the engine takes {_chw(engine_shape)} (channels x height x width) images but its manifest "
             f"({path.name}.manifest.json) says image_size {image_size}, i.e. {_chw(want)}: the manifest does not "
-            f"describe this engine (use the manifest written with it, or re-export at {image_size} px)")
+            f"describe this engine (use the manifest written with it, or re-export at {image_size} px)"
+        )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

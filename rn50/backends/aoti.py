@@ -32,8 +32,6 @@ _CHECK_INPUT_0 = re.compile(r"static void check_input_0\(.*?\n\}", re.S)
 _STATIC_DIM = re.compile(r"if \((\d+) != \w+_size\[(\d+)\]\)")
 
 
-
-
 def package_input_shape(path: Path) -> tuple[int | None, ...] | None:
     """``(C, H, W)`` of the package's image input (a dynamic dimension None), from the input checks
     in the wrapper source it carries; None when the source or the checks are not there."""
@@ -63,14 +61,17 @@ class AotiBackend:
 
         try:
             meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(  # type: ignore[attr-defined]
-                str(path), "model")
+                str(path), "model"
+            )
             dev = str(meta.get("AOTI_DEVICE_KEY", "cpu"))
         except Exception as e:
             raise EngineError(f"{path}: not a readable AOTInductor package: {first_line(e)}") from e
         self.device = "cuda" if dev.startswith("cuda") else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise EngineError(f"{path}: this AOTInductor package was compiled for CUDA and there is no GPU here "
-                              f"(export a CPU package on this machine)")
+            raise EngineError(
+                f"{path}: this AOTInductor package was compiled for CUDA and there is no GPU here "
+                f"(export a CPU package on this machine)"
+            )
         try:
             self.model = aoti_load_package(str(path))
         except Exception as e:
@@ -90,8 +91,9 @@ class AotiBackend:
             try:
                 y = self.run(np.zeros((1, *probe), np.float32))
             except Exception as e:
-                raise EngineError(f"{path}: AOTInductor package fails on a {'x'.join(map(str, probe))} input: "
-                                  f"{first_line(e)}") from e
+                raise EngineError(
+                    f"{path}: AOTInductor package fails on a {'x'.join(map(str, probe))} input: {first_line(e)}"
+                ) from e
             self.num_classes = int(y.shape[1])
 
     def run(self, batch: Any) -> np.ndarray:

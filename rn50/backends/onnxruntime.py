@@ -31,20 +31,25 @@ class OrtBackend:
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         inputs, outputs = self.sess.get_inputs(), self.sess.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
-            raise EngineError(f"{path}: expected one image input and a logits output, found "
-                              f"{len(inputs)} inputs and {len(outputs)} outputs")
+            raise EngineError(
+                f"{path}: expected one image input and a logits output, found "
+                f"{len(inputs)} inputs and {len(outputs)} outputs"
+            )
         self.input, self.output = inputs[0], outputs[0]
         if self.input.type not in _DTYPES:
             raise EngineError(f"{path}: input '{self.input.name}' is {self.input.type}, expected float or float16")
         self.input_dtype = _DTYPES[self.input.type]
         ishape = self.input.shape  # None when the model records no shape
         if ishape is not None and len(ishape) != 4:
-            raise EngineError(f"{path}: input '{self.input.name}' has shape {ishape}, expected "
-                              f"4 dimensions (batch, channels, height, width)")
+            raise EngineError(
+                f"{path}: input '{self.input.name}' has shape {ishape}, expected "
+                f"4 dimensions (batch, channels, height, width)"
+            )
         # (C, H, W): fixed in this project's exports (only the batch is dynamic); a symbolic
         # dimension (a name or None) is None here. load_engine compares it with the manifest.
-        self.input_shape: tuple[int | None, ...] | None = None if ishape is None else tuple(
-            d if isinstance(d, int) and d > 0 else None for d in ishape[1:])
+        self.input_shape: tuple[int | None, ...] | None = (
+            None if ishape is None else tuple(d if isinstance(d, int) and d > 0 else None for d in ishape[1:])
+        )
         b = self.input.shape[0] if self.input.shape else None
         self.max_batch = b if isinstance(b, int) and b > 0 else int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
         shape = self.output.shape

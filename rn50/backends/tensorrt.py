@@ -23,12 +23,12 @@ import numpy as np
 
 from rn50.errors import EngineError, first_line
 
-
 try:  # typed by the corrected stubs in typings/ (make typecheck)
     import tensorrt as trt
 
-    _MISSING = "" if hasattr(trt, "Runtime") else (
-        "the 'tensorrt' module has no Runtime: only type stubs are installed")  # a namespace package
+    _MISSING = (
+        "" if hasattr(trt, "Runtime") else ("the 'tensorrt' module has no Runtime: only type stubs are installed")
+    )  # a namespace package
 except ImportError as e:  # pragma: no cover - depends on the machine
     _MISSING = str(e)
 
@@ -36,8 +36,10 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 def _import_trt() -> None:
     """EngineError unless the TensorRT runtime can be used here."""
     if _MISSING:
-        raise EngineError(f"TensorRT is not installed ({_MISSING}); install tensorrt-cu13 from NVIDIA, "
-                          f"or serve the .onnx / .pt2 export instead")
+        raise EngineError(
+            f"TensorRT is not installed ({_MISSING}); install tensorrt-cu13 from NVIDIA, "
+            f"or serve the .onnx / .pt2 export instead"
+        )
 
 
 def _dims(d: trt.Dims) -> tuple[int, ...]:
@@ -71,8 +73,10 @@ class TrtBackend:
 
         _import_trt()
         if not torch.cuda.is_available():
-            raise EngineError(f"{path}: a TensorRT plan needs a CUDA GPU and there is none here "
-                              f"(serve the .onnx or .pt2 export on this machine)")
+            raise EngineError(
+                f"{path}: a TensorRT plan needs a CUDA GPU and there is none here "
+                f"(serve the .onnx or .pt2 export on this machine)"
+            )
         self.path = path
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
@@ -87,7 +91,8 @@ class TrtBackend:
                 f"{path}: TensorRT cannot load this plan{why}: it was built with TensorRT {built_trt} for "
                 f"{built_gpu}, and this machine has TensorRT {trt.__version__} on {_current_gpu()}. "
                 f"Plans only run on the TensorRT version (and, unless built hardware-compatible, the GPU) "
-                f"they were built for: rebuild it here with `python -m export --precision ... --output X.plan`")
+                f"they were built for: rebuild it here with `python -m export --precision ... --output X.plan`"
+            )
         self.engine = engine
         context = engine.create_execution_context()
         if context is None:
@@ -105,7 +110,8 @@ class TrtBackend:
         in_shape = _dims(engine.get_tensor_shape(self.input_name))
         # (C, H, W), -1 (dynamic) as None; load_engine compares it with the manifest's image size
         self.input_shape: tuple[int | None, ...] | None = (
-            tuple(int(d) if d > 0 else None for d in in_shape[1:]) if len(in_shape) == 4 else None)
+            tuple(int(d) if d > 0 else None for d in in_shape[1:]) if len(in_shape) == 4 else None
+        )
         if in_shape and in_shape[0] > 0:
             self.max_batch = int(in_shape[0])
         else:

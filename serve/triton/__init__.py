@@ -30,38 +30,74 @@ def build_parser() -> argparse.ArgumentParser:
     from .model import DEFAULT_MAX_REQUEST_BYTES
 
     ap = argparse.ArgumentParser(
-        prog="python -m serve.triton", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m serve.triton",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a ResNet50 engine (.plan, .onnx, .pt2, .pt) on Triton Inference Server (PyTriton) with "
-                    "the manifest's DALI preprocessing; or write a model repository for a stock tritonserver.",
+        "the manifest's DALI preprocessing; or write a model repository for a stock tritonserver.",
         epilog="exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 2 usage or engine error.\n"
-               "See docs/serving.md.")
-    ap.add_argument("--engine", required=True, help="engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its "
-                                                    ".manifest.json beside it")
-    ap.add_argument("--write-repo", metavar="DIR", help="write a Triton model repository for this engine to DIR "
-                                                        "(DALI model + engine model + ensemble + labels) and exit; "
-                                                        "only .plan and .onnx engines")
-    ap.add_argument("--host", default="127.0.0.1", help="address the HTTP, gRPC and metrics endpoints bind to "
-                                                        "(default 127.0.0.1; 0.0.0.0 for every interface)")
+        "See docs/serving.md.",
+    )
+    ap.add_argument(
+        "--engine",
+        required=True,
+        help="engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its .manifest.json beside it",
+    )
+    ap.add_argument(
+        "--write-repo",
+        metavar="DIR",
+        help="write a Triton model repository for this engine to DIR "
+        "(DALI model + engine model + ensemble + labels) and exit; "
+        "only .plan and .onnx engines",
+    )
+    ap.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the HTTP, gRPC and metrics endpoints bind to (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     ap.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP port (default 8000)")
     ap.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001)")
     ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    ap.add_argument("--max-batch", type=int, default=None,
-                    help="largest dynamic batch in images (default: the engine's maximum batch from its profile or "
-                         f"manifest, {FALLBACK_MAX_BATCH} where the engine sets no bound); at most the engine's "
-                         "maximum")
-    ap.add_argument("--queue-delay-us", type=int, default=2000,
-                    help="how long (microseconds) Triton may hold a request to fill a larger batch (default 2000)")
-    ap.add_argument("--topk", type=int, default=5, help="classes returned per image (default 5; clipped to the "
-                                                        "number of classes)")
-    ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                    help=f"encoded images larger than this are refused before decoding (default "
-                         f"{DEFAULT_MAX_REQUEST_BYTES:,})")
-    ap.add_argument("--max-pixels", type=int, default=None,
-                    help="images with more pixels than this are refused from their header (default 100,000,000)")
-    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                    help="live server: where DALI and the engine run (default auto: gpu when CUDA is available)")
-    ap.add_argument("--model-version", type=int, default=None,
-                    help="Triton model version (default: the manifest's model_version, else 1)")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="largest dynamic batch in images (default: the engine's maximum batch from its profile or "
+        f"manifest, {FALLBACK_MAX_BATCH} where the engine sets no bound); at most the engine's "
+        "maximum",
+    )
+    ap.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=2000,
+        help="how long (microseconds) Triton may hold a request to fill a larger batch (default 2000)",
+    )
+    ap.add_argument(
+        "--topk", type=int, default=5, help="classes returned per image (default 5; clipped to the number of classes)"
+    )
+    ap.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"encoded images larger than this are refused before decoding (default {DEFAULT_MAX_REQUEST_BYTES:,})",
+    )
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="images with more pixels than this are refused from their header (default 100,000,000)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="live server: where DALI and the engine run (default auto: gpu when CUDA is available)",
+    )
+    ap.add_argument(
+        "--model-version",
+        type=int,
+        default=None,
+        help="Triton model version (default: the manifest's model_version, else 1)",
+    )
     ap.add_argument("--verbose", action="store_true", help="Triton's verbose log")
     return ap
 
@@ -86,13 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         from .repo import write_repo
 
         try:
-            out = write_repo(args.engine, args.write_repo, max_batch=args.max_batch,
-                             queue_delay_us=args.queue_delay_us, version=args.model_version)
+            out = write_repo(
+                args.engine,
+                args.write_repo,
+                max_batch=args.max_batch,
+                queue_delay_us=args.queue_delay_us,
+                version=args.model_version,
+            )
         except PipelineError as e:
             err(str(e))
             return EXIT_USAGE
-        print(f"model repository written to {out} (start it with: tritonserver --model-repository {out})",
-              file=sys.stderr)
+        print(
+            f"model repository written to {out} (start it with: tritonserver --model-repository {out})", file=sys.stderr
+        )
         return EXIT_OK
 
     from rn50.backends import DEFAULT_MAX_BATCH, load_engine
@@ -103,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = pick_device(args.device)
-        check_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
-                                "--metrics-port": args.metrics_port})
+        check_ports(
+            args.host,
+            {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port},
+        )
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
         stub_env()
     except PipelineError as e:
@@ -118,20 +162,40 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     max_batch = args.max_batch or (engine_max if engine_max != DEFAULT_MAX_BATCH else FALLBACK_MAX_BATCH)
     version = args.model_version or int(manifest.get("model_version") or 1)
-    clf = Classifier(backend, manifest, max_batch, topk=args.topk, device=device, max_bytes=args.max_request_bytes,
-                     max_pixels=args.max_pixels, num_threads=env_threads())
+    clf = Classifier(
+        backend,
+        manifest,
+        max_batch,
+        topk=args.topk,
+        device=device,
+        max_bytes=args.max_request_bytes,
+        max_pixels=args.max_pixels,
+        num_threads=env_threads(),
+    )
 
     def ready() -> None:
-        print(f"serving {args.engine} as model '{MODEL_NAME}' version {version} ({backend.name}, "
-              f"{backend.provider}; DALI on {device}; dynamic batches up to {max_batch}) on "
-              f"http://{args.host}:{args.http_port} grpc {args.host}:{args.grpc_port} "
-              f"metrics http://{args.host}:{args.metrics_port}/metrics; SIGINT or SIGTERM stops it",
-              file=sys.stderr, flush=True)
+        print(
+            f"serving {args.engine} as model '{MODEL_NAME}' version {version} ({backend.name}, "
+            f"{backend.provider}; DALI on {device}; dynamic batches up to {max_batch}) on "
+            f"http://{args.host}:{args.http_port} grpc {args.host}:{args.grpc_port} "
+            f"metrics http://{args.host}:{args.metrics_port}/metrics; SIGINT or SIGTERM stops it",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
-        serve(clf, version=version, max_batch=max_batch, queue_delay_us=args.queue_delay_us, host=args.host,
-              http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-              verbose=args.verbose, on_ready=ready)
+        serve(
+            clf,
+            version=version,
+            max_batch=max_batch,
+            queue_delay_us=args.queue_delay_us,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            verbose=args.verbose,
+            on_ready=ready,
+        )
     except PipelineError as e:
         err(str(e))
         return EXIT_USAGE

@@ -35,9 +35,17 @@ class Classifier:
     lock: PyTriton may call one instance from several threads.
     """
 
-    def __init__(self, backend: Any, manifest: dict[str, Any], max_batch: int, topk: int = 5,
-                 device: str = "cpu", max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_pixels: int | None = None,
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        backend: Any,
+        manifest: dict[str, Any],
+        max_batch: int,
+        topk: int = 5,
+        device: str = "cpu",
+        max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_pixels: int | None = None,
+        num_threads: int | None = None,
+    ):
         from rn50.batches import Preprocessor
         from rn50.layout import MAX_PIXELS
         from rn50.manifest import preprocessing_of
@@ -46,8 +54,13 @@ class Classifier:
         self.k = min(topk, len(self.classes))
         self.max_bytes, self.max_pixels = max_bytes, max_pixels or MAX_PIXELS
         self.device = device
-        self.pre = Preprocessor(preprocessing_of(manifest), max_batch, device, num_threads=num_threads,
-                                fp16=backend.input_dtype == "float16")
+        self.pre = Preprocessor(
+            preprocessing_of(manifest),
+            max_batch,
+            device,
+            num_threads=num_threads,
+            fp16=backend.input_dtype == "float16",
+        )
         self._lock = threading.Lock()
 
     def _check(self, data: bytes) -> str | None:
@@ -55,8 +68,10 @@ class Classifier:
         from rn50.layout import check_header
 
         if len(data) > self.max_bytes:
-            return (f"request too large: {len(data):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
-                    f"(serve.triton --max-request-bytes)")
+            return (
+                f"request too large: {len(data):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
+                f"(serve.triton --max-request-bytes)"
+            )
         return check_header(data, self.max_pixels)
 
     def classify(self, images: list[bytes]) -> list[dict[str, Any]]:
@@ -79,8 +94,11 @@ class Classifier:
             if x is not None:
                 idx, probs = topk(self.backend.run(x), self.k)
                 for row, (i, _, _) in enumerate(kept):
-                    recs[i] = {"topk": idx[row].tolist(), "classes": [self.classes[c] for c in idx[row]],
-                               "probs": probs[row].tolist()}
+                    recs[i] = {
+                        "topk": idx[row].tolist(),
+                        "classes": [self.classes[c] for c in idx[row]],
+                        "probs": probs[row].tolist(),
+                    }
         return recs
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -90,7 +108,7 @@ class Classifier:
         flat = self.classify([d for rs in rows for d in rs])
         out, at = [], 0
         for rs in rows:
-            out.append(self.to_arrays(flat[at:at + len(rs)]))
+            out.append(self.to_arrays(flat[at : at + len(rs)]))
             at += len(rs)
         return out
 

@@ -74,16 +74,29 @@ def engine_io(engine: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             raise EngineError(f"{engine}: input/output must be float32 or float16")
         b = i.type.tensor_type.shape.dim[0]
         fixed = b.dim_value if b.HasField("dim_value") else None
-        return {"platform": "onnxruntime_onnx", "file": "model.onnx", "input": i.name, "output": o.name,
-                "input_type": types[0], "output_type": types[1], "max_batch": fixed or manifest.get("max_batch"),
-                "opt_batch": None, "classes": n}
+        return {
+            "platform": "onnxruntime_onnx",
+            "file": "model.onnx",
+            "input": i.name,
+            "output": o.name,
+            "input_type": types[0],
+            "output_type": types[1],
+            "max_batch": fixed or manifest.get("max_batch"),
+            "opt_batch": None,
+            "classes": n,
+        }
     prof = manifest.get("profile") or {}
-    return {"platform": "tensorrt_plan", "file": "model.plan", "input": prof.get("input", "input"),
-            "output": manifest.get("output_name", "logits"),  # export names the ONNX output "logits"
-            "input_type": "TYPE_FP16" if manifest.get("input_dtype") == "float16" else "TYPE_FP32",
-            "output_type": "TYPE_FP32",
-            "max_batch": (prof.get("max") or [None])[0] or manifest.get("max_batch"),
-            "opt_batch": (prof.get("opt") or [None])[0], "classes": n}
+    return {
+        "platform": "tensorrt_plan",
+        "file": "model.plan",
+        "input": prof.get("input", "input"),
+        "output": manifest.get("output_name", "logits"),  # export names the ONNX output "logits"
+        "input_type": "TYPE_FP16" if manifest.get("input_dtype") == "float16" else "TYPE_FP32",
+        "output_type": "TYPE_FP32",
+        "max_batch": (prof.get("max") or [None])[0] or manifest.get("max_batch"),
+        "opt_batch": (prof.get("opt") or [None])[0],
+        "classes": n,
+    }
 
 
 def _dims(d: list[int]) -> str:
@@ -93,13 +106,13 @@ def _dims(d: list[int]) -> str:
 def engine_config(io: dict[str, Any], size: int, max_batch: int, queue_delay_us: int) -> str:
     pref = f"\n  preferred_batch_size: [ {io['opt_batch']} ]" if io["opt_batch"] else ""
     return f'''name: "{ENGINE}"
-platform: "{io['platform']}"
+platform: "{io["platform"]}"
 max_batch_size: {max_batch}
 input [
-  {{ name: "{io['input']}" data_type: {io['input_type']} dims: {_dims([3, size, size])} }}
+  {{ name: "{io["input"]}" data_type: {io["input_type"]} dims: {_dims([3, size, size])} }}
 ]
 output [
-  {{ name: "{io['output']}" data_type: {io['output_type']} dims: {_dims([io['classes']])} label_filename: "{LABELS}" }}
+  {{ name: "{io["output"]}" data_type: {io["output_type"]} dims: {_dims([io["classes"]])} label_filename: "{LABELS}" }}
 ]
 dynamic_batching {{{pref}
   max_queue_delay_microseconds: {queue_delay_us}
@@ -116,7 +129,7 @@ input [
   {{ name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ] }}
 ]
 output [
-  {{ name: "{DALI_OUTPUT}" data_type: {io['input_type']} dims: {_dims([3, size, size])} }}
+  {{ name: "{DALI_OUTPUT}" data_type: {io["input_type"]} dims: {_dims([3, size, size])} }}
 ]
 instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 '''
@@ -130,7 +143,7 @@ input [
   {{ name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ] }}
 ]
 output [
-  {{ name: "logits" data_type: {io['output_type']} dims: {_dims([io['classes']])} label_filename: "{LABELS}" }}
+  {{ name: "logits" data_type: {io["output_type"]} dims: {_dims([io["classes"]])} label_filename: "{LABELS}" }}
 ]
 ensemble_scheduling {{
   step [
@@ -143,16 +156,22 @@ ensemble_scheduling {{
     {{
       model_name: "{ENGINE}"
       model_version: -1
-      input_map {{ key: "{io['input']}" value: "preprocessed" }}
-      output_map {{ key: "{io['output']}" value: "logits" }}
+      input_map {{ key: "{io["input"]}" value: "preprocessed" }}
+      output_map {{ key: "{io["output"]}" value: "logits" }}
     }}
   ]
 }}
 '''
 
 
-def write_repo(engine: str | os.PathLike[str], dest: str | os.PathLike[str], *, max_batch: int | None = None,
-               queue_delay_us: int = 2000, version: int | None = None) -> Path:
+def write_repo(
+    engine: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    max_batch: int | None = None,
+    queue_delay_us: int = 2000,
+    version: int | None = None,
+) -> Path:
     """Write the repository for ``engine`` to ``dest`` (a new or empty folder); returns ``dest``.
 
     Everything is written to a temporary folder beside ``dest`` and renamed onto it at the end,
@@ -162,8 +181,10 @@ def write_repo(engine: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
 
     engine, dest = Path(engine), Path(dest)
     if engine.suffix.lower() not in (".plan", ".engine", ".onnx"):
-        raise EngineError(f"{engine}: a stock Triton repository takes a TensorRT plan (.plan) or an ONNX model "
-                          f"(.onnx), not '{engine.suffix}' (export one with `python -m export`)")
+        raise EngineError(
+            f"{engine}: a stock Triton repository takes a TensorRT plan (.plan) or an ONNX model "
+            f"(.onnx), not '{engine.suffix}' (export one with `python -m export`)"
+        )
     if not engine.is_file():
         raise EngineError(f"{engine}: engine not found")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):

@@ -42,10 +42,12 @@ def stub_env() -> Path:
         return Path(sys.exec_prefix)
     env = Path(os.environ.get(STUB_ENV_VAR) or Path(sys.prefix) / "triton-stub")
     if not (env / "bin" / "python3").exists():
-        raise EngineError(f"{env}: no Python environment for Triton's backend stub (numpy is {np.__version__} "
-                          f"here and Triton 2.51's stub needs numpy<2): run `make setup`, or create it with "
-                          f"`python3 -m venv {env} && {env}/bin/pip install 'numpy<2' pyzmq` "
-                          f"(or point {STUB_ENV_VAR} at one)")
+        raise EngineError(
+            f"{env}: no Python environment for Triton's backend stub (numpy is {np.__version__} "
+            f"here and Triton 2.51's stub needs numpy<2): run `make setup`, or create it with "
+            f"`python3 -m venv {env} && {env}/bin/pip install 'numpy<2' pyzmq` "
+            f"(or point {STUB_ENV_VAR} at one)"
+        )
     return env
 
 
@@ -64,9 +66,16 @@ def triton_config(host: str, http_port: int, grpc_port: int, metrics_port: int, 
     """Triton's settings: every endpoint bound to ``host`` (Triton's own default is all interfaces)."""
     from pytriton.triton import TritonConfig
 
-    return TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                        metrics_address=host, metrics_port=metrics_port, log_verbose=1 if verbose else 0,
-                        exit_timeout_secs=10)
+    return TritonConfig(
+        http_address=host,
+        http_port=http_port,
+        grpc_address=host,
+        grpc_port=grpc_port,
+        metrics_address=host,
+        metrics_port=metrics_port,
+        log_verbose=1 if verbose else 0,
+        exit_timeout_secs=10,
+    )
 
 
 def bind(triton: Any, classifier: Any, version: int, max_batch: int, queue_delay_us: int) -> None:
@@ -80,20 +89,36 @@ def bind(triton: Any, classifier: Any, version: int, max_batch: int, queue_delay
 
     k = classifier.k
     triton.bind(
-        model_name=MODEL_NAME, model_version=version, infer_func=classifier,
+        model_name=MODEL_NAME,
+        model_version=version,
+        infer_func=classifier,
         inputs=[Tensor(name=INPUT, dtype=np.bytes_, shape=(1,))],
-        outputs=[Tensor(name="topk", dtype=np.int32, shape=(k,)),
-                 Tensor(name="classes", dtype=np.bytes_, shape=(k,)),
-                 Tensor(name="probs", dtype=np.float32, shape=(k,)),
-                 Tensor(name="error", dtype=np.bytes_, shape=(1,))],
-        config=ModelConfig(max_batch_size=max_batch,
-                           batcher=DynamicBatcher(max_queue_delay_microseconds=queue_delay_us)),
-        strict=True)
+        outputs=[
+            Tensor(name="topk", dtype=np.int32, shape=(k,)),
+            Tensor(name="classes", dtype=np.bytes_, shape=(k,)),
+            Tensor(name="probs", dtype=np.float32, shape=(k,)),
+            Tensor(name="error", dtype=np.bytes_, shape=(1,)),
+        ],
+        config=ModelConfig(
+            max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=queue_delay_us)
+        ),
+        strict=True,
+    )
 
 
-def serve(classifier: Any, *, version: int, max_batch: int, queue_delay_us: int, host: str,
-          http_port: int, grpc_port: int, metrics_port: int, verbose: bool = False,
-          on_ready: Any = None) -> None:
+def serve(
+    classifier: Any,
+    *,
+    version: int,
+    max_batch: int,
+    queue_delay_us: int,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    verbose: bool = False,
+    on_ready: Any = None,
+) -> None:
     """Start Triton with the classifier and block until SIGINT or SIGTERM, then stop it (the server
     and its stub processes exit before this returns)."""
     import pytriton.server.triton_server as triton_server

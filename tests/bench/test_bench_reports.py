@@ -11,8 +11,25 @@ from tests.pngs import check_png
 
 def test_data_loaders_writes_table_and_chart(fmnist_tiny: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench"
-    assert data_loaders.main(["--data", str(fmnist_tiny), "--images", "40", "--batch-size", "10", "--workers", "1",
-                              "--image-size", "32", "--output", str(out)]) == 0
+    assert (
+        data_loaders.main(
+            [
+                "--data",
+                str(fmnist_tiny),
+                "--images",
+                "40",
+                "--batch-size",
+                "10",
+                "--workers",
+                "1",
+                "--image-size",
+                "32",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     md = (out / "data_loaders.md").read_text()
     rows = re.findall(r"^\| (DALI CPU|torchvision DataLoader) \| ([0-9,]+) \| ([0-9.]+)x \|$", md, re.M)

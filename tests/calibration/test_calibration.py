@@ -39,7 +39,9 @@ def _qdq_checks(path: Path, flavour: str) -> None:
         scale = inits[wdq.input[1]]
         w_q = inits[wdq.input[0]]
         assert w_q.dtype == np.int8
-        assert scale.ndim == 1 and scale.shape[0] == w_q.shape[0] > 1 and axis == 0, f"{n.name}: weights not per-channel"
+        assert scale.ndim == 1 and scale.shape[0] == w_q.shape[0] > 1 and axis == 0, (
+            f"{n.name}: weights not per-channel"
+        )
         assert not inits[wdq.input[2]].any(), f"{n.name}: weight zero point not 0"
     act = np.int8 if flavour == "s8s8" else np.uint8
     for n in g.node:
@@ -76,9 +78,25 @@ def test_u8s8_qdq_structure_and_accuracy(engine_int8_onnx: Path, engine_fp32_onn
 @pytest.fixture(scope="module")
 def s8s8(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
     out = tmp_path_factory.mktemp("s8s8") / "rn50.int8.s8s8.onnx"
-    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "int8", "--output", str(out),
-                      "--int8-flavour", "s8s8", "--calib-size", "128", "--calib-method", "minmax", "--force",
-                      "--parity-images", "64"])
+    rc = export.main(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--precision",
+            "int8",
+            "--output",
+            str(out),
+            "--int8-flavour",
+            "s8s8",
+            "--calib-size",
+            "128",
+            "--calib-method",
+            "minmax",
+            "--force",
+            "--parity-images",
+            "64",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -166,8 +184,20 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
 
 def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = s8s8.parent
-    base = ["--checkpoint", str(trained_run / "best.pt"), "--precision", "int8", "--int8-flavour", "s8s8",
-            "--calib-size", "128", "--calib-method", "minmax", "--parity-images", "64"]
+    base = [
+        "--checkpoint",
+        str(trained_run / "best.pt"),
+        "--precision",
+        "int8",
+        "--int8-flavour",
+        "s8s8",
+        "--calib-size",
+        "128",
+        "--calib-method",
+        "minmax",
+        "--parity-images",
+        "64",
+    ]
     # 1. same inputs: the cached calibration is reused (no calibration pass)
     again = folder / "again.onnx"
     assert export.main(base + ["--output", str(again), "--force"]) == 0

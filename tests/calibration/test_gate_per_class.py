@@ -11,15 +11,21 @@ from rn50.layout import load_dataset
 from rn50.manifest import preprocessing_of, read_manifest
 
 
-def test_gate_names_the_class_that_lost_most(engine_int8_onnx: Path, engine_fp32_onnx: Path,
-                                             fmnist_small: Path) -> None:
+def test_gate_names_the_class_that_lost_most(
+    engine_int8_onnx: Path, engine_fp32_onnx: Path, fmnist_small: Path
+) -> None:
     m = read_manifest(engine_int8_onnx)
     lost = m["int8"]["gate"]["lost_most"]
     assert lost["class"] in m["classes"]
     # re-measured on the same 500 validation images the gate scored
     _, val = load_dataset(fmnist_small)
-    r = score({"fp32": engine_fp32_onnx, "int8": engine_int8_onnx}, val.files, val.labels, preprocessing_of(m),
-              classes=m["classes"])
+    r = score(
+        {"fp32": engine_fp32_onnx, "int8": engine_int8_onnx},
+        val.files,
+        val.labels,
+        preprocessing_of(m),
+        classes=m["classes"],
+    )
     rows = r["per_class"]
     n = r["fp32"]["images"]
     assert sum(x["images"] for x in rows) == n == m["int8"]["gate"]["int8"]["images"]

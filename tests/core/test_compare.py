@@ -42,10 +42,12 @@ def test_each_bound_decides() -> None:
 def test_bounds_can_be_overridden_and_unknown_precisions_refused() -> None:
     labels = np.zeros(100, np.int64)
     ref, lose = _logits([0] * 100), _logits([0] * 99 + [1])
-    assert not cmp.compare_logits(ref, lose, labels, "int8", dataclasses.replace(cmp.BOUNDS["int8"],
-                                                                                 max_top1_drop=0.5)).passed
-    assert cmp.compare_logits(ref, lose, labels, "int8", dataclasses.replace(cmp.BOUNDS["int8"],
-                                                                             max_top1_drop=1.0)).passed
+    assert not cmp.compare_logits(
+        ref, lose, labels, "int8", dataclasses.replace(cmp.BOUNDS["int8"], max_top1_drop=0.5)
+    ).passed
+    assert cmp.compare_logits(
+        ref, lose, labels, "int8", dataclasses.replace(cmp.BOUNDS["int8"], max_top1_drop=1.0)
+    ).passed
     assert set(cmp.BOUNDS) == {"fp32", "fp16", "int8"}  # the precisions export writes
     with pytest.raises(ValueError, match="bf16"):
         cmp.compare_logits(ref, ref, labels, "bf16")
@@ -59,8 +61,9 @@ def test_serve_validate_judges_with_the_same_table(monkeypatch: pytest.MonkeyPat
     labels = np.zeros(100, np.int64)
     ref, lose = _logits([0] * 100), _logits([0] * 99 + [1])
     assert validate.compare(ref, lose, labels, "fp32")["passed"] is False
-    monkeypatch.setitem(cmp.BOUNDS, "fp32", cmp.Bounds(max_rel_logit_diff=None, min_top1_agreement=50.0,
-                                                       max_top1_drop=5.0))
+    monkeypatch.setitem(
+        cmp.BOUNDS, "fp32", cmp.Bounds(max_rel_logit_diff=None, min_top1_agreement=50.0, max_top1_drop=5.0)
+    )
     r = validate.compare(ref, lose, labels, "fp32")
     assert r["passed"] is True and r["bound_top1_points"] == 5.0 and r["min_top1_agreement"] == 50.0
 
@@ -68,7 +71,18 @@ def test_serve_validate_judges_with_the_same_table(monkeypatch: pytest.MonkeyPat
 def test_to_dict_has_the_manifest_fields() -> None:
     labels = np.array([0, 1])
     d = cmp.compare_logits(_logits([0, 1]), _logits([0, 1]), labels, "fp16").to_dict()
-    for k in ("images", "max_abs_logit_diff", "max_abs_logit", "rel_logit_diff", "top1_agreement", "reference",
-              "candidate", "bounds", "problem", "passed", "top1_drop"):
+    for k in (
+        "images",
+        "max_abs_logit_diff",
+        "max_abs_logit",
+        "rel_logit_diff",
+        "top1_agreement",
+        "reference",
+        "candidate",
+        "bounds",
+        "problem",
+        "passed",
+        "top1_drop",
+    ):
         assert k in d
     assert d["passed"] is True and d["bounds"]["max_rel_logit_diff"] == 2e-2

@@ -55,14 +55,20 @@ def test_weight_decay_only_on_conv_and_fc_weights(model):
     for p in decay["params"]:
         assert names[id(p)].endswith("weight") and p.ndim in (2, 4)
     undecayed = {names[id(p)] for p in no_decay["params"]}
-    bn_params = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for k in ("weight", "bias")}
+    bn_params = {
+        f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for k in ("weight", "bias")
+    }
     assert bn_params <= undecayed and "fc.bias" in undecayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
 def _manifest(classes=10):
-    return new_manifest("checkpoint", classes=[f"c{i}" for i in range(classes)],
-                        preprocessing=Preprocessing.for_image_size(32), precision="fp32")
+    return new_manifest(
+        "checkpoint",
+        classes=[f"c{i}" for i in range(classes)],
+        preprocessing=Preprocessing.for_image_size(32),
+        precision="fp32",
+    )
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path, model):

@@ -76,7 +76,10 @@ def test_confusion_png(tmp_path: Path, n_classes: int):
 
 def test_throughput_png(tmp_path: Path):
     out = tmp_path / "bars.png"
-    throughput_bars("inference", {"batch 1": {"a": 120.0, "b": 650.0, "c": 1200.0},
-                                  "batch 32": {"a": 1300.0, "b": 1700.0, "c": 4000.0}}, out)
+    throughput_bars(
+        "inference",
+        {"batch 1": {"a": 120.0, "b": 650.0, "c": 1200.0}, "batch 32": {"a": 1300.0, "b": 1700.0, "c": 4000.0}},
+        out,
+    )
     w, h = check_png(out, min_size=(600, 150))
     assert w > 2 * h  # two panels side by side

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +28,20 @@ def test_undecodable_image_stops_export(precision, split, trained_run, fmnist_ti
         victim.write_bytes(_gif_named_jpg())
     out_dir = tmp_path / "artifacts"
     out_dir.mkdir()
-    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", precision, "--data", str(data),
-                      "--output", str(out_dir / f"rn50.{precision}.onnx"), "--calib-size", "40"])
+    rc = export.main(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--precision",
+            precision,
+            "--data",
+            str(data),
+            "--output",
+            str(out_dir / f"rn50.{precision}.onnx"),
+            "--calib-size",
+            "40",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -7,6 +7,7 @@ The engines come from the shared session fixtures in tests/conftest.py (built on
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,8 @@ import torch
 import export
 from export import tensorrt_engine as te
 from rn50.batches import iter_split
-from rn50.layout import balanced_subset
 from rn50.checkpoint import load_model, save_checkpoint
-from rn50.layout import load_dataset
+from rn50.layout import balanced_subset, load_dataset
 from rn50.manifest import new_manifest, read_manifest, sha256_file
 from rn50.model import build_model
 from rn50.preprocess import Preprocessing
@@ -38,6 +38,7 @@ def _leftovers(folder: Path, allowed: set[str] = frozenset()) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ ONNX
+
 
 def test_onnx_parity_and_manifest(engine_fp32_onnx: Path, trained_run: Path) -> None:
     import onnx
@@ -59,8 +60,9 @@ def test_onnx_parity_and_manifest(engine_fp32_onnx: Path, trained_run: Path) -> 
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
-def test_onnx_dynamic_batch_matches_pytorch(engine_fp32_onnx: Path, trained_run: Path, fmnist_small: Path,
-                                            batch: int) -> None:
+def test_onnx_dynamic_batch_matches_pytorch(
+    engine_fp32_onnx: Path, trained_run: Path, fmnist_small: Path, batch: int
+) -> None:
     from rn50.ort import session
 
     model, man = load_model(trained_run / "best.pt")
@@ -87,17 +89,37 @@ def test_polygraphy_runs_the_onnx_on_real_images(engine_fp32_onnx: Path, trained
 
     root = Path(__file__).resolve().parents[2]
     out, inputs = tmp_path / "outputs.json", tmp_path / "inputs.json"
-    env = {**os.environ, "RN50_MODEL": str(engine_fp32_onnx), "RN50_BATCHES": "2", "RN50_BATCH_SIZE": "8",
-           "POLYGRAPHY_AUTOINSTALL_DEPS": "0"}
-    r = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "run", str(engine_fp32_onnx), "--onnxrt",
-                        "--data-loader-script", str(root / "export" / "polygraphy_inputs.py"),
-                        "--save-inputs", str(inputs), "--save-outputs", str(out)],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "RN50_MODEL": str(engine_fp32_onnx),
+        "RN50_BATCHES": "2",
+        "RN50_BATCH_SIZE": "8",
+        "POLYGRAPHY_AUTOINSTALL_DEPS": "0",
+    }
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "polygraphy"),
+            "run",
+            str(engine_fp32_onnx),
+            "--onnxrt",
+            "--data-loader-script",
+            str(root / "export" / "polygraphy_inputs.py"),
+            "--save-inputs",
+            str(inputs),
+            "--save-outputs",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     from polygraphy.json import load_json
 
     feeds = load_json(str(inputs))
-    (_, runs), = RunResults.load(str(out)).items()
+    ((_, runs),) = RunResults.load(str(out)).items()
     assert len(feeds) == len(runs) == 2
     model, _ = load_model(trained_run / "best.pt")
     for feed, outs in zip(feeds, runs):
@@ -113,8 +135,21 @@ def test_fp16_onnx(tmp_path: Path, trained_run: Path) -> None:
     import onnx
 
     out = tmp_path / "rn50.fp16.onnx"
-    assert export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp16", "--output", str(out),
-                        "--parity-images", "32"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(trained_run / "best.pt"),
+                "--precision",
+                "fp16",
+                "--output",
+                str(out),
+                "--parity-images",
+                "32",
+            ]
+        )
+        == 0
+    )
     g = onnx.load(str(out)).graph
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert g.input[0].type.tensor_type.elem_type == f32 and g.output[0].type.tensor_type.elem_type == f32
@@ -126,6 +161,7 @@ def test_fp16_onnx(tmp_path: Path, trained_run: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ AOTInductor
+
 
 def test_pt2_loads_and_matches_pytorch(engine_pt2: Path, trained_run: Path, fmnist_small: Path) -> None:
     from torch._inductor import aoti_load_package
@@ -146,13 +182,25 @@ def test_pt2_loads_and_matches_pytorch(engine_pt2: Path, trained_run: Path, fmni
 
 # ------------------------------------------------------------------------------------------ TensorRT
 
-def test_plan_without_tensorrt_writes_onnx_and_explains(tmp_path: Path, trained_run: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+
+def test_plan_without_tensorrt_writes_onnx_and_explains(
+    tmp_path: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if te.missing() is None:
         pytest.skip("TensorRT and a GPU are present: the real build is tested in test_tensorrt_engine")
     out = tmp_path / "rn50.fp32.plan"
-    rc = export.main(["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp32", "--output", str(out),
-                      "--parity-images", "40"])
+    rc = export.main(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--precision",
+            "fp32",
+            "--output",
+            str(out),
+            "--parity-images",
+            "40",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     last = err.strip().splitlines()[-1]
@@ -169,8 +217,22 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
         pytest.skip(f"needs TensorRT and a CUDA GPU: {why}")
     out = tmp_path / f"rn50.{precision}.plan"
     cache = tmp_path / "timing.cache"
-    args = ["--checkpoint", str(trained_run / "best.pt"), "--precision", precision, "--output", str(out),
-            "--timing-cache", str(cache), "--batch-max", "64", "--parity-images", "64", "--calib-size", "128"]
+    args = [
+        "--checkpoint",
+        str(trained_run / "best.pt"),
+        "--precision",
+        precision,
+        "--output",
+        str(out),
+        "--timing-cache",
+        str(cache),
+        "--batch-max",
+        "64",
+        "--parity-images",
+        "64",
+        "--calib-size",
+        "128",
+    ]
     assert export.main(args) == 0
     assert out.is_file() and cache.is_file() and (tmp_path / f"rn50.{precision}.onnx").is_file()
     m = read_manifest(out)
@@ -191,15 +253,20 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
         assert (got.argmax(1) == ref.argmax(1)).mean() >= (0.85 if precision == "int8" else 0.95)
 
 
-def _mypy(*files: Path) -> "subprocess.CompletedProcess[str]":
+def _mypy(*files: Path) -> subprocess.CompletedProcess[str]:
     """mypy --strict with the repository's configuration (pyproject.toml: typings/ stubs), as `make typecheck`."""
     import subprocess
     import sys
 
     root = Path(export.__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-m", "mypy", "--strict", "--config-file", str(root / "pyproject.toml"),
-                           *map(str, files)], cwd=root, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(root / "pyproject.toml"), *map(str, files)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
 
 
 def test_tensorrt_modules_typecheck_and_a_misspelled_attribute_fails(tmp_path: Path) -> None:
@@ -226,31 +293,48 @@ def test_pt2_load_check_runs_the_package_in_a_child(engine_pt2: Path, tmp_path: 
         check_loads(junk, "cpu", 32)
 
 
-def test_pt2_export_survives_a_loader_crash(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pt2_export_survives_a_loader_crash(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """AOTInductor's CUDA loader can die of SIGSEGV instead of raising: here a child that dies
     of SIGSEGV stands in for it. The export must say so, exit 2 and leave nothing behind."""
     import export.aoti
 
     monkeypatch.setattr(export.aoti, "_LOAD_CHECK", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     (tmp_path / "out").mkdir()
-    _bad(tmp_path, capsys, ["--checkpoint", str(trained_run / "best.pt"), "--precision", "fp32",
-                            "--output", str(tmp_path / "out" / "m.pt2")], "crashed (SIGSEGV)")
+    _bad(
+        tmp_path,
+        capsys,
+        [
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--precision",
+            "fp32",
+            "--output",
+            str(tmp_path / "out" / "m.pt2"),
+        ],
+        "crashed (SIGSEGV)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
+
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained but valid checkpoint (argument checks never run the network)."""
     d = tmp_path_factory.mktemp("ck")
     p = Preprocessing.for_image_size(32)
-    return save_checkpoint(d / "ck.pt", build_model(10).state_dict(),
-                           new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"))
+    return save_checkpoint(
+        d / "ck.pt",
+        build_model(10).state_dict(),
+        new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"),
+    )
 
 
-def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str,
-         out_dir: Path | None = None) -> None:
+def _bad(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str, out_dir: Path | None = None
+) -> None:
     out_dir = out_dir or tmp_path / "out"
     before = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
     rc = export.main(argv)
@@ -262,51 +346,90 @@ def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], ne
 
 
 def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _bad(tmp_path, capsys, ["--checkpoint", str(tmp_path / "nope.pt"), "--precision", "fp32",
-                            "--output", str(tmp_path / "out" / "m.onnx")], "not found")
+    _bad(
+        tmp_path,
+        capsys,
+        [
+            "--checkpoint",
+            str(tmp_path / "nope.pt"),
+            "--precision",
+            "fp32",
+            "--output",
+            str(tmp_path / "out" / "m.onnx"),
+        ],
+        "not found",
+    )
 
 
 def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(tiny_ckpt.read_bytes()[:5000])
     (tmp_path / "out").mkdir()
-    _bad(tmp_path, capsys, ["--checkpoint", str(bad), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.onnx")],
-         "corrupt")
+    _bad(
+        tmp_path,
+        capsys,
+        ["--checkpoint", str(bad), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.onnx")],
+        "corrupt",
+    )
 
 
 def test_classifier_size_differs_from_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = Preprocessing.for_image_size(32)
-    ck = save_checkpoint(tmp_path / "ck3.pt", build_model(3).state_dict(),
-                         new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"))
+    ck = save_checkpoint(
+        tmp_path / "ck3.pt",
+        build_model(3).state_dict(),
+        new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"),
+    )
     (tmp_path / "out").mkdir()
-    _bad(tmp_path, capsys, ["--checkpoint", str(ck), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.pt2")],
-         "3 outputs")
+    _bad(
+        tmp_path,
+        capsys,
+        ["--checkpoint", str(ck), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.pt2")],
+        "3 outputs",
+    )
 
 
 def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     blocker = tmp_path / "out" / "file"
     blocker.parent.mkdir()
     blocker.write_text("a file, not a folder")
-    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(blocker / "m.onnx")],
-         "not writable")
+    _bad(
+        tmp_path,
+        capsys,
+        ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(blocker / "m.onnx")],
+        "not writable",
+    )
     if os.geteuid() != 0:  # root writes anywhere; the permission case only means something for users
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
-        _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(ro / "m.onnx")],
-             "not writable", out_dir=ro)
+        _bad(
+            tmp_path,
+            capsys,
+            ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(ro / "m.onnx")],
+            "not writable",
+            out_dir=ro,
+        )
 
 
-@pytest.mark.parametrize("precision,name,needle", [
-    ("fp64", "m.onnx", "--precision"),
-    ("fp32", "m.tflite", "unknown suffix"),
-    ("fp32", "m", "unknown suffix"),
-    ("int8", "m.pt2", "not available for .pt2"),
-])
-def test_bad_precision_or_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path,
-                                 precision: str, name: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "precision,name,needle",
+    [
+        ("fp64", "m.onnx", "--precision"),
+        ("fp32", "m.tflite", "unknown suffix"),
+        ("fp32", "m", "unknown suffix"),
+        ("int8", "m.pt2", "not available for .pt2"),
+    ],
+)
+def test_bad_precision_or_suffix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path, precision: str, name: str, needle: str
+) -> None:
     (tmp_path / "out").mkdir()
-    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", precision,
-                            "--output", str(tmp_path / "out" / name)], needle)
+    _bad(
+        tmp_path,
+        capsys,
+        ["--checkpoint", str(tiny_ckpt), "--precision", precision, "--output", str(tmp_path / "out" / name)],
+        needle,
+    )
 
 
 def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
@@ -323,8 +446,21 @@ def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ck
 
 def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     (tmp_path / "out").mkdir()
-    _bad(tmp_path, capsys, ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output",
-                            str(tmp_path / "out" / "m.onnx"), "--data", str(tmp_path / "nodata")], "not found")
+    _bad(
+        tmp_path,
+        capsys,
+        [
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--precision",
+            "fp32",
+            "--output",
+            str(tmp_path / "out" / "m.onnx"),
+            "--data",
+            str(tmp_path / "nodata"),
+        ],
+        "not found",
+    )
 
 
 def test_help() -> None:

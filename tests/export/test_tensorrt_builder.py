@@ -39,8 +39,12 @@ def test_the_recorded_surfaces_cover_every_claimed_release() -> None:
     assert any(t.startswith("v11.") for t in SURFACES)
     for tag, s in SURFACES.items():
         assert s["source"].endswith(f"{tag}:python/src/infer/pyCore.cpp")
-        assert set(s["enums"]) == {"BuilderFlag", "HardwareCompatibilityLevel", "NetworkDefinitionCreationFlag",
-                                   "MemoryPoolType"}, tag
+        assert set(s["enums"]) == {
+            "BuilderFlag",
+            "HardwareCompatibilityLevel",
+            "NetworkDefinitionCreationFlag",
+            "MemoryPoolType",
+        }, tag
         # the config properties _build sets exist in every release
         assert set(s["builder_config_properties"]) == {"builder_optimization_level", "hardware_compatibility_level"}
 

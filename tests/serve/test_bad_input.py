@@ -19,8 +19,8 @@ import shutil
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -91,12 +91,19 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("cmyk_jpeg", "cmyk.jpg", lambda a: _encode(Image.fromarray(a).convert("CMYK"), "JPEG", quality=90), CLASSIFIED),
     ("progressive_jpeg", "progressive.jpg", lambda a: _encode(a, "JPEG", quality=90, progressive=True), CLASSIFIED),
     ("grayscale_jpeg", "gray.jpg", lambda a: _encode(Image.fromarray(a).convert("L"), "JPEG"), CLASSIFIED),
-    ("png_16bit", "sixteen.png",
-     lambda a: _encode(Image.fromarray((a[..., 0].astype(np.uint16) * 257)), "PNG"), CLASSIFIED),
+    (
+        "png_16bit",
+        "sixteen.png",
+        lambda a: _encode(Image.fromarray(a[..., 0].astype(np.uint16) * 257), "PNG"),
+        CLASSIFIED,
+    ),
     ("png_alpha", "alpha.png", lambda a: _encode(Image.fromarray(a).convert("RGBA"), "PNG"), CLASSIFIED),
     ("png_palette", "palette.png", lambda a: _encode(Image.fromarray(a).convert("P"), "PNG"), CLASSIFIED),
-    *[(f"exif_orientation_{o}", f"exif{o}.jpg", (lambda o: lambda a: _exif_jpeg(a, o))(o), CLASSIFIED)
-      for o in range(2, 9)],
+    *[
+        # each lambda binds its own value through the outer call (ruff's B023 cannot see that)
+        (f"exif_orientation_{o}", f"exif{o}.jpg", (lambda o: lambda a: _exif_jpeg(a, o))(o), CLASSIFIED)  # noqa: B023
+        for o in range(2, 9)
+    ],
     ("webp_lossy", "lossy.webp", lambda a: _encode(a, "WEBP", quality=80), CLASSIFIED),
     ("webp_lossless", "lossless.webp", lambda a: _encode(a, "WEBP", lossless=True), CLASSIFIED),
     ("tiff_lzw", "lzw.tif", lambda a: _encode(a, "TIFF", compression="tiff_lzw"), CLASSIFIED),
@@ -106,36 +113,67 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("name_with_quotes_and_newline", "q'\"\nx.jpg", lambda a: _encode(a, "JPEG"), CLASSIFIED),
     ("png_named_jpg", "really-a-png.jpg", lambda a: _encode(a, "PNG"), CLASSIFIED),
     # --- corrupt data that some DALI decoders only log about: refused
-    ("tiff_lzw_corrupt_after_header", "lzw-corrupt.tif",
-     lambda a: (lambda t, s: _flip(t, s[0] + 8, s[0] + s[1] - 8))(*(lambda t: (t, _tiff_strip(t)))(
-         _encode(a, "TIFF", compression="tiff_lzw"))), "corrupt TIFF image"),
-    ("tiff_deflate_corrupt_after_header", "deflate-corrupt.tif",
-     lambda a: (lambda t, s: _flip(t, s[0] + 8, s[0] + s[1] - 8))(*(lambda t: (t, _tiff_strip(t)))(
-         _encode(a, "TIFF", compression="tiff_adobe_deflate"))), "corrupt TIFF image"),
-    ("jpeg2000_corrupt", "corrupt.jp2", lambda a: (lambda j: _flip(j, 200, len(j)))(_encode(a, "JPEG2000")),
-     "corrupt JPEG 2000 image"),
-    ("webp_lossless_corrupt", "corrupt.webp",
-     lambda a: (lambda w: _flip(w, 60, len(w)))(_encode(a, "WEBP", lossless=True)),
-     "corrupt WebP image"),
-    ("pnm_truncated", "truncated.ppm", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "PPM")), "corrupt PNM image"),
+    (
+        "tiff_lzw_corrupt_after_header",
+        "lzw-corrupt.tif",
+        lambda a: (lambda t, s: _flip(t, s[0] + 8, s[0] + s[1] - 8))(
+            *(lambda t: (t, _tiff_strip(t)))(_encode(a, "TIFF", compression="tiff_lzw"))
+        ),
+        "corrupt TIFF image",
+    ),
+    (
+        "tiff_deflate_corrupt_after_header",
+        "deflate-corrupt.tif",
+        lambda a: (lambda t, s: _flip(t, s[0] + 8, s[0] + s[1] - 8))(
+            *(lambda t: (t, _tiff_strip(t)))(_encode(a, "TIFF", compression="tiff_adobe_deflate"))
+        ),
+        "corrupt TIFF image",
+    ),
+    (
+        "jpeg2000_corrupt",
+        "corrupt.jp2",
+        lambda a: (lambda j: _flip(j, 200, len(j)))(_encode(a, "JPEG2000")),
+        "corrupt JPEG 2000 image",
+    ),
+    (
+        "webp_lossless_corrupt",
+        "corrupt.webp",
+        lambda a: (lambda w: _flip(w, 60, len(w)))(_encode(a, "WEBP", lossless=True)),
+        "corrupt WebP image",
+    ),
+    ("pnm_truncated", "truncated.ppm", lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "PPM")), "corrupt PNM image"),
     # --- formats DALI does not decode: named
     ("gif", "anim.gif", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),
     ("gif_named_jpg", "gif-in-disguise.jpg", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),
     ("ico", "icon.jpg", lambda a: _encode(Image.fromarray(a).resize((32, 32)), "ICO"), "unsupported image format ICO"),
     # --- truncated files in five formats
-    ("jpeg_truncated", "cut.jpg", lambda a: (lambda j: j[:len(j) // 2])(_encode(a, "JPEG", quality=90)), "truncated"),
-    ("png_truncated", "cut.png", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "PNG")), "truncated"),
-    ("bmp_truncated", "cut.bmp", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "BMP")), "truncated"),
-    ("webp_truncated", "cut.webp", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "WEBP", quality=80)),
-     "unreadable image header"),
+    ("jpeg_truncated", "cut.jpg", lambda a: (lambda j: j[: len(j) // 2])(_encode(a, "JPEG", quality=90)), "truncated"),
+    ("png_truncated", "cut.png", lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "PNG")), "truncated"),
+    ("bmp_truncated", "cut.bmp", lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "BMP")), "truncated"),
+    (
+        "webp_truncated",
+        "cut.webp",
+        lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "WEBP", quality=80)),
+        "unreadable image header",
+    ),
     # PIL writes a TIFF's directory after the pixel data: cut in half, the file has no directory left
-    ("tiff_truncated", "cut.tif", lambda a: (lambda p: p[:len(p) // 2])(_encode(a, "TIFF", compression="tiff_lzw")),
-     "damaged TIFF file"),
+    (
+        "tiff_truncated",
+        "cut.tif",
+        lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "TIFF", compression="tiff_lzw")),
+        "damaged TIFF file",
+    ),
     # --- fuzzed files in five formats (fixed seeds): a prediction or an error, never a crash
-    *[(f"fuzzed_{fmt.lower()}_{seed}", f"fuzz{seed}.{ext}",
-       (lambda fmt, seed: lambda a: _fuzz(_encode(a, fmt), seed))(fmt, seed), EITHER)
-      for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("WEBP", "webp"), ("TIFF", "tif"))
-      for seed in (1, 2)],
+    *[
+        (
+            f"fuzzed_{fmt.lower()}_{seed}",
+            f"fuzz{seed}.{ext}",
+            (lambda fmt, seed: lambda a: _fuzz(_encode(a, fmt), seed))(fmt, seed),  # noqa: B023
+            EITHER,
+        )
+        for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("WEBP", "webp"), ("TIFF", "tif"))
+        for seed in (1, 2)
+    ],
     # --- not images, empty, bombs, thin
     ("zero_bytes", "empty.jpg", lambda a: b"", "empty file"),
     ("random_bytes", "noise.jpg", lambda a: np.random.default_rng(0).bytes(4096), "not an image"),
@@ -144,9 +182,12 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("thin_1x200000", "thin.png", lambda a: _encode(np.zeros((1, 200_000), np.uint8), "PNG"), "image too thin"),
     # --- paths that are not plain files
     ("dangling_symlink", "dangling.jpg", lambda d: os.symlink(d / "missing.jpg", d / "dangling.jpg"), "cannot read"),
-    ("symlink_loop", "loop-a.jpg",
-     lambda d: (os.symlink(d / "loop-b.jpg", d / "loop-a.jpg"), os.symlink(d / "loop-a.jpg", d / "loop-b.jpg")),
-     "cannot read"),
+    (
+        "symlink_loop",
+        "loop-a.jpg",
+        lambda d: (os.symlink(d / "loop-b.jpg", d / "loop-a.jpg"), os.symlink(d / "loop-a.jpg", d / "loop-b.jpg")),
+        "cannot read",
+    ),
     ("fifo", "pipe.jpg", lambda d: os.mkfifo(d / "pipe.jpg"), "not a regular file"),
 ]
 PATH_ROWS = {"dangling_symlink", "symlink_loop", "fifo"}
@@ -190,6 +231,7 @@ def test_hostile_input(row, capsys, tmp_path, engine_checkpoint, fmnist_small):
 
 # --------------------------------------------------------------------------- output paths
 
+
 def _readonly_folder(tmp_path: Path) -> Path:
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -200,8 +242,10 @@ def _readonly_folder(tmp_path: Path) -> Path:
 OUTPUT_CASES = {  # how to make the bad path, and the reason its error line must give
     "a_directory": (lambda t: (t / "dir").mkdir() or t / "dir", "is a directory"),
     "parent_is_a_file": (lambda t: (t / "file").write_text("x") and t / "file" / "out.jsonl", "is not a folder"),
-    "missing_parent_below_a_file": (lambda t: (t / "f2").write_text("x") and t / "f2" / "a" / "b.json",
-                                    "is not a folder"),
+    "missing_parent_below_a_file": (
+        lambda t: (t / "f2").write_text("x") and t / "f2" / "a" / "b.json",
+        "is not a folder",
+    ),
     "read_only_folder": (lambda t: _readonly_folder(t) / "out.jsonl", "is not writable"),
 }
 
@@ -213,8 +257,9 @@ def _skip_if_root(case: str) -> None:
 
 @pytest.mark.parametrize("flag", ["--output", "--summary"])
 @pytest.mark.parametrize("case", list(OUTPUT_CASES))
-def test_infer_output_path_checked_before_work(flag, case, capsys, tmp_path, engine_checkpoint, fmnist_small,
-                                               monkeypatch):
+def test_infer_output_path_checked_before_work(
+    flag, case, capsys, tmp_path, engine_checkpoint, fmnist_small, monkeypatch
+):
     _skip_if_root(case)
     make, why = OUTPUT_CASES[case]
     bad = make(tmp_path)
@@ -240,8 +285,7 @@ REPORT_CASES = {  # the --report PREFIX to give, and the reason its error line m
 
 
 @pytest.mark.parametrize("case", list(REPORT_CASES))
-def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine_checkpoint, fmnist_small,
-                                                  monkeypatch):
+def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine_checkpoint, fmnist_small, monkeypatch):
     _skip_if_root(case)
     make, why = REPORT_CASES[case]
     prefix = make(tmp_path)
@@ -251,8 +295,18 @@ def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine
         raise AssertionError("the engine was loaded before the report path was checked")
 
     monkeypatch.setattr(rn50.backends, "load_engine", no_work)
-    rc = validate.main(["--engine", str(engine_checkpoint), "--checkpoint", str(engine_checkpoint),
-                        str(fmnist_small / "val"), "--quiet", "--report", str(prefix)])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine_checkpoint),
+            "--checkpoint",
+            str(engine_checkpoint),
+            str(fmnist_small / "val"),
+            "--quiet",
+            "--report",
+            str(prefix),
+        ]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -261,15 +315,35 @@ def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine
 
 @pytest.mark.parametrize("bs", ["0", "-1"])
 def test_validate_batch_size_below_one(bs, capsys, engine_checkpoint, fmnist_small):
-    rc = validate.main(["--engine", str(engine_checkpoint), "--checkpoint", str(engine_checkpoint),
-                        str(fmnist_small / "val"), "--quiet", "--batch-size", bs])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine_checkpoint),
+            "--checkpoint",
+            str(engine_checkpoint),
+            str(fmnist_small / "val"),
+            "--quiet",
+            "--batch-size",
+            bs,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --batch-size") and "Traceback" not in err, err
 
 
 def test_checkpoint_directory_is_named(capsys, tmp_path, engine_checkpoint, fmnist_small):
-    rc = validate.main(["--engine", str(engine_checkpoint), "--checkpoint", str(tmp_path),
-                        str(fmnist_small / "val"), "--quiet", "--report", str(tmp_path / "r")])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine_checkpoint),
+            "--checkpoint",
+            str(tmp_path),
+            str(fmnist_small / "val"),
+            "--quiet",
+            "--report",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {tmp_path}: is a directory" in err, err
 
@@ -277,8 +351,10 @@ def test_checkpoint_directory_is_named(capsys, tmp_path, engine_checkpoint, fmni
 def test_closed_stdout_pipe_is_quiet(tmp_path, engine_checkpoint, fmnist_small):
     """``serve.infer ... | head -1``: the reader goes away after one line; no traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = (f"{sys.executable} -m serve.infer --engine '{engine_checkpoint}' '{fmnist_small / 'val'}' "
-           f"--quiet --batch-size 8 | head -1")
+    cmd = (
+        f"{sys.executable} -m serve.infer --engine '{engine_checkpoint}' '{fmnist_small / 'val'}' "
+        f"--quiet --batch-size 8 | head -1"
+    )
     r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=300)
     assert len(r.stdout.splitlines()) == 1 and "topk" in json.loads(r.stdout)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

@@ -30,8 +30,8 @@ def pytorch_top1(ckpt: Path, paths: list[Path]) -> dict[str, int]:
     import torch
 
     from rn50.batches import Preprocessor
-    from rn50.layout import read_encoded
     from rn50.checkpoint import load_model
+    from rn50.layout import read_encoded
     from rn50.manifest import preprocessing_of
 
     model, man = load_model(ckpt)
@@ -43,6 +43,7 @@ def pytorch_top1(ckpt: Path, paths: list[Path]) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- predictions
+
 
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2", "engine_checkpoint"])
 def test_top1_matches_pytorch(request, capsys, engine_fixture, trained_run, fmnist_small, photos):
@@ -82,8 +83,19 @@ def test_int8_agrees_with_fp32_on_photos(capsys, tmp_path, engine_fp32_onnx, eng
     from skimage import data
 
     imgs = [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
-    for name in ("cat", "coins", "hubble_deep_field", "immunohistochemistry", "moon", "page", "text", "brick",
-                 "grass", "gravel", "retina"):
+    for name in (
+        "cat",
+        "coins",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "moon",
+        "page",
+        "text",
+        "brick",
+        "grass",
+        "gravel",
+        "retina",
+    ):
         Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.png")
         imgs.append(tmp_path / f"{name}.png")
     top1 = {}
@@ -93,8 +105,10 @@ def test_int8_agrees_with_fp32_on_photos(capsys, tmp_path, engine_fp32_onnx, eng
         assert [ln["path"] for ln in lines] == [str(p) for p in imgs]
         top1[engine] = np.array([ln["topk"][0] for ln in lines])
     agree = np.mean(top1[engine_fp32_onnx] == top1[engine_int8_onnx])
-    assert agree >= 0.7, (f"int8 top-1 equals fp32's on only {agree:.0%} of {len(imgs)} photos: "
-                          f"fp32 {top1[engine_fp32_onnx].tolist()}, int8 {top1[engine_int8_onnx].tolist()}")
+    assert agree >= 0.7, (
+        f"int8 top-1 equals fp32's on only {agree:.0%} of {len(imgs)} photos: "
+        f"fp32 {top1[engine_fp32_onnx].tolist()}, int8 {top1[engine_int8_onnx].tolist()}"
+    )
 
 
 def test_dali_matches_pil_reference_on_photos(photos):
@@ -118,8 +132,17 @@ def test_dali_matches_pil_reference_on_photos(photos):
 
 
 def test_summary_and_topk_clipping(capsys, engine_fp32_onnx, fmnist_small):
-    rc = infer.main(["--engine", str(engine_fp32_onnx), str(good_images(fmnist_small, 1)[0]), "--topk", "50",
-                     "--batch-size", "100000"])
+    rc = infer.main(
+        [
+            "--engine",
+            str(engine_fp32_onnx),
+            str(good_images(fmnist_small, 1)[0]),
+            "--topk",
+            "50",
+            "--batch-size",
+            "100000",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0
     (line,) = [json.loads(x) for x in cap.out.splitlines()]
@@ -134,8 +157,21 @@ def test_summary_json(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     summ = tmp_path / "s.json"
-    rc = infer.main(["--engine", str(engine_fp32_onnx), *map(str, imgs), str(bad), "--batch-size", "2",
-                     "--decode-on", "cpu", "--summary", str(summ), "--quiet"])
+    rc = infer.main(
+        [
+            "--engine",
+            str(engine_fp32_onnx),
+            *map(str, imgs),
+            str(bad),
+            "--batch-size",
+            "2",
+            "--decode-on",
+            "cpu",
+            "--summary",
+            str(summ),
+            "--quiet",
+        ]
+    )
     capsys.readouterr()
     assert rc == 1
     s = json.loads(summ.read_text())
@@ -152,7 +188,9 @@ def _cuda() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU: --decode-on cpu only differs from auto where the engine runs on one")
+@pytest.mark.skipif(
+    not _cuda(), reason="needs a CUDA GPU: --decode-on cpu only differs from auto where the engine runs on one"
+)
 def test_decode_on_cpu_with_the_engine_on_the_gpu(capsys, tmp_path, engine_checkpoint, fmnist_small):
     """The checkpoint engine on the GPU, fed once by DALI mixed and once by DALI on the CPU: the
     summaries say where each part ran, and the two decodings pick the same classes (nvJPEG and
@@ -177,12 +215,16 @@ def test_output_file_is_written_atomically(capsys, tmp_path, engine_fp32_onnx, f
     assert rc == 0 and stdout_lines == []
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == len(list(folder.glob("*.jpg")))
-    assert all(ln["classes"][0] in ("bag", "ankle_boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker",
-                                    "t-shirt_top", "trouser") for ln in lines)
+    assert all(
+        ln["classes"][0]
+        in ("bag", "ankle_boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "t-shirt_top", "trouser")
+        for ln in lines
+    )
     assert [p.name for p in out.parent.iterdir()] == ["p.jsonl"]  # no temporary left behind
 
 
 # --------------------------------------------------------------------------- bad inputs
+
 
 def _jpeg_with_size(src: Path, dst: Path, w: int, h: int) -> Path:
     """A real JPEG whose SOF header claims w x h (a decompression bomb's header)."""
@@ -190,10 +232,10 @@ def _jpeg_with_size(src: Path, dst: Path, w: int, h: int) -> Path:
     i = 2
     while i < len(b):
         assert b[i] == 0xFF
-        marker, seg = b[i + 1], int.from_bytes(b[i + 2:i + 4], "big")
+        marker, seg = b[i + 1], int.from_bytes(b[i + 2 : i + 4], "big")
         if marker in (0xC0, 0xC1, 0xC2):
-            b[i + 5:i + 7] = h.to_bytes(2, "big")
-            b[i + 7:i + 9] = w.to_bytes(2, "big")
+            b[i + 5 : i + 7] = h.to_bytes(2, "big")
+            b[i + 7 : i + 9] = w.to_bytes(2, "big")
             break
         i += 2 + seg
     dst.write_bytes(bytes(b))
@@ -205,7 +247,7 @@ def _jpeg_segments(b: bytes) -> list[tuple[int, int, int]]:
     out, i = [], 2
     while i < len(b):
         assert b[i] == 0xFF
-        marker, seg = b[i + 1], int.from_bytes(b[i + 2:i + 4], "big")
+        marker, seg = b[i + 1], int.from_bytes(b[i + 2 : i + 4], "big")
         out.append((marker, i, seg))
         if marker == 0xDA:
             return out
@@ -223,7 +265,7 @@ def _corrupt_jpeg(src: Path, dst: Path) -> Path:
     dht = [(i, seg) for marker, i, seg in _jpeg_segments(bytes(b)) if marker == 0xC4]
     assert dht, "PIL wrote no DHT segment"
     for i, _ in dht:
-        b[i + 5:i + 21] = b"\xff" * 16  # after FF C4, the length and the class/id byte
+        b[i + 5 : i + 21] = b"\xff" * 16  # after FF C4, the length and the class/id byte
     dst.write_bytes(bytes(b))
     return dst
 
@@ -299,6 +341,7 @@ def test_unreadable_file(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
 
 # --------------------------------------------------------------------------- usage / engine errors
 
+
 def error_line(err: str) -> str:
     """The one ``error: ...`` line of stderr (libraries may log warnings around it), no traceback."""
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
@@ -347,8 +390,9 @@ def test_manifest_class_count_mismatch(request, capsys, copy_engine, engine_fixt
 
 @pytest.mark.parametrize("size", [24, 64])
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2"])
-def test_manifest_image_size_mismatch(request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture, size,
-                                      fmnist_small):
+def test_manifest_image_size_mismatch(
+    request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture, size, fmnist_small
+):
     """The export makes only the batch dynamic: the engine takes one H x W. A manifest with
     another image_size is refused when the engine is loaded (exit 2, nothing classified), not by
     an ONNX Runtime traceback (exit 1) or, for a .pt2, with silently wrong logits from a package
@@ -363,7 +407,8 @@ def test_manifest_image_size_mismatch(request, capsys, tmp_path, copy_engine, se
     assert rc == 2, cap.err
     assert error_line(cap.err).startswith(
         f"error: {eng}: the engine takes 3x32x32 (channels x height x width) images but its "
-        f"manifest ({eng.name}.manifest.json) says image_size {size}, i.e. 3x{size}x{size}"), cap.err
+        f"manifest ({eng.name}.manifest.json) says image_size {size}, i.e. 3x{size}x{size}"
+    ), cap.err
     assert cap.out == ""  # no output line: refused before any image was decoded
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val" / "bag"), "--quiet", "--output", str(out)])
     assert rc == 2 and not out.exists() and list(tmp_path.glob("preds*")) == []
@@ -374,8 +419,11 @@ def test_checkpoint_engine_errors(capsys, copy_engine, engine_checkpoint, engine
     """A .pt that is not a readable checkpoint, or whose manifest is not a checkpoint's: exit 2."""
     bad = copy_engine(engine_checkpoint, lambda m: None)
     bad.write_bytes(bad.read_bytes()[:4096])  # truncated
-    _expect_exit2(capsys, ["--engine", str(bad), str(fmnist_small / "val" / "bag")],
-                  "not a readable checkpoint (truncated or corrupt?)")
+    _expect_exit2(
+        capsys,
+        ["--engine", str(bad), str(fmnist_small / "val" / "bag")],
+        "not a readable checkpoint (truncated or corrupt?)",
+    )
     onnx_as_pt = bad.parent / "onnx-renamed.pt"
     shutil.copy(engine_fp32_onnx, onnx_as_pt)
     shutil.copy(str(engine_fp32_onnx) + ".manifest.json", str(onnx_as_pt) + ".manifest.json")
@@ -385,8 +433,11 @@ def test_checkpoint_engine_errors(capsys, copy_engine, engine_checkpoint, engine
 def test_manifest_image_size_inconsistent(capsys, copy_engine, engine_fp32_onnx, fmnist_small):
     """image_size at the top of the manifest and its preprocessing's disagree: refused too."""
     eng = copy_engine(engine_fp32_onnx, lambda m: m.update(image_size=64))
-    _expect_exit2(capsys, ["--engine", str(eng), str(fmnist_small / "val" / "bag")],
-                  "manifest is inconsistent: image_size 64 but its preprocessing crops 32 px")
+    _expect_exit2(
+        capsys,
+        ["--engine", str(eng), str(fmnist_small / "val" / "bag")],
+        "manifest is inconsistent: image_size 64 but its preprocessing crops 32 px",
+    )
 
 
 def test_no_inputs(capsys, tmp_path, engine_fp32_onnx):

@@ -29,10 +29,33 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
     inputs = [*map(str, imgs), str(tmp_path / "bad.jpg")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = tmp_path / "preds.jsonl"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "serve.infer", "--engine", str(engine_fp32_onnx), "--device", "cpu", "--quiet",
-                        "--batch-size", "4", "--output", str(out), *inputs],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "serve.infer",
+            "--engine",
+            str(engine_fp32_onnx),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+            *inputs,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     # The bad image makes rank 1 exit 1 and torchrun report a failure, but only after every rank has
     # written its file (a barrier): rank 0's file is complete.
     assert r.returncode != 0
@@ -43,9 +66,26 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
     per_rank = [len(f.read_text().splitlines()) for f in files]
     assert per_rank == [7, 7]
     # Concatenated in rank order: one line per input, in input order, the same as a single process.
-    single = subprocess.run([sys.executable, "-m", "serve.infer", "--engine", str(engine_fp32_onnx), "--device", "cpu",
-                             "--quiet", "--batch-size", "4", *inputs],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.infer",
+            "--engine",
+            str(engine_fp32_onnx),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--batch-size",
+            "4",
+            *inputs,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 1, single.stderr[-2000:]
     ref = [json.loads(ln) for ln in single.stdout.splitlines()]
     assert [ln["path"] for ln in lines] == inputs

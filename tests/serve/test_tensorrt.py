@@ -82,8 +82,8 @@ def test_fp32_plan_is_built_without_tf32(plan):
 
 
 def test_foreign_plan_is_a_clear_error(tmp_path, plan):
-    from rn50.errors import EngineError
     from rn50.backends import load_engine
+    from rn50.errors import EngineError
 
     bad = tmp_path / "other.plan"
     bad.write_bytes(plan.read_bytes()[:64] + b"\0" * 1024)

@@ -21,6 +21,7 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (
 def need_pytriton() -> None:
     pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (`make setup` installs it)")
 
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 1_000_000
 
@@ -75,9 +76,25 @@ class Server:
         self.log = log
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve.triton", "--engine", str(engine), "--http-port", str(self.http),
-             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra],
-            cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "serve.triton",
+                "--engine",
+                str(engine),
+                "--http-port",
+                str(self.http),
+                "--grpc-port",
+                str(self.grpc),
+                "--metrics-port",
+                str(self.metrics),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 180) -> None:
         import tritonclient.http as th
@@ -86,8 +103,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"serve.triton exited with {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"serve.triton exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if client.is_model_ready("rn50"):
                     return
@@ -150,8 +168,14 @@ def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
 @pytest.fixture(scope="module")
 def server(engine_fp32_onnx, tmp_path_factory):
     need_pytriton()
-    s = Server(engine_fp32_onnx, tmp_path_factory.mktemp("triton") / "server.log",
-               "--max-request-bytes", str(MAX_REQUEST_BYTES), "--queue-delay-us", "20000")
+    s = Server(
+        engine_fp32_onnx,
+        tmp_path_factory.mktemp("triton") / "server.log",
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
+        "--queue-delay-us",
+        "20000",
+    )
     try:
         s.wait_ready()
         yield s
@@ -161,6 +185,7 @@ def server(engine_fp32_onnx, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- live server
+
 
 def test_predictions_equal_serve_infer(capsys, server, engine_fp32_onnx, images):
     good = images["good"]
@@ -179,8 +204,10 @@ def test_burst_with_bad_images_loses_no_answer(capsys, server, engine_fp32_onnx,
     every request is answered; each bad one names its cause, each good one is serve.infer's answer."""
     good, bad = images["good"], images["bad"]
     ref = offline(capsys, engine_fp32_onnx, good)
-    plan = [[(bad[(c + j) % len(bad)] if (c + j) % 4 == 0 else good[(c * 4 + j) % len(good)]) for j in range(4)]
-            for c in range(32)]
+    plan = [
+        [(bad[(c + j) % len(bad)] if (c + j) % 4 == 0 else good[(c * 4 + j) % len(good)]) for j in range(4)]
+        for c in range(32)
+    ]
     answers: dict[tuple[int, int], dict[str, np.ndarray] | BaseException] = {}
 
     def client(c: int) -> None:
@@ -244,8 +271,9 @@ def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
     s = Server(engine_fp32_onnx, tmp_path / "server.log")
     s.wait_ready()
     kids = descendants(s.proc.pid)
-    assert any("tritonserver" in cmdline(p) for p in kids) and any("stub" in cmdline(p) for p in kids), \
-        [cmdline(p) for p in kids]
+    assert any("tritonserver" in cmdline(p) for p in kids) and any("stub" in cmdline(p) for p in kids), [
+        cmdline(p) for p in kids
+    ]
     rc, left = s.stop(signal.SIGINT)
     assert rc == 0, s.log.read_text()[-2000:]
     assert not left, [cmdline(p) for p in left]
@@ -261,6 +289,7 @@ def test_sigterm_stops_everything(server):
 
 
 # --------------------------------------------------------------------------- usage errors
+
 
 def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
     from serve import triton
@@ -279,6 +308,7 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
 
 # --------------------------------------------------------------------------- model repository
 
+
 def test_write_repo_configs_parse_with_tritons_schema(engine_fp32_onnx, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
@@ -288,8 +318,21 @@ def test_write_repo_configs_parse_with_tritons_schema(engine_fp32_onnx, tmp_path
     from serve.triton.repo import dali_pipeline
 
     repo = tmp_path / "repo"
-    assert triton.main(["--engine", str(engine_fp32_onnx), "--write-repo", str(repo), "--max-batch", "16",
-                        "--queue-delay-us", "500"]) == 0
+    assert (
+        triton.main(
+            [
+                "--engine",
+                str(engine_fp32_onnx),
+                "--write-repo",
+                str(repo),
+                "--max-batch",
+                "16",
+                "--queue-delay-us",
+                "500",
+            ]
+        )
+        == 0
+    )
     m = read_manifest(engine_fp32_onnx)
     p = preprocessing_of(m)
     cfg = {d.name: text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig()) for d in repo.iterdir()}

@@ -20,16 +20,25 @@ def _row(out: str, label: str) -> tuple[float, float]:
     return float(rows[0][0]), float(rows[0][1])
 
 
-@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2",
-                                            "engine_checkpoint"])
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx", "engine_pt2", "engine_checkpoint"])
 def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run, fmnist_small):
     """The whole val split (500 images): the same images the export's INT8 gate measured
     (ONNX Runtime fp32 vs int8), so what the gate promised must hold against PyTorch here.
     The .pt2 (AOTInductor, fp32) is held to the fp32 bounds."""
     engine = request.getfixturevalue(engine_fixture)
     prefix = tmp_path / "rep"
-    rc = validate.main(["--engine", str(engine), "--checkpoint", str(trained_run / "best.pt"),
-                        str(fmnist_small / "val"), "--report", str(prefix), "--quiet"])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine),
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            str(fmnist_small / "val"),
+            "--report",
+            str(prefix),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
@@ -63,19 +72,31 @@ def error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
-def test_validate_image_size_mismatch(request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture,
-                                      trained_run, fmnist_small):
+def test_validate_image_size_mismatch(
+    request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture, trained_run, fmnist_small
+):
     """A manifest whose image_size is not the engine's: exit 2 before any image is run, no report."""
     engine = request.getfixturevalue(engine_fixture)
     eng = copy_engine(engine, lambda m: set_image_size(m, 64))
     prefix = tmp_path / "rep"
-    rc = validate.main(["--engine", str(eng), "--checkpoint", str(trained_run / "best.pt"),
-                        str(fmnist_small / "val"), "--report", str(prefix), "--quiet"])
+    rc = validate.main(
+        [
+            "--engine",
+            str(eng),
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            str(fmnist_small / "val"),
+            "--report",
+            str(prefix),
+            "--quiet",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 2, cap.err
     assert error_line(cap.err).startswith(
         f"error: {eng}: the engine takes 3x32x32 (channels x height x width) images but its "
-        f"manifest ({eng.name}.manifest.json) says image_size 64, i.e. 3x64x64"), cap.err
+        f"manifest ({eng.name}.manifest.json) says image_size 64, i.e. 3x64x64"
+    ), cap.err
     assert cap.out == "" and list(tmp_path.glob("rep*")) == []
 
 
@@ -88,9 +109,9 @@ def _logits(pred: list[int], n_classes: int = 4) -> np.ndarray:
 def test_compare_bounds_are_one_sided_on_accuracy():
     """Losing more than the bound fails; gaining does not; low agreement fails whatever the accuracy."""
     labels = np.array([0] * 100)
-    ref = _logits([0] * 98 + [1] * 2)                       # PyTorch: 98 % top-1
-    lose = _logits([0] * 97 + [1] * 3)                      # engine loses 1 point, 99 % agreement
-    gain = _logits([0] * 99 + [1])                          # engine gains 1 point, 99 % agreement
+    ref = _logits([0] * 98 + [1] * 2)  # PyTorch: 98 % top-1
+    lose = _logits([0] * 97 + [1] * 3)  # engine loses 1 point, 99 % agreement
+    gain = _logits([0] * 99 + [1])  # engine gains 1 point, 99 % agreement
     r = validate.compare(ref, lose, labels, "int8")
     assert r["passed"] is False and r["diff"]["top1"] == pytest.approx(-1.0)
     r = validate.compare(ref, gain, labels, "int8")
@@ -119,8 +140,20 @@ def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, tr
             if prm.ndim == 1:
                 prm.add_(torch.randn_like(prm) * 0.2)
     other_ckpt = save_checkpoint(tmp_path / "other.pt", other.state_dict(), obj["manifest"])
-    rc = validate.main(["--engine", str(engine_fp32_onnx), "--checkpoint", str(other_ckpt),
-                        str(fmnist_small / "val"), "--limit", "100", "--report", str(tmp_path / "r"), "--quiet"])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine_fp32_onnx),
+            "--checkpoint",
+            str(other_ckpt),
+            str(fmnist_small / "val"),
+            "--limit",
+            "100",
+            "--report",
+            str(tmp_path / "r"),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "FAIL" in out and json.loads((tmp_path / "r.json").read_text())["passed"] is False

@@ -15,8 +15,18 @@ from tests.pngs import check_png
 
 def test_per_class_report(capsys, tmp_path, engine_int8_onnx, trained_run, fmnist_small):
     prefix = tmp_path / "rep"
-    rc = validate.main(["--engine", str(engine_int8_onnx), "--checkpoint", str(trained_run / "best.pt"),
-                        str(fmnist_small / "val"), "--report", str(prefix), "--quiet"])
+    rc = validate.main(
+        [
+            "--engine",
+            str(engine_int8_onnx),
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            str(fmnist_small / "val"),
+            "--report",
+            str(prefix),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     r = json.loads(Path(f"{prefix}.json").read_text())
@@ -39,13 +49,16 @@ def test_per_class_report(capsys, tmp_path, engine_int8_onnx, trained_run, fmnis
     assert worst, "int8 flips some images of the small model"
     by = {x["class"]: x for x in rows}
     assert min(by[c]["disagreement"] for c in worst) >= max(
-        (x["disagreement"] for x in rows if x["class"] not in worst), default=0)
+        (x["disagreement"] for x in rows if x["class"] not in worst), default=0
+    )
     # the Markdown (written and printed) shows each class's figures and embeds the picture by a relative path
     md = Path(f"{prefix}.md").read_text()
     assert md.rstrip("\n") in out
     for x in rows:
-        assert (f"| {x['class']} | {x['images']} | {x['reference_top1']:.2f} | {x['top1']:.2f} | "
-                f"{x['diff']:+.2f} | {x['disagreement']:.2f} |") in md
+        assert (
+            f"| {x['class']} | {x['images']} | {x['reference_top1']:.2f} | {x['top1']:.2f} | "
+            f"{x['diff']:+.2f} | {x['disagreement']:.2f} |"
+        ) in md
     pics = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
     assert pics == ["rep.confusion.png"] and Path(r["confusion_png"]) == tmp_path / pics[0]
     w, h = check_png(tmp_path / pics[0])

@@ -4,9 +4,7 @@ before any epoch is spent."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,21 @@ from PIL import Image
 import train
 from train.loop import Trainer
 
-BASE = ["--profile", "cpu", "--image-size", "32", "--batch-size", "20", "--workers", "1", "--no-compile",
-        "--min-crop-scale", "0.35", "--epochs", "1"]
+BASE = [
+    "--profile",
+    "cpu",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "20",
+    "--workers",
+    "1",
+    "--no-compile",
+    "--min-crop-scale",
+    "0.35",
+    "--epochs",
+    "1",
+]
 
 
 def run(data, out, *extra):
@@ -86,7 +97,7 @@ def _scan_start(jpeg: bytes) -> int:
     """Offset of a JPEG's entropy-coded data (just after its SOS segment)."""
     i = 2
     while i < len(jpeg):
-        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2:i + 4], "big")
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2 : i + 4], "big")
         if marker == 0xDA:
             return i + 2 + length
         i += 2 + length
@@ -129,10 +140,17 @@ def test_stale_temporaries_are_removed_at_start(fmnist_tiny, tmp_path, monkeypat
     the trainer's own temporaries and nothing else."""
     out = tmp_path / "o"
     out.mkdir()
-    ours = [out / ".last.pt.k3j9x_2a.tmp", out / ".best.pt.manifest.json.abcdefgh.tmp",
-            out / ".curves.png.12345678.tmp"]
-    foreign = [out / ".notes.txt.abcdefgh.tmp", out / "last.pt.abcdefgh.tmp", out / ".last.pt.tmp",
-               out / ".last.pt.abcdefghij.tmp"]
+    ours = [
+        out / ".last.pt.k3j9x_2a.tmp",
+        out / ".best.pt.manifest.json.abcdefgh.tmp",
+        out / ".curves.png.12345678.tmp",
+    ]
+    foreign = [
+        out / ".notes.txt.abcdefgh.tmp",
+        out / "last.pt.abcdefgh.tmp",
+        out / ".last.pt.tmp",
+        out / ".last.pt.abcdefghij.tmp",
+    ]
     for f in ours + foreign:
         f.write_bytes(b"partial")
     monkeypatch.setattr(Trainer, "fit", lambda self, stop_after=None: None)

@@ -18,26 +18,79 @@ from train.pretrained import apply_weights, read_weights
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--profile", "cpu", "--image-size", "32", "--workers", "1", "--no-compile", "--min-crop-scale", "0.35"]
 # what a train_config held before it was a dataclass: the 32 keys old checkpoints carry
-OLD_KEYS = ["profile", "data", "data_backend", "preset", "epochs", "batch_size", "world_size", "global_batch_size",
-            "lr_per_256", "lr", "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay",
-            "weight_decay_on", "label_smoothing", "mixup", "image_size", "min_crop_scale", "amp", "amp_dtype",
-            "tf32", "compile", "memory_format", "workers", "seed", "limit_train", "limit_val", "check_images",
-            "synthetic_steps", "output"]
+OLD_KEYS = [
+    "profile",
+    "data",
+    "data_backend",
+    "preset",
+    "epochs",
+    "batch_size",
+    "world_size",
+    "global_batch_size",
+    "lr_per_256",
+    "lr",
+    "lr_schedule",
+    "warmup_epochs",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "weight_decay_on",
+    "label_smoothing",
+    "mixup",
+    "image_size",
+    "min_crop_scale",
+    "amp",
+    "amp_dtype",
+    "tf32",
+    "compile",
+    "memory_format",
+    "workers",
+    "seed",
+    "limit_train",
+    "limit_val",
+    "check_images",
+    "synthetic_steps",
+    "output",
+]
 
 
 def dry(*argv: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "train", "--dry-run", *argv], capture_output=True, text=True,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "--dry-run", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
 # ---------------------------------------------------------------------------- the run configuration
 
+
 def test_num_classes_reaches_a_synthetic_run(tmp_path, capsys):
     out = tmp_path / "o"
-    assert train.main(["--data-backend", "synthetic", "--num-classes", "10", "--synthetic-steps", "2",
-                       "--epochs", "1", "--batch-size", "4", "--output", str(out), *SMALL]) == 0
+    assert (
+        train.main(
+            [
+                "--data-backend",
+                "synthetic",
+                "--num-classes",
+                "10",
+                "--synthetic-steps",
+                "2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--output",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     ck = load_checkpoint(out / "last.pt")
     assert ck["model"]["fc.weight"].shape[0] == 10
     assert ck["manifest"]["num_classes"] == 10 and ck["manifest"]["train_config"]["num_classes"] == 10
@@ -66,8 +119,13 @@ def test_no_module_of_the_trainer_imports_the_cli():
         if f.name in ("__main__.py", "__init__.py"):  # __init__'s main() is the entry point that runs the CLI
             continue
         for node in ast.walk(ast.parse(f.read_text())):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
-                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             assert not any(n.split(".")[-1] == "__main__" for n in names), f"{f.name} imports the CLI"
 
 
@@ -106,10 +164,13 @@ def test_finetune_preset_and_flags_in_dry_run(tmp_path):
     assert dry("--profile", "cpu")["preset"] == 90 and dry("--profile", "cpu")["lr_per_256"] == pytest.approx(0.256)
 
 
-@pytest.mark.parametrize("argv, why", [
-    (["--freeze-backbone"], "add --init-from"),
-    (["--init-from", "w.pth", "--freeze-backbone", "--backbone-lr-scale", "0.1"], "nothing to scale"),
-])
+@pytest.mark.parametrize(
+    "argv, why",
+    [
+        (["--freeze-backbone"], "add --init-from"),
+        (["--init-from", "w.pth", "--freeze-backbone", "--backbone-lr-scale", "0.1"], "nothing to scale"),
+    ],
+)
 def test_finetune_flags_that_cannot_apply(argv, why, capsys):
     assert train.main(["--dry-run", *argv]) == 2
     err = capsys.readouterr().err
@@ -131,6 +192,7 @@ def test_backbone_lr_scale_groups_and_schedule():
 
 
 # ---------------------------------------------------------------------------- weights files and layouts
+
 
 def _reference_model(n: int = 10) -> torch.nn.Module:
     """A model whose every tensor differs from a fresh one (BN parameters and statistics included)."""
@@ -155,9 +217,12 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
         "torchvision.pth": sd,
         "timm.bin": dict(sd),
         "tv-reference-checkpoint.pth": {"model": sd, "epoch": 89, "args": {"lr": 0.5}},
-        "dle-checkpoint.pth.tar": {"epoch": 90, "best_prec1": 77.1,
-                                   "state_dict": {"module." + _dle_key(k): v for k, v in sd.items()},
-                                   "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}},
+        "dle-checkpoint.pth.tar": {
+            "epoch": 90,
+            "best_prec1": 77.1,
+            "state_dict": {"module." + _dle_key(k): v for k, v in sd.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        },
         "ngc-2006.pth.tar": {"module." + k: v for k, v in sd.items()},
         "timm-train-checkpoint.pth.tar": {"epoch": 3, "arch": "resnet50", "state_dict": sd, "version": 2},
     }
@@ -262,14 +327,28 @@ def _arch_file(how: str, path: Path) -> str:
     return "no state dict found"
 
 
-@pytest.mark.parametrize("how", ["resnet18", "resnet101", "wide-fc", "missing", "garbage", "pickled-object",
-                                 "no-state-dict"])
+@pytest.mark.parametrize(
+    "how", ["resnet18", "resnet101", "wide-fc", "missing", "garbage", "pickled-object", "no-state-dict"]
+)
 def test_weights_that_do_not_fit_stop_before_training(how, fmnist_tiny, tmp_path, capsys):
     path = tmp_path / "weights.pth"
     why = _arch_file(how, path)
     out = tmp_path / "o"
-    rc = train.main(["--data", str(fmnist_tiny), "--output", str(out), *SMALL, "--batch-size", "20",
-                     "--epochs", "1", "--init-from", str(path)])
+    rc = train.main(
+        [
+            "--data",
+            str(fmnist_tiny),
+            "--output",
+            str(out),
+            *SMALL,
+            "--batch-size",
+            "20",
+            "--epochs",
+            "1",
+            "--init-from",
+            str(path),
+        ]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -298,8 +377,19 @@ def test_finetune_beats_scratch_and_records_its_source(trained_run, five_classes
     the margin of 20 points leaves room for other CPUs and their bf16/fp32 rounding."""
     from rn50.manifest import sha256_file
 
-    common = ["--data", str(five_classes), *SMALL, "--batch-size", "20", "--epochs", "2", "--limit-train", "100",
-              "--preset", "finetune"]
+    common = [
+        "--data",
+        str(five_classes),
+        *SMALL,
+        "--batch-size",
+        "20",
+        "--epochs",
+        "2",
+        "--limit-train",
+        "100",
+        "--preset",
+        "finetune",
+    ]
     init = trained_run / "best.pt"
     assert train.main([*common, "--output", str(tmp_path / "ft"), "--init-from", str(init)]) == 0
     err = capsys.readouterr().err
@@ -310,7 +400,9 @@ def test_finetune_beats_scratch_and_records_its_source(trained_run, five_classes
     assert ft["history"][-1]["val_images"] == sc["history"][-1]["val_images"] == 250
     assert ft["train_config"]["lr"] == sc["train_config"]["lr"]
     margin = ft["history"][-1]["val_top1"] - sc["history"][-1]["val_top1"]
-    print(f"fine-tune margin: fine-tuned {ft['history'][-1]['val_top1']:.2f}, scratch {sc['history'][-1]['val_top1']:.2f}")
+    print(
+        f"fine-tune margin: fine-tuned {ft['history'][-1]['val_top1']:.2f}, scratch {sc['history'][-1]['val_top1']:.2f}"
+    )
     assert margin >= MARGIN, (ft["history"][-1]["val_top1"], sc["history"][-1]["val_top1"])
     best = json.loads((tmp_path / "ft" / "best.pt.manifest.json").read_text())
     assert best["init_from"]["sha256"] == sha256_file(init) and best["init_from"]["path"] == str(init)
@@ -323,9 +415,27 @@ MARGIN = 20.0
 def test_freeze_backbone_trains_the_classifier_only(trained_run, five_classes, tmp_path):
     init = load_checkpoint(trained_run / "best.pt")["model"]
     out = tmp_path / "frozen"
-    assert train.main(["--data", str(five_classes), "--output", str(out), *SMALL, "--batch-size", "20",
-                       "--epochs", "1", "--limit-train", "60", "--init-from", str(trained_run / "best.pt"),
-                       "--freeze-backbone"]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(five_classes),
+                "--output",
+                str(out),
+                *SMALL,
+                "--batch-size",
+                "20",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "60",
+                "--init-from",
+                str(trained_run / "best.pt"),
+                "--freeze-backbone",
+            ]
+        )
+        == 0
+    )
     ck = load_checkpoint(out / "last.pt")
     for k, v in ck["model"].items():
         if not is_head(k):

@@ -20,8 +20,18 @@ def split(fmnist_tiny):
 
 def _loader(backend, split, train, size=64, bs=16, seed=0):
     s = split[0] if train else split[1]
-    return make_loader(backend, s.files, s.labels, Preprocessing.for_image_size(size), batch_size=bs, train=train,
-                       device=torch.device("cpu"), shard=Shard(), seed=seed, workers=1)
+    return make_loader(
+        backend,
+        s.files,
+        s.labels,
+        Preprocessing.for_image_size(size),
+        batch_size=bs,
+        train=train,
+        device=torch.device("cpu"),
+        shard=Shard(),
+        seed=seed,
+        workers=1,
+    )
 
 
 @pytest.mark.parametrize("size", [64, 224])
@@ -86,7 +96,19 @@ def test_pytorch_backend_same_contract(split):
 
 
 def test_synthetic_backend():
-    loader = make_loader("synthetic", [], [], Preprocessing.for_image_size(32), batch_size=4, train=True,
-                         device=torch.device("cpu"), shard=Shard(), seed=0, workers=1, num_classes=10, synthetic_steps=3)
+    loader = make_loader(
+        "synthetic",
+        [],
+        [],
+        Preprocessing.for_image_size(32),
+        batch_size=4,
+        train=True,
+        device=torch.device("cpu"),
+        shard=Shard(),
+        seed=0,
+        workers=1,
+        num_classes=10,
+        synthetic_steps=3,
+    )
     batches = list(loader)
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and int(batches[0][1].max()) < 10

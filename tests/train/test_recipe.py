@@ -20,8 +20,23 @@ def cfg(*argv, world=1, cuda=False):
 
 
 def test_dry_run_prints_resolved_json(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "train", "--dry-run", "--data", str(tmp_path / "nowhere"),
-                          "--batch-size", "256", "--profile", "gpu"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--dry-run",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--batch-size",
+            "256",
+            "--profile",
+            "gpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     c = json.loads(out.stdout)
     assert c["lr"] == pytest.approx(0.256) and c["momentum"] == 0.875
     assert c["weight_decay"] == pytest.approx(1 / 32768) and c["label_smoothing"] == 0.1
@@ -35,11 +50,11 @@ def test_dry_run_prints_resolved_json(tmp_path):
 def test_data_backend_resolution():
     from rn50.errors import DataError
 
-    assert cfg().data_backend == "dali-cpu"                        # auto on CPU: the cpu profile
-    assert cfg("--profile", "gpu").data_backend == "dali-cpu"      # the profile's dali-gpu falls back
+    assert cfg().data_backend == "dali-cpu"  # auto on CPU: the cpu profile
+    assert cfg("--profile", "gpu").data_backend == "dali-cpu"  # the profile's dali-gpu falls back
     assert cfg(cuda=True).data_backend == "dali-gpu"
     assert cfg("--profile", "cpu", cuda=True).data_backend == "dali-cpu"
-    for b in ("pytorch", "synthetic", "dali-cpu"):                    # an explicit choice is honoured
+    for b in ("pytorch", "synthetic", "dali-cpu"):  # an explicit choice is honoured
         for cuda in (False, True):
             assert cfg("--data-backend", b, cuda=cuda).data_backend == b
             assert cfg("--profile", "gpu", "--data-backend", b, cuda=cuda).data_backend == b
@@ -55,7 +70,7 @@ def test_warmup_help_states_the_real_defaults():
     assert "else 0)" not in text
     assert "else the profile's: 0.1 for cpu, 0 for gpu" in text
     assert PROFILES["cpu"]["warmup_epochs"] == 0.1 and "warmup_epochs" not in PROFILES["gpu"]
-    assert cfg("--profile", "cpu").warmup_epochs == 0.1                    # small batch: the profile's
+    assert cfg("--profile", "cpu").warmup_epochs == 0.1  # small batch: the profile's
     assert cfg("--profile", "gpu", "--batch-size", "256").warmup_epochs == 0
     assert cfg("--profile", "cpu", "--batch-size", "512").warmup_epochs == 2  # >= 512: the preset's
 
@@ -91,13 +106,13 @@ def test_presets_and_mixup():
 
 def test_schedule_warmup_cosine_points():
     s = WarmupCosine(peak_lr=1.0, total_steps=1000, warmup_steps=100)
-    assert s(0) == pytest.approx(0.01)          # warmup start: 1/100 of peak
-    assert s(99) == pytest.approx(1.0)          # warmup end: peak
+    assert s(0) == pytest.approx(0.01)  # warmup start: 1/100 of peak
+    assert s(99) == pytest.approx(1.0)  # warmup end: peak
     assert s(100) == pytest.approx(1.0)
-    assert s(550) == pytest.approx(0.5)         # cosine midpoint: half the peak
+    assert s(550) == pytest.approx(0.5)  # cosine midpoint: half the peak
     assert s(999) == pytest.approx(0.5 * (1 + math.cos(math.pi * 899 / 900)))
-    assert s(999) < 1e-4                        # final step ~0
-    assert WarmupCosine(1.0, 10)(0) == 1.0      # no warmup: starts at the peak
+    assert s(999) < 1e-4  # final step ~0
+    assert WarmupCosine(1.0, 10)(0) == 1.0  # no warmup: starts at the peak
 
 
 def test_optimizer_momentum_and_groups():
@@ -124,6 +139,6 @@ def test_mixup_mixes_images_and_labels():
     xm, t = mixup(x, y, 10, alpha=0.2, smoothing=0.1, generator=torch.Generator().manual_seed(1))
     assert t.sum(1).allclose(torch.ones(16))
     assert not torch.allclose(xm, x)
-    assert (t > 0.02).sum(1).max() >= 2       # some rows carry two labels
+    assert (t > 0.02).sum(1).max() >= 2  # some rows carry two labels
     x0, t0 = mixup(x, y, 10, alpha=0.0, smoothing=0.1)
     assert torch.equal(x0, x) and torch.equal(t0, smooth_one_hot(y, 10, 0.1))

@@ -14,8 +14,19 @@ from tests.pngs import check_png
 from train.recipe import WarmupCosine
 from train.steplog import log_interval, read_steps
 
-BASE = ["--profile", "cpu", "--image-size", "32", "--batch-size", "20", "--workers", "1", "--no-compile",
-        "--min-crop-scale", "0.35"]
+BASE = [
+    "--profile",
+    "cpu",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "20",
+    "--workers",
+    "1",
+    "--no-compile",
+    "--min-crop-scale",
+    "0.35",
+]
 
 
 def run(data: Path, out: Path, *extra: str) -> int:
@@ -51,8 +62,9 @@ def test_step_records_follow_the_run(trained_run):
         losses = [r["loss"] for r in recs if e * per_epoch < r["step"] <= (e + 1) * per_epoch]
         assert sum(losses) / len(losses) == pytest.approx(h["train_loss"], rel=1e-4)
     # TensorBoard got the same records
-    assert tb_scalars(trained_run / "tb", "step/loss") == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
-                                                           for r in recs]
+    assert tb_scalars(trained_run / "tb", "step/loss") == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs
+    ]
     assert check_png(trained_run / "curves.png") == (1100, 700)
 
 
@@ -96,8 +108,13 @@ def test_step_logger_starts_from_its_step(tmp_path):
     from train.steplog import StepLogger
 
     path = tmp_path / "steps.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 1.0, "lr": 0.1, "img_per_s": 1.0}) + "\n"
-                            for s in range(1, 9)) + '{"step": 9, "ep')
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "epoch": s / 4, "loss": 1.0, "lr": 0.1, "img_per_s": 1.0}) + "\n"
+            for s in range(1, 9)
+        )
+        + '{"step": 9, "ep'
+    )
     log = StepLogger(path, total_steps=12, steps_per_epoch=4, start_step=5)
     assert [r["step"] for r in read_steps(path)] == [r["step"] for r in log.records] == [1, 2, 3, 4, 5]
     for s in (6, 7):

@@ -16,8 +16,19 @@ import train
 from rn50.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["--profile", "cpu", "--image-size", "32", "--batch-size", "20", "--workers", "1", "--no-compile",
-        "--min-crop-scale", "0.35"]
+BASE = [
+    "--profile",
+    "cpu",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "20",
+    "--workers",
+    "1",
+    "--no-compile",
+    "--min-crop-scale",
+    "0.35",
+]
 
 
 def run(data, out, *extra):
@@ -92,8 +103,26 @@ def test_evaluate_checkpoint(trained_run, fmnist_small, capsys):
 def test_two_process_gloo_ddp(fmnist_tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "train", "--data", str(fmnist_tiny), "--output", str(out), *BASE, "--epochs", "1", "--batch-size", "10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "train",
+        "--data",
+        str(fmnist_tiny),
+        "--output",
+        str(out),
+        *BASE,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load_checkpoint(out / "last.pt")
@@ -105,6 +134,7 @@ def test_two_process_gloo_ddp(fmnist_tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def test_missing_data_folder(tmp_path, capsys):
     assert run(tmp_path / "missing", tmp_path / "o", "--epochs", "1") == 2
@@ -197,8 +227,12 @@ def test_bad_checkpoint_for_evaluate_and_resume(how, trained_run, fmnist_tiny, t
         ck.write_bytes(data[: len(data) // 2])
     elif how == "other-classes":  # a valid checkpoint whose fc has 7 outputs: does not fit 10-class data
         m = build_model(7)
-        man = new_manifest("checkpoint", classes=[f"c{i}" for i in range(7)],
-                           preprocessing=Preprocessing.for_image_size(32), precision="fp32")
+        man = new_manifest(
+            "checkpoint",
+            classes=[f"c{i}" for i in range(7)],
+            preprocessing=Preprocessing.for_image_size(32),
+            precision="fp32",
+        )
         save_checkpoint(ck, m.state_dict(), man)
         expect_eval, expect_resume = "7 classes do not match", "no training state"
     else:  # the trained run's full training state, 10 classes, but weights of another shape
@@ -275,10 +309,12 @@ def test_killed_writer_never_leaves_a_corrupt_checkpoint(trained_run, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(trained_run / "last.pt", out / "last.pt")
-    code = ("import sys; from rn50.checkpoint import load_checkpoint, save_checkpoint\n"
-            "p = sys.argv[1]; o = load_checkpoint(p)\n"
-            "print('ready', flush=True)\n"
-            "while True: save_checkpoint(p, o['model'], o['manifest'], optimizer=o['optimizer'])\n")
+    code = (
+        "import sys; from rn50.checkpoint import load_checkpoint, save_checkpoint\n"
+        "p = sys.argv[1]; o = load_checkpoint(p)\n"
+        "print('ready', flush=True)\n"
+        "while True: save_checkpoint(p, o['model'], o['manifest'], optimizer=o['optimizer'])\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for delay in (0.3, 0.9, 1.7):
         proc = subprocess.Popen([sys.executable, "-c", code, str(out / "last.pt")], env=env, stdout=subprocess.PIPE)

@@ -29,14 +29,18 @@ def surface(source: str) -> dict[str, object]:
 
 
 def main(git_dir: str) -> None:
-    tags = subprocess.run(["git", "--git-dir", git_dir, "tag"], capture_output=True, text=True,
-                          check=True).stdout.split()
-    tags = sorted((t for t in tags if re.fullmatch(r"v1[01]\.\d+(\.\d+)?", t)),
-                  key=lambda t: tuple(int(x) for x in t[1:].split(".")))
+    tags = subprocess.run(
+        ["git", "--git-dir", git_dir, "tag"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    tags = sorted(
+        (t for t in tags if re.fullmatch(r"v1[01]\.\d+(\.\d+)?", t)),
+        key=lambda t: tuple(int(x) for x in t[1:].split(".")),
+    )
     out = {}
     for t in tags:
-        src = subprocess.run(["git", "--git-dir", git_dir, "show", f"{t}:{PATH}"], capture_output=True, text=True,
-                             check=True).stdout
+        src = subprocess.run(
+            ["git", "--git-dir", git_dir, "show", f"{t}:{PATH}"], capture_output=True, text=True, check=True
+        ).stdout
         out[t] = {"version": t[1:], "source": f"github.com/NVIDIA/TensorRT {t}:{PATH}", **surface(src)}
     dest = Path(__file__).with_name("tensorrt_surface.json")
     dest.write_text(json.dumps(out, indent=1) + "\n")
