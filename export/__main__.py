@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rn50.checkpoint import load_model
-    from rn50.compare import bounds_for
+    from rn50.compare import parity_bounds
     from rn50.layout import balanced_subset, load_dataset
     from rn50.manifest import preprocessing_of
 
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     n_par = args.parity_images or (64 if args.precision == "fp16" else 256)
     par_files, par_labels = balanced_subset(val.files, val.labels, n_par)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    b = bounds_for(args.precision)
+    b = parity_bounds(args.precision)
     job = _Job(
         args=args,
         model=model,

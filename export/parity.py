@@ -3,7 +3,8 @@
 Both see the same tensors: real validation images through the shared DALI preprocessing
 (:func:`rn50.batches.iter_split`). The artifact runs through the ``rn50.backends`` class that
 serves it, and the logits are judged by :func:`rn50.compare.compare_logits` with the bounds for
-the artifact's precision (:data:`rn50.compare.BOUNDS`).
+the artifact's precision (:func:`rn50.compare.parity_bounds`: the logit and agreement bounds of
+:data:`rn50.compare.BOUNDS`; accuracy is the INT8 gate's and ``serve.validate``'s to judge).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from rn50.batches import iter_split
-from rn50.compare import LogitComparison, compare_logits
+from rn50.compare import LogitComparison, compare_logits, parity_bounds
 from rn50.preprocess import Preprocessing
 
 
@@ -36,4 +37,6 @@ def compare(
             refs.append(model(torch.from_numpy(x)).numpy())
             gots.append(np.asarray(run(x), dtype=np.float32))
             ys.append(np.asarray(y))
-    return compare_logits(np.concatenate(refs), np.concatenate(gots), np.concatenate(ys), precision)
+    return compare_logits(
+        np.concatenate(refs), np.concatenate(gots), np.concatenate(ys), precision, parity_bounds(precision)
+    )

@@ -280,9 +280,9 @@ def balanced_subset(
     files: Sequence[str], labels: Sequence[int], n: int | None, seed: int = 0
 ) -> tuple[list[str], list[int]]:
     """``n`` of ``files`` with their ``labels``, class-balanced and deterministic: ceil(n / classes)
-    drawn from each class with ``seed``, shuffled together, the first ``n`` kept. All of them, in
-    their order, when ``n`` is None or not below their number."""
-    if n is None or n >= len(files):
+    drawn from each class with ``seed``, shuffled together, the first ``n`` kept (all of them,
+    shuffled, when ``n`` is not below their number). All of them in their order when ``n`` is None."""
+    if n is None:
         return list(files), list(labels)
     rng = np.random.default_rng(seed)
     labels_a = np.asarray(labels)

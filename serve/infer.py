@@ -21,7 +21,7 @@
   stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
   renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
 * Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, one GPU per rank: ``LOCAL_RANK``) each rank
-  takes its contiguous share of the sorted input list and writes ``FILE.rankR-of-N`` (from
+  takes its contiguous share of the sorted input list and writes ``STEM.rankR-of-N.SUFFIX`` (from
   ``--output FILE``, required there); concatenating those files in rank order gives the lines of
   a single-process run.
 * stderr: a progress bar and a summary (images, failures, images/s, per-batch engine latency
@@ -206,7 +206,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     args = build_parser().parse_args(argv)
     if world > 1:
         if not args.output:
-            err(f"under torchrun (WORLD_SIZE={world}) give --output FILE: each rank writes its own FILE.rankR-of-N")
+            err(
+                f"under torchrun (WORLD_SIZE={world}) give --output FILE: "
+                "each rank writes its own STEM.rankR-of-N.SUFFIX"
+            )
             return EXIT_USAGE
         pin_local_gpu()
         args.output = rank_file(args.output, rank, world)

@@ -129,7 +129,9 @@ def preprocess_encoded(
     outs = []
     for i, name, d in items:
         try:
-            outs.append(pre([d], copy=copy))
+            # on the GPU an uncopied result is DALI's buffer, which the next call overwrites: the
+            # one-by-one results are kept until the concatenation, so each is copied there
+            outs.append(pre([d], copy=copy or pre.device == "gpu"))
             kept.append((i, name, d))
         except Exception as e:
             errors.append((i, name, decode_cause(name, d, e)))

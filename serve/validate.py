@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--report",
         metavar="PREFIX",
-        help="write PREFIX.json and PREFIX.md (default <engine>.validate); "
+        help="write PREFIX.json, PREFIX.md and PREFIX.confusion.png (default <engine>.validate); "
         "checked before any work: exit 2 if they cannot be written",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -231,7 +231,10 @@ def _run(args: argparse.Namespace) -> int:
         return err("--batch-size must be at least 1")
     prefix = args.report or f"{args.engine}.validate"
     if args.report and (args.report.endswith(("/", os.sep)) or Path(args.report).is_dir()):
-        return err(f"--report {args.report}: is a directory (PREFIX names the files PREFIX.json and PREFIX.md)")
+        return err(
+            f"--report {args.report}: is a directory "
+            "(PREFIX names the files PREFIX.json, PREFIX.md and PREFIX.confusion.png)"
+        )
     # every report file, before any work (a bad path would otherwise lose a finished validation)
     bad_output = (
         check_outputs(report=f"{prefix}.json")

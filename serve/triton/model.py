@@ -72,7 +72,7 @@ class Classifier:
                 f"request too large: {len(data):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
                 f"(serve.triton --max-request-bytes)"
             )
-        return check_header(data, self.max_pixels)
+        return check_header(data, self.max_pixels, self.pre.p.resize_size)  # thin images bounded as in serve.infer
 
     def classify(self, images: list[bytes]) -> list[dict[str, Any]]:
         """One record per image, in order: ``{"topk", "classes", "probs"}`` or ``{"error"}``."""

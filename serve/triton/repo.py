@@ -104,7 +104,9 @@ def _dims(d: list[int]) -> str:
 
 
 def engine_config(io: dict[str, Any], size: int, max_batch: int, queue_delay_us: int) -> str:
-    pref = f"\n  preferred_batch_size: [ {io['opt_batch']} ]" if io["opt_batch"] else ""
+    # Triton refuses a preferred batch above max_batch_size (a --max-batch below the profile's opt)
+    opt = min(io["opt_batch"], max_batch) if io["opt_batch"] else None
+    pref = f"\n  preferred_batch_size: [ {opt} ]" if opt else ""
     return f'''name: "{ENGINE}"
 platform: "{io["platform"]}"
 max_batch_size: {max_batch}

@@ -86,3 +86,31 @@ def test_to_dict_has_the_manifest_fields() -> None:
     ):
         assert k in d
     assert d["passed"] is True and d["bounds"]["max_rel_logit_diff"] == 2e-2
+
+
+def test_non_finite_logits_never_pass() -> None:
+    """NaN compares false with every bound, so it must be judged first: one NaN row fails fp32."""
+    labels = np.zeros(4, dtype=np.int64)
+    ref = np.tile(np.array([[3.0, 1.0, 0.0]], dtype=np.float32), (4, 1))
+    got = ref.copy()
+    got[1] = np.nan
+    r = cmp.compare_logits(ref, got, labels, "fp32")
+    assert not r.passed and "1 of 4 images have non-finite logits" in (r.problem or "")
+    assert np.isfinite(r.max_abs_logit_diff)  # the report stays valid JSON
+    got[1] = np.inf
+    assert not cmp.compare_logits(ref, got, labels, "int8").passed
+
+
+def test_parity_bounds_leave_accuracy_to_the_gate() -> None:
+    """Export parity judges logits and agreement only: on 256 images one image is 0.4 point, so a
+    top-1 bound there would fail an artifact the 2,000-image gate passes."""
+    n = 256
+    labels = np.zeros(n, dtype=np.int64)
+    ref = np.tile(np.array([[2.0, 1.0]], dtype=np.float32), (n, 1))
+    got = ref.copy()
+    got[:2] = [1.0, 2.0]  # two images flip: 99.2 % agreement, 0.78 point lost
+    table = cmp.compare_logits(ref, got, labels, "int8")
+    assert not table.passed and "loses 0.78 points" in (table.problem or "")  # above the 0.5 of BOUNDS["int8"]
+    p = cmp.compare_logits(ref, got, labels, "int8", cmp.parity_bounds("int8"))
+    assert p.passed and p.bounds.max_top1_drop is None
+    assert cmp.parity_bounds("fp16").max_rel_logit_diff == cmp.BOUNDS["fp16"].max_rel_logit_diff

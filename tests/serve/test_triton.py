@@ -150,7 +150,8 @@ def offline(capsys, engine: Path, paths: list[Path]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
-    """Good images (Fashion-MNIST val + photographs) and bad ones (not an image, truncated, too big)."""
+    """Good images (Fashion-MNIST val + photographs) and bad ones (not an image, truncated, too big,
+    too thin: a few hundred bytes whose resize would be hundreds of millions of pixels)."""
     d = tmp_path_factory.mktemp("bad")
     (d / "text.jpg").write_bytes(b"this is not an image\n" * 10)
     data = photos["jpeg"].read_bytes()
@@ -160,9 +161,10 @@ def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
     Image.fromarray(noise).save(d / "big.png")  # incompressible: larger than MAX_REQUEST_BYTES
     assert (d / "big.png").stat().st_size > MAX_REQUEST_BYTES
+    Image.new("L", (200_000, 1)).save(d / "thin.png")
     val = sorted((fmnist_small / "val").rglob("*.jpg"))[::25][:20]
     good = val + [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
-    return {"good": good, "bad": [d / "text.jpg", d / "truncated.jpg", d / "big.png"]}
+    return {"good": good, "bad": [d / "text.jpg", d / "truncated.jpg", d / "big.png", d / "thin.png"]}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +225,12 @@ def test_burst_with_bad_images_loses_no_answer(capsys, server, engine_fp32_onnx,
     for t in threads:
         t.join(timeout=300)
     assert len(answers) == 32 * 4
-    causes = {"text.jpg": "not an image", "truncated.jpg": "cannot decode image", "big.png": "request too large"}
+    causes = {
+        "text.jpg": "not an image",
+        "truncated.jpg": "cannot decode image",
+        "big.png": "request too large",
+        "thin.png": "too thin",
+    }
     for (c, j), a in answers.items():
         p = plan[c][j]
         assert not isinstance(a, BaseException), f"{p}: {a!r}"
@@ -397,3 +404,27 @@ def test_write_repo_refuses(capsys, engine_fp32_onnx, engine_checkpoint, tmp_pat
     assert triton.main(["--engine", str(engine_fp32_onnx), "--write-repo", str(tmp_path / "r2")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert [f.name for f in (tmp_path / "r2").iterdir()] == ["keep"]
+
+
+def test_engine_config_keeps_the_preferred_batch_within_max_batch():
+    """A plan's profile prefers its opt batch (32 by default); with --max-batch below it the config
+    must still load: Triton refuses a preferred_batch_size above max_batch_size."""
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serve.triton.repo import engine_config
+
+    io = {
+        "platform": "tensorrt_plan",
+        "input": "input",
+        "input_type": "TYPE_FP32",
+        "output": "logits",
+        "output_type": "TYPE_FP32",
+        "classes": 10,
+        "opt_batch": 32,
+    }
+    for max_batch, want in ((16, [16]), (64, [32])):
+        cfg = text_format.Parse(engine_config(io, 224, max_batch, 500), mc.ModelConfig())
+        assert list(cfg.dynamic_batching.preferred_batch_size) == want
+        assert all(b <= cfg.max_batch_size for b in cfg.dynamic_batching.preferred_batch_size)

@@ -85,9 +85,9 @@ def test_corrupt_tiff_stops_training(check, fmnist_tiny, tmp_path, capsys, no_ep
     bad = d / "train" / "coat" / "scan.tif"
     bad.write_bytes(_corrupt_lzw_tiff())
     if check == "off-for-jpeg":
-        import train.__main__ as cli
+        import train.config
 
-        monkeypatch.setattr(cli, "CHECK_IMAGES_AUTO_MAX", 10)
+        monkeypatch.setattr(train.config, "CHECK_IMAGES_AUTO_MAX", 10)
     assert run(d, tmp_path / "o") == 2
     line = error_line(capsys.readouterr().err)
     assert str(bad) in line and "corrupt TIFF image" in line, line
