@@ -11,26 +11,9 @@ import pytest
 import train
 from rn50.checkpoint import load_checkpoint
 from tests.pngs import check_png
+from tests.train_cli import run
 from train.recipe import WarmupCosine
 from train.steplog import log_interval, read_steps
-
-BASE = [
-    "--profile",
-    "cpu",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "20",
-    "--workers",
-    "1",
-    "--no-compile",
-    "--min-crop-scale",
-    "0.35",
-]
-
-
-def run(data: Path, out: Path, *extra: str) -> int:
-    return train.main(["--data", str(data), "--output", str(out), *BASE, *extra])
 
 
 def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:

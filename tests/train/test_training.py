@@ -14,25 +14,9 @@ import torch
 
 import train
 from rn50.checkpoint import load_checkpoint
+from tests.train_cli import BASE, run
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = [
-    "--profile",
-    "cpu",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "20",
-    "--workers",
-    "1",
-    "--no-compile",
-    "--min-crop-scale",
-    "0.35",
-]
-
-
-def run(data, out, *extra):
-    return train.main(["--data", str(data), "--output", str(out), *BASE, *extra])
 
 
 def test_trained_run_learns(trained_run):
