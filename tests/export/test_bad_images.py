@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import export
+from tests.stderr import error_line
 
 
 def _gif_named_jpg() -> bytes:
@@ -43,8 +44,8 @@ def test_undecodable_image_stops_export(precision, split, trained_run, fmnist_ti
         ]
     )
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert "error: undecodable image(s): " in lines[0], lines[0]
-    assert str(data / split / "coat") in lines[0] and "unsupported image format GIF" in lines[0], lines[0]
+    assert rc == 2, err
+    line = error_line(err)
+    assert "error: undecodable image(s): " in line, line
+    assert str(data / split / "coat") in line and "unsupported image format GIF" in line, line
     assert sorted(p.name for p in out_dir.iterdir()) == [], "export left files behind"

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve import infer, validate
+from serve import infer
+from tests.serve_cli import run_validate
+from tests.stderr import error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIED = None  # expectation: a prediction line
@@ -271,9 +273,9 @@ def test_infer_output_path_checked_before_work(
     monkeypatch.setattr(serve.pipeline.BatchStream, "__init__", no_work)
     rc = infer.main(["--engine", str(engine_checkpoint), str(_good(fmnist_small)[0]), "--quiet", flag, str(bad)])
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"{flag} {bad}" in lines[0] and why in lines[0], lines[0]
+    assert rc == 2, err
+    line = error_line(err)
+    assert f"{flag} {bad}" in line and why in line, line
 
 
 REPORT_CASES = {  # the --report PREFIX to give, and the reason its error line must give
@@ -295,55 +297,22 @@ def test_validate_report_path_checked_before_work(case, capsys, tmp_path, engine
         raise AssertionError("the engine was loaded before the report path was checked")
 
     monkeypatch.setattr(rn50.backends, "load_engine", no_work)
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine_checkpoint),
-            "--checkpoint",
-            str(engine_checkpoint),
-            str(fmnist_small / "val"),
-            "--quiet",
-            "--report",
-            str(prefix),
-        ]
-    )
+    rc = run_validate(engine_checkpoint, engine_checkpoint, fmnist_small / "val", "--quiet", "--report", str(prefix))
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"--report {prefix}" in lines[0] and why in lines[0], lines[0]
+    assert rc == 2, err
+    line = error_line(err)
+    assert f"--report {prefix}" in line and why in line, line
 
 
 @pytest.mark.parametrize("bs", ["0", "-1"])
 def test_validate_batch_size_below_one(bs, capsys, engine_checkpoint, fmnist_small):
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine_checkpoint),
-            "--checkpoint",
-            str(engine_checkpoint),
-            str(fmnist_small / "val"),
-            "--quiet",
-            "--batch-size",
-            bs,
-        ]
-    )
+    rc = run_validate(engine_checkpoint, engine_checkpoint, fmnist_small / "val", "--quiet", "--batch-size", bs)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --batch-size") and "Traceback" not in err, err
 
 
 def test_checkpoint_directory_is_named(capsys, tmp_path, engine_checkpoint, fmnist_small):
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine_checkpoint),
-            "--checkpoint",
-            str(tmp_path),
-            str(fmnist_small / "val"),
-            "--quiet",
-            "--report",
-            str(tmp_path / "r"),
-        ]
-    )
+    rc = run_validate(engine_checkpoint, tmp_path, fmnist_small / "val", "--quiet", "--report", str(tmp_path / "r"))
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {tmp_path}: is a directory" in err, err
 

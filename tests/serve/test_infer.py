@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from serve import infer
+from tests.stderr import error_line
 
 
 def run_infer(capsys, engine: Path, inputs: list, *extra: str) -> tuple[int, list[dict], str]:
@@ -340,13 +341,6 @@ def test_unreadable_file(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
 
 
 # --------------------------------------------------------------------------- usage / engine errors
-
-
-def error_line(err: str) -> str:
-    """The one ``error: ...`` line of stderr (libraries may log warnings around it), no traceback."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _expect_exit2(capsys, argv: list[str], needle: str) -> None:

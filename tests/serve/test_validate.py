@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from serve import validate
+from tests.serve_cli import run_validate
+from tests.stderr import error_line
 
 
 def _row(out: str, label: str) -> tuple[float, float]:
@@ -27,18 +29,7 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
     The .pt2 (AOTInductor, fp32) is held to the fp32 bounds."""
     engine = request.getfixturevalue(engine_fixture)
     prefix = tmp_path / "rep"
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine),
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            str(fmnist_small / "val"),
-            "--report",
-            str(prefix),
-            "--quiet",
-        ]
-    )
+    rc = run_validate(engine, trained_run / "best.pt", fmnist_small / "val", "--report", str(prefix), "--quiet")
     out = capsys.readouterr().out
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
@@ -64,13 +55,6 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
         assert abs(r["diff"]["top1"]) <= 0.05
 
 
-def error_line(err: str) -> str:
-    """The one ``error: ...`` line of stderr (libraries may log warnings around it), no traceback."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2"])
 def test_validate_image_size_mismatch(
     request, capsys, tmp_path, copy_engine, set_image_size, engine_fixture, trained_run, fmnist_small
@@ -79,18 +63,7 @@ def test_validate_image_size_mismatch(
     engine = request.getfixturevalue(engine_fixture)
     eng = copy_engine(engine, lambda m: set_image_size(m, 64))
     prefix = tmp_path / "rep"
-    rc = validate.main(
-        [
-            "--engine",
-            str(eng),
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            str(fmnist_small / "val"),
-            "--report",
-            str(prefix),
-            "--quiet",
-        ]
-    )
+    rc = run_validate(eng, trained_run / "best.pt", fmnist_small / "val", "--report", str(prefix), "--quiet")
     cap = capsys.readouterr()
     assert rc == 2, cap.err
     assert error_line(cap.err).startswith(
@@ -140,19 +113,8 @@ def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, tr
             if prm.ndim == 1:
                 prm.add_(torch.randn_like(prm) * 0.2)
     other_ckpt = save_checkpoint(tmp_path / "other.pt", other.state_dict(), obj["manifest"])
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine_fp32_onnx),
-            "--checkpoint",
-            str(other_ckpt),
-            str(fmnist_small / "val"),
-            "--limit",
-            "100",
-            "--report",
-            str(tmp_path / "r"),
-            "--quiet",
-        ]
+    rc = run_validate(
+        engine_fp32_onnx, other_ckpt, fmnist_small / "val", "--limit", "100", "--report", str(tmp_path / "r"), "--quiet"
     )
     out = capsys.readouterr().out
     assert rc == 1, out

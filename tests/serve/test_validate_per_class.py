@@ -9,23 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve import validate
 from tests.pngs import check_png
+from tests.serve_cli import run_validate
 
 
 def test_per_class_report(capsys, tmp_path, engine_int8_onnx, trained_run, fmnist_small):
     prefix = tmp_path / "rep"
-    rc = validate.main(
-        [
-            "--engine",
-            str(engine_int8_onnx),
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            str(fmnist_small / "val"),
-            "--report",
-            str(prefix),
-            "--quiet",
-        ]
+    rc = run_validate(
+        engine_int8_onnx, trained_run / "best.pt", fmnist_small / "val", "--report", str(prefix), "--quiet"
     )
     out = capsys.readouterr().out
     assert rc == 0, out
