@@ -55,6 +55,19 @@ def save_checkpoint(
     return path
 
 
+def torch_load(path: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only`` (tensors and plain data; no code from the file runs). A file
+    torch cannot read raises CheckpointError ``PATH: not a readable WHAT (truncated or corrupt?): ...``;
+    ``pickle.UnpicklingError`` (data the weights-only unpickler refuses) is left to the caller, which
+    knows what such data means for its kind of file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
+        ) from e
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -62,14 +75,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch_load(path, "checkpoint", map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (not a torch.save file, or corrupt): {_unpickling_cause(e)}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
         ) from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
         raise CheckpointError(f"{path}: not an rn50 checkpoint (no 'format': '{FORMAT}' with a 'model' state)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rn50.checkpoint import FORMAT, clean_state_dict, load_checkpoint, state_dict_mismatch
+from rn50.checkpoint import FORMAT, clean_state_dict, load_checkpoint, state_dict_mismatch, torch_load
 from rn50.errors import CheckpointError, first_line
 from rn50.manifest import sha256_file
 from rn50.model import HEAD, build_model, is_head
@@ -80,7 +79,7 @@ def _load_file(path: Path) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(e)}") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path, "weights file")
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a refused class: garbage or a truncated file
             raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?)") from e
@@ -88,10 +87,6 @@ def _load_file(path: Path) -> Any:
             f"{path}: holds more than tensors and plain containers, which are loaded without "
             f"running code (weights_only) only: save its state dict alone "
             f"(torch.save(model.state_dict(), ...)) and pass that"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable weights file (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
         ) from e
 
 
