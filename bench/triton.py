@@ -30,6 +30,8 @@ from bench.measure import cpu_name
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` loopback TCP ports free at the time of the call (the OS picks them; another process may
+    take one before the caller binds it)."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))

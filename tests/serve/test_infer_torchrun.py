@@ -29,6 +29,9 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
     inputs = [*map(str, imgs), str(tmp_path / "bad.jpg")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = tmp_path / "preds.jsonl"
+    # the same serve.infer command under torchrun and, as the reference, in one process
+    infer_cpu = ["-m", "serve.infer", "--engine", str(engine_fp32_onnx), "--device", "cpu", "--quiet"]
+    infer_cpu += ["--batch-size", "4"]
     r = subprocess.run(
         [
             sys.executable,
@@ -37,15 +40,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
             "--standalone",
             "--nproc_per_node",
             "2",
-            "-m",
-            "serve.infer",
-            "--engine",
-            str(engine_fp32_onnx),
-            "--device",
-            "cpu",
-            "--quiet",
-            "--batch-size",
-            "4",
+            *infer_cpu,
             "--output",
             str(out),
             *inputs,
@@ -69,15 +64,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
     single = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "serve.infer",
-            "--engine",
-            str(engine_fp32_onnx),
-            "--device",
-            "cpu",
-            "--quiet",
-            "--batch-size",
-            "4",
+            *infer_cpu,
             *inputs,
         ],
         cwd=ROOT,

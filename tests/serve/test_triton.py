@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.triton import free_ports
+
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
 
 
@@ -24,16 +26,6 @@ def need_pytriton() -> None:
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 1_000_000
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def descendants(pid: int) -> set[int]:
