@@ -75,28 +75,28 @@ def test_u8s8_qdq_structure_and_accuracy(engine_int8_onnx: Path, engine_fp32_onn
     assert r["fp32"]["top1"] - r["int8"]["top1"] <= 0.5
 
 
+def s8s8_args(trained_run: Path) -> list[str]:
+    """The s8s8 export's settings but its output: the cache test repeats them to hit the cached calibration."""
+    return [
+        "--checkpoint",
+        str(trained_run / "best.pt"),
+        "--precision",
+        "int8",
+        "--int8-flavour",
+        "s8s8",
+        "--calib-size",
+        "128",
+        "--calib-method",
+        "minmax",
+        "--parity-images",
+        "64",
+    ]
+
+
 @pytest.fixture(scope="module")
 def s8s8(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
     out = tmp_path_factory.mktemp("s8s8") / "rn50.int8.s8s8.onnx"
-    rc = export.main(
-        [
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            "--precision",
-            "int8",
-            "--output",
-            str(out),
-            "--int8-flavour",
-            "s8s8",
-            "--calib-size",
-            "128",
-            "--calib-method",
-            "minmax",
-            "--force",
-            "--parity-images",
-            "64",
-        ]
-    )
+    rc = export.main(s8s8_args(trained_run) + ["--output", str(out), "--force"])
     assert rc == 0
     return out
 
@@ -184,20 +184,7 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
 
 def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = s8s8.parent
-    base = [
-        "--checkpoint",
-        str(trained_run / "best.pt"),
-        "--precision",
-        "int8",
-        "--int8-flavour",
-        "s8s8",
-        "--calib-size",
-        "128",
-        "--calib-method",
-        "minmax",
-        "--parity-images",
-        "64",
-    ]
+    base = s8s8_args(trained_run)
     # 1. same inputs: the cached calibration is reused (no calibration pass)
     again = folder / "again.onnx"
     assert export.main(base + ["--output", str(again), "--force"]) == 0

@@ -13,6 +13,8 @@ import torch
 import train
 from rn50.checkpoint import load_checkpoint
 from rn50.model import build_model, is_head
+from tests.stderr import error_line
+from tests.train_cli import run
 from train.pretrained import apply_weights, read_weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,25 +336,11 @@ def test_weights_that_do_not_fit_stop_before_training(how, fmnist_tiny, tmp_path
     path = tmp_path / "weights.pth"
     why = _arch_file(how, path)
     out = tmp_path / "o"
-    rc = train.main(
-        [
-            "--data",
-            str(fmnist_tiny),
-            "--output",
-            str(out),
-            *SMALL,
-            "--batch-size",
-            "20",
-            "--epochs",
-            "1",
-            "--init-from",
-            str(path),
-        ]
-    )
+    rc = run(fmnist_tiny, out, "--epochs", "1", "--init-from", str(path))
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert str(path) in lines[0] and why in lines[0], lines[0]
+    assert rc == 2, err
+    line = error_line(err)
+    assert str(path) in line and why in line, line
     assert "training 1 epochs" not in err and not out.exists()
 
 
@@ -415,27 +403,8 @@ MARGIN = 20.0
 def test_freeze_backbone_trains_the_classifier_only(trained_run, five_classes, tmp_path):
     init = load_checkpoint(trained_run / "best.pt")["model"]
     out = tmp_path / "frozen"
-    assert (
-        train.main(
-            [
-                "--data",
-                str(five_classes),
-                "--output",
-                str(out),
-                *SMALL,
-                "--batch-size",
-                "20",
-                "--epochs",
-                "1",
-                "--limit-train",
-                "60",
-                "--init-from",
-                str(trained_run / "best.pt"),
-                "--freeze-backbone",
-            ]
-        )
-        == 0
-    )
+    init_from = ["--init-from", str(trained_run / "best.pt"), "--freeze-backbone"]
+    assert run(five_classes, out, "--epochs", "1", "--limit-train", "60", *init_from) == 0
     ck = load_checkpoint(out / "last.pt")
     for k, v in ck["model"].items():
         if not is_head(k):
