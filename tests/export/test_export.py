@@ -305,14 +305,7 @@ def test_pt2_export_survives_a_loader_crash(
     _bad(
         tmp_path,
         capsys,
-        [
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            "--precision",
-            "fp32",
-            "--output",
-            str(tmp_path / "out" / "m.pt2"),
-        ],
+        _args(trained_run / "best.pt", "fp32", tmp_path / "out" / "m.pt2"),
         "crashed (SIGSEGV)",
     )
 
@@ -332,6 +325,11 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def _args(checkpoint: Path, precision: str, output: Path) -> list[str]:
+    """The flags every export run needs."""
+    return ["--checkpoint", str(checkpoint), "--precision", precision, "--output", str(output)]
+
+
 def _bad(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str, out_dir: Path | None = None
 ) -> None:
@@ -349,14 +347,7 @@ def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     _bad(
         tmp_path,
         capsys,
-        [
-            "--checkpoint",
-            str(tmp_path / "nope.pt"),
-            "--precision",
-            "fp32",
-            "--output",
-            str(tmp_path / "out" / "m.onnx"),
-        ],
+        _args(tmp_path / "nope.pt", "fp32", tmp_path / "out" / "m.onnx"),
         "not found",
     )
 
@@ -368,7 +359,7 @@ def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     _bad(
         tmp_path,
         capsys,
-        ["--checkpoint", str(bad), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.onnx")],
+        _args(bad, "fp32", tmp_path / "out" / "m.onnx"),
         "corrupt",
     )
 
@@ -384,7 +375,7 @@ def test_classifier_size_differs_from_manifest(tmp_path: Path, capsys: pytest.Ca
     _bad(
         tmp_path,
         capsys,
-        ["--checkpoint", str(ck), "--precision", "fp32", "--output", str(tmp_path / "out" / "m.pt2")],
+        _args(ck, "fp32", tmp_path / "out" / "m.pt2"),
         "3 outputs",
     )
 
@@ -396,7 +387,7 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     _bad(
         tmp_path,
         capsys,
-        ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(blocker / "m.onnx")],
+        _args(tiny_ckpt, "fp32", blocker / "m.onnx"),
         "not writable",
     )
     if os.geteuid() != 0:  # root writes anywhere; the permission case only means something for users
@@ -405,7 +396,7 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
         _bad(
             tmp_path,
             capsys,
-            ["--checkpoint", str(tiny_ckpt), "--precision", "fp32", "--output", str(ro / "m.onnx")],
+            _args(tiny_ckpt, "fp32", ro / "m.onnx"),
             "not writable",
             out_dir=ro,
         )
@@ -427,14 +418,14 @@ def test_bad_precision_or_suffix(
     _bad(
         tmp_path,
         capsys,
-        ["--checkpoint", str(tiny_ckpt), "--precision", precision, "--output", str(tmp_path / "out" / name)],
+        _args(tiny_ckpt, precision, tmp_path / "out" / name),
         needle,
     )
 
 
 def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     (tmp_path / "out").mkdir()
-    base = ["--checkpoint", str(tiny_ckpt), "--precision", "int8", "--output", str(tmp_path / "out" / "m.plan")]
+    base = _args(tiny_ckpt, "int8", tmp_path / "out" / "m.plan")
     _bad(tmp_path, capsys, base + ["--calib-method", "magic"], "--calib-method")
     _bad(tmp_path, capsys, base + ["--int8-flavour", "u4"], "--int8-flavour")
     # TensorRT rejects non-zero zero points: u8s8 has them
