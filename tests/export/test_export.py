@@ -302,12 +302,7 @@ def test_pt2_export_survives_a_loader_crash(
 
     monkeypatch.setattr(export.aoti, "_LOAD_CHECK", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     (tmp_path / "out").mkdir()
-    _bad(
-        tmp_path,
-        capsys,
-        _args(trained_run / "best.pt", "fp32", tmp_path / "out" / "m.pt2"),
-        "crashed (SIGSEGV)",
-    )
+    _bad(tmp_path, capsys, _args(trained_run / "best.pt", "fp32", tmp_path / "out" / "m.pt2"), "crashed (SIGSEGV)")
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -344,24 +339,14 @@ def _bad(
 
 
 def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _bad(
-        tmp_path,
-        capsys,
-        _args(tmp_path / "nope.pt", "fp32", tmp_path / "out" / "m.onnx"),
-        "not found",
-    )
+    _bad(tmp_path, capsys, _args(tmp_path / "nope.pt", "fp32", tmp_path / "out" / "m.onnx"), "not found")
 
 
 def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(tiny_ckpt.read_bytes()[:5000])
     (tmp_path / "out").mkdir()
-    _bad(
-        tmp_path,
-        capsys,
-        _args(bad, "fp32", tmp_path / "out" / "m.onnx"),
-        "corrupt",
-    )
+    _bad(tmp_path, capsys, _args(bad, "fp32", tmp_path / "out" / "m.onnx"), "corrupt")
 
 
 def test_classifier_size_differs_from_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,24 +357,14 @@ def test_classifier_size_differs_from_manifest(tmp_path: Path, capsys: pytest.Ca
         new_manifest("checkpoint", classes=CLASSES, preprocessing=p, precision="fp32"),
     )
     (tmp_path / "out").mkdir()
-    _bad(
-        tmp_path,
-        capsys,
-        _args(ck, "fp32", tmp_path / "out" / "m.pt2"),
-        "3 outputs",
-    )
+    _bad(tmp_path, capsys, _args(ck, "fp32", tmp_path / "out" / "m.pt2"), "3 outputs")
 
 
 def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
     blocker = tmp_path / "out" / "file"
     blocker.parent.mkdir()
     blocker.write_text("a file, not a folder")
-    _bad(
-        tmp_path,
-        capsys,
-        _args(tiny_ckpt, "fp32", blocker / "m.onnx"),
-        "not writable",
-    )
+    _bad(tmp_path, capsys, _args(tiny_ckpt, "fp32", blocker / "m.onnx"), "not writable")
     if os.geteuid() != 0:  # root writes anywhere; the permission case only means something for users
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -415,12 +390,7 @@ def test_bad_precision_or_suffix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path, precision: str, name: str, needle: str
 ) -> None:
     (tmp_path / "out").mkdir()
-    _bad(
-        tmp_path,
-        capsys,
-        _args(tiny_ckpt, precision, tmp_path / "out" / name),
-        needle,
-    )
+    _bad(tmp_path, capsys, _args(tiny_ckpt, precision, tmp_path / "out" / name), needle)
 
 
 def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: Path) -> None:
