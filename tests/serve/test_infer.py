@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from serve import infer
+from tests.serve_cli import image_size_refusal
 from tests.stderr import error_line
 
 
@@ -399,10 +400,7 @@ def test_manifest_image_size_mismatch(
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val" / "bag"), "--quiet"])
     cap = capsys.readouterr()
     assert rc == 2, cap.err
-    assert error_line(cap.err).startswith(
-        f"error: {eng}: the engine takes 3x32x32 (channels x height x width) images but its "
-        f"manifest ({eng.name}.manifest.json) says image_size {size}, i.e. 3x{size}x{size}"
-    ), cap.err
+    assert error_line(cap.err).startswith(image_size_refusal(eng, size)), cap.err
     assert cap.out == ""  # no output line: refused before any image was decoded
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val" / "bag"), "--quiet", "--output", str(out)])
     assert rc == 2 and not out.exists() and list(tmp_path.glob("preds*")) == []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serve import validate
-from tests.serve_cli import run_validate
+from tests.serve_cli import image_size_refusal, run_validate
 from tests.stderr import error_line
 
 
@@ -66,10 +66,7 @@ def test_validate_image_size_mismatch(
     rc = run_validate(eng, trained_run / "best.pt", fmnist_small / "val", "--report", str(prefix), "--quiet")
     cap = capsys.readouterr()
     assert rc == 2, cap.err
-    assert error_line(cap.err).startswith(
-        f"error: {eng}: the engine takes 3x32x32 (channels x height x width) images but its "
-        f"manifest ({eng.name}.manifest.json) says image_size 64, i.e. 3x64x64"
-    ), cap.err
+    assert error_line(cap.err).startswith(image_size_refusal(eng, 64)), cap.err
     assert cap.out == "" and list(tmp_path.glob("rep*")) == []
 
 
