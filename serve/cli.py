@@ -1,8 +1,10 @@
 """What the serve commands (``serve.infer``, ``serve.validate``, ``serve.triton``) share around
-their work: the device choice, DALI's thread count and the check of output paths before any work."""
+their work: the flags they have in common, the device choice, DALI's thread count and the check of
+output paths before any work."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from rn50.errors import DataError
@@ -35,3 +37,29 @@ def check_outputs(**paths: str | None) -> str | None:
         if why:
             return f"--{flag.replace('_', '-')} {path}: {why}"
     return None
+
+
+# The flags the serve commands share keep one type, choice list and default everywhere (the code
+# behind them reads them alike); each command words the help for what the flag does there.
+
+
+def add_engine(ap: argparse.ArgumentParser, help: str) -> None:
+    ap.add_argument("--engine", required=True, help=help)
+
+
+def add_batch_size(ap: argparse.ArgumentParser, default: int, help: str) -> None:
+    ap.add_argument("--batch-size", type=int, default=default, help=help)
+
+
+def add_topk(ap: argparse.ArgumentParser, help: str) -> None:
+    ap.add_argument("--topk", type=int, default=5, help=help)
+
+
+def add_device(ap: argparse.ArgumentParser, help: str) -> None:
+    """``--device auto|cpu|gpu``, read by :func:`pick_device`."""
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help=help)
+
+
+def add_max_pixels(ap: argparse.ArgumentParser, help: str) -> None:
+    """``--max-pixels N``; None stands for ``rn50.layout.MAX_PIXELS``."""
+    ap.add_argument("--max-pixels", type=int, default=None, help=help)

@@ -53,6 +53,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_topk
+
     ap = argparse.ArgumentParser(
         prog="python -m serve.infer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,32 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
         "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
         "stdout closed the pipe (| head).\nSee docs/serving.md.",
     )
-    ap.add_argument(
-        "--engine",
-        required=True,
-        help="engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
+    add_engine(
+        ap,
+        "engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
         "training checkpoint .pt (eager PyTorch FP32), "
         "with its .manifest.json beside it",
     )
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
-    ap.add_argument(
-        "--batch-size", type=int, default=32, help="images per batch (default 32; clipped to the engine's maximum)"
-    )
-    ap.add_argument(
-        "--topk", type=int, default=5, help="classes reported per image (default 5; clipped to the number of classes)"
-    )
+    add_batch_size(ap, 32, "images per batch (default 32; clipped to the engine's maximum)")
+    add_topk(ap, "classes reported per image (default 5; clipped to the number of classes)")
     ap.add_argument(
         "--output",
         help="write the JSON lines to this file (atomically, at the end) instead of stdout; "
         "under torchrun (required there) rank R of N writes preds.rankR-of-N.jsonl "
         "for --output preds.jsonl",
     )
-    ap.add_argument(
-        "--device",
-        choices=["auto", "cpu", "gpu"],
-        default="auto",
-        help="where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)",
-    )
+    add_device(ap, "where DALI decodes/preprocesses and the engine runs (default auto: gpu when CUDA is available)")
     ap.add_argument(
         "--decode-on",
         choices=["auto", "cpu"],
@@ -96,11 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: DALI decodes where the engine runs (nvJPEG on the GPU); cpu: DALI decodes on the CPU "
         "and the batch is copied to the engine's GPU",
     )
-    ap.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="refuse images larger than this many pixels, as stored or once resized to the "
+    add_max_pixels(
+        ap,
+        "refuse images larger than this many pixels, as stored or once resized to the "
         "engine's resize size (a very thin image); default 100,000,000",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")

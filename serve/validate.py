@@ -44,6 +44,8 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_batch_size, add_device, add_engine
+
     ap = argparse.ArgumentParser(
         prog="python -m serve.validate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,21 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         "top-1 agreement >= 99.5/99/90 % and (fp32/fp16) max |logit difference| <= 1e-3/2e-2 of the "
         "logit scale.\nexit status: 0 pass; 1 fail; 2 usage or engine error.",
     )
-    ap.add_argument(
-        "--engine",
-        required=True,
-        help=".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
+    add_engine(
+        ap,
+        ".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
         "computation as the reference) with its manifest beside it",
     )
     ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
     ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
     ap.add_argument("--limit", type=int, default=None, help="use N images, a deterministic class-balanced sample")
-    ap.add_argument(
-        "--batch-size", type=int, default=64, help="images per batch (default 64; clipped to the engine's maximum)"
-    )
-    ap.add_argument(
-        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI/engine device (default auto)"
-    )
+    add_batch_size(ap, 64, "images per batch (default 64; clipped to the engine's maximum)")
+    add_device(ap, "DALI/engine device (default auto)")
     ap.add_argument(
         "--report",
         metavar="PREFIX",

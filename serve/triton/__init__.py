@@ -27,6 +27,8 @@ FALLBACK_MAX_BATCH = 64  # for engines whose batch dimension is unbounded (dynam
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.cli import add_device, add_engine, add_max_pixels, add_topk
+
     from .model import DEFAULT_MAX_REQUEST_BYTES
 
     ap = argparse.ArgumentParser(
@@ -37,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 2 usage or engine error.\n"
         "See docs/serving.md.",
     )
-    ap.add_argument(
-        "--engine",
-        required=True,
-        help="engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its .manifest.json beside it",
-    )
+    add_engine(ap, "engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its .manifest.json beside it")
     ap.add_argument(
         "--write-repo",
         metavar="DIR",
@@ -71,27 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="how long (microseconds) Triton may hold a request to fill a larger batch (default 2000)",
     )
-    ap.add_argument(
-        "--topk", type=int, default=5, help="classes returned per image (default 5; clipped to the number of classes)"
-    )
+    add_topk(ap, "classes returned per image (default 5; clipped to the number of classes)")
     ap.add_argument(
         "--max-request-bytes",
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
         help=f"encoded images larger than this are refused before decoding (default {DEFAULT_MAX_REQUEST_BYTES:,})",
     )
-    ap.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="images with more pixels than this are refused from their header (default 100,000,000)",
-    )
-    ap.add_argument(
-        "--device",
-        choices=["auto", "cpu", "gpu"],
-        default="auto",
-        help="live server: where DALI and the engine run (default auto: gpu when CUDA is available)",
-    )
+    add_max_pixels(ap, "images with more pixels than this are refused from their header (default 100,000,000)")
+    add_device(ap, "live server: where DALI and the engine run (default auto: gpu when CUDA is available)")
     ap.add_argument(
         "--model-version",
         type=int,
