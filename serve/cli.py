@@ -43,6 +43,16 @@ def check_outputs(**paths: str | None) -> str | None:
 # behind them reads them alike); each command words the help for what the flag does there.
 
 
+def new_parser(command: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m COMMAND``; the description and epilog keep their own line breaks."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {command}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        epilog=epilog,
+    )
+
+
 def add_engine(ap: argparse.ArgumentParser, help: str) -> None:
     ap.add_argument("--engine", required=True, help=help)
 

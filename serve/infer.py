@@ -53,14 +53,13 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_topk
+    from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_topk, new_parser
 
-    ap = argparse.ArgumentParser(
-        prog="python -m serve.infer",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2) or a checkpoint (.pt); "
+    ap = new_parser(
+        "serve.infer",
+        "Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2) or a checkpoint (.pt); "
         "DALI preprocessing from the engine's manifest; one JSON line per image.",
-        epilog='exit status: 0 all images classified; 1 some images failed (each has an "error" line); '
+        'exit status: 0 all images classified; 1 some images failed (each has an "error" line); '
         "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
         "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
         "stdout closed the pipe (| head).\nSee docs/serving.md.",

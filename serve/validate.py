@@ -44,14 +44,13 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_batch_size, add_device, add_engine
+    from .cli import add_batch_size, add_device, add_engine, new_parser
 
-    ap = argparse.ArgumentParser(
-        prog="python -m serve.validate",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compare an engine with its PyTorch checkpoint on a labelled ImageNet-layout split "
+    ap = new_parser(
+        "serve.validate",
+        "Compare an engine with its PyTorch checkpoint on a labelled ImageNet-layout split "
         "(VAL_DIR/<class>/*.jpg), through one shared DALI preprocessing pass.",
-        epilog="pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
+        "pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
         "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed), "
         "top-1 agreement >= 99.5/99/90 % and (fp32/fp16) max |logit difference| <= 1e-3/2e-2 of the "
         "logit scale.\nexit status: 0 pass; 1 fail; 2 usage or engine error.",

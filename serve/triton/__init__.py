@@ -27,16 +27,15 @@ FALLBACK_MAX_BATCH = 64  # for engines whose batch dimension is unbounded (dynam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve.cli import add_device, add_engine, add_max_pixels, add_topk
+    from serve.cli import add_device, add_engine, add_max_pixels, add_topk, new_parser
 
     from .model import DEFAULT_MAX_REQUEST_BYTES
 
-    ap = argparse.ArgumentParser(
-        prog="python -m serve.triton",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a ResNet50 engine (.plan, .onnx, .pt2, .pt) on Triton Inference Server (PyTriton) with "
+    ap = new_parser(
+        "serve.triton",
+        "Serve a ResNet50 engine (.plan, .onnx, .pt2, .pt) on Triton Inference Server (PyTriton) with "
         "the manifest's DALI preprocessing; or write a model repository for a stock tritonserver.",
-        epilog="exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 2 usage or engine error.\n"
+        "exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 2 usage or engine error.\n"
         "See docs/serving.md.",
     )
     add_engine(ap, "engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its .manifest.json beside it")
