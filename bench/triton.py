@@ -41,6 +41,25 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def server_command(engine: str | Path, ports: tuple[int, int, int], *extra: str) -> list[str]:
+    """``python -m serve.triton`` for ``engine`` on the (HTTP, gRPC, metrics) ``ports``, then ``extra``."""
+    http, grpc, metrics = ports
+    return [
+        sys.executable,
+        "-m",
+        "serve.triton",
+        "--engine",
+        str(engine),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+        *extra,
+    ]
+
+
 def offline(engine: str, files: list[str], batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "summary.json"
@@ -138,23 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     log = tempfile.NamedTemporaryFile(prefix="bench-triton-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve.triton",
-            "--engine",
+        server_command(
             args.engine,
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc),
-            "--metrics-port",
-            str(metrics),
+            (http, grpc, metrics),
             "--max-batch",
             str(args.batch_size),
             "--queue-delay-us",
             str(args.queue_delay_us),
-        ],
+        ),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

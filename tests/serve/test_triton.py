@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.triton import free_ports
+from bench.triton import free_ports, server_command
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
 
@@ -68,20 +67,7 @@ class Server:
         self.log = log
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "serve.triton",
-                "--engine",
-                str(engine),
-                "--http-port",
-                str(self.http),
-                "--grpc-port",
-                str(self.grpc),
-                "--metrics-port",
-                str(self.metrics),
-                *extra,
-            ],
+            server_command(engine, (self.http, self.grpc, self.metrics), *extra),
             cwd=ROOT,
             env=env,
             stdout=open(log, "wb"),
