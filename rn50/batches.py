@@ -116,14 +116,9 @@ def iter_split(
 
 
 def _culprits(files: Sequence[str], e: BaseException) -> str:
-    from .preprocess import load_rgb
+    from .preprocess import undecodable
 
-    bad = []
-    for f in files:
-        try:
-            load_rgb(f)
-        except DataError as de:
-            bad.append(str(de))
+    bad = undecodable(files)
     if bad:
         return "; ".join(bad[:5])
     first = first_line(e)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,20 @@ def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def undecodable(files: Sequence[str]) -> list[str]:
+    """``path: cause`` for each of ``files`` that PIL cannot decode: the culprits of a batch that
+    DALI failed on, since DALI names the operator but not the file."""
+    from .errors import DataError
+
+    bad = []
+    for f in files:
+        try:
+            load_rgb(f)
+        except DataError as e:
+            bad.append(str(e))
+    return bad
 
 
 def torchvision_train(p: Preprocessing):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rn50.errors import DataError, first_line
-from rn50.preprocess import Preprocessing
+from rn50.preprocess import Preprocessing, undecodable
 
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 
@@ -46,19 +46,6 @@ def shard_indices(order: np.ndarray, shard: Shard, batch_size: int, drop_last: b
     if drop_last:
         mine = mine[: (len(mine) // batch_size) * batch_size]
     return mine
-
-
-def find_bad_images(files: Sequence[str]) -> list[str]:
-    """Return 'path: cause' for each file PIL cannot decode (used only after a decode failure)."""
-    from rn50.preprocess import load_rgb
-
-    bad = []
-    for f in files:
-        try:
-            load_rgb(f)
-        except DataError as e:
-            bad.append(str(e))
-    return bad
 
 
 class _Base:
@@ -148,9 +135,9 @@ class DaliLoader(_Base):
                 # DALI names the operator, not the file: find the undecodable one(s) in this batch
                 # and the prefetched ones after it, and name them.
                 # First the failing batch and the two prefetched after it, then (rarely needed)
-                # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.load_rgb).
+                # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.undecodable).
                 lo, hi = step * self.batch_size, (step + 3) * self.batch_size
-                bad = find_bad_images(files[lo:hi]) or find_bad_images(files[:lo] + files[hi:])
+                bad = undecodable(files[lo:hi]) or undecodable(files[:lo] + files[hi:])
                 if bad:
                     raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
                 first = first_line(e, prefer="error")
