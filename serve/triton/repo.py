@@ -103,51 +103,69 @@ def _dims(d: list[int]) -> str:
     return "[ " + ", ".join(str(x) for x in d) + " ]"
 
 
+def _model_head(name: str, kind: str, max_batch: int, input: str, output: str) -> str:
+    """How every model's config.pbtxt starts: its name, ``platform``/``backend`` line, batch bound,
+    and its one input and one output tensor."""
+    return f"""name: "{name}"
+{kind}
+max_batch_size: {max_batch}
+input [
+  {{ {input} }}
+]
+output [
+  {{ {output} }}
+]
+"""
+
+
+def _logits_tensor(name: str, io: dict[str, Any]) -> str:
+    """A model's output tensor: the engine's logits, with the class names that label them."""
+    return f'name: "{name}" data_type: {io["output_type"]} dims: {_dims([io["classes"]])} label_filename: "{LABELS}"'
+
+
 def engine_config(io: dict[str, Any], size: int, max_batch: int, queue_delay_us: int) -> str:
     # Triton refuses a preferred batch above max_batch_size (a --max-batch below the profile's opt)
     opt = min(io["opt_batch"], max_batch) if io["opt_batch"] else None
     pref = f"\n  preferred_batch_size: [ {opt} ]" if opt else ""
-    return f'''name: "{ENGINE}"
-platform: "{io["platform"]}"
-max_batch_size: {max_batch}
-input [
-  {{ name: "{io["input"]}" data_type: {io["input_type"]} dims: {_dims([3, size, size])} }}
-]
-output [
-  {{ name: "{io["output"]}" data_type: {io["output_type"]} dims: {_dims([io["classes"]])} label_filename: "{LABELS}" }}
-]
-dynamic_batching {{{pref}
+    head = _model_head(
+        ENGINE,
+        f'platform: "{io["platform"]}"',
+        max_batch,
+        f'name: "{io["input"]}" data_type: {io["input_type"]} dims: {_dims([3, size, size])}',
+        _logits_tensor(io["output"], io),
+    )
+    return (
+        head
+        + f"""dynamic_batching {{{pref}
   max_queue_delay_microseconds: {queue_delay_us}
 }}
 instance_group [ {{ kind: KIND_GPU count: 1 }} ]
-'''
+"""
+    )
 
 
 def preprocess_config(io: dict[str, Any], size: int, max_batch: int) -> str:
-    return f'''name: "{PREPROCESS}"
-backend: "dali"
-max_batch_size: {max_batch}
-input [
-  {{ name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ] }}
-]
-output [
-  {{ name: "{DALI_OUTPUT}" data_type: {io["input_type"]} dims: {_dims([3, size, size])} }}
-]
-instance_group [ {{ kind: KIND_GPU count: 1 }} ]
-'''
+    head = _model_head(
+        PREPROCESS,
+        'backend: "dali"',
+        max_batch,
+        f'name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ]',
+        f'name: "{DALI_OUTPUT}" data_type: {io["input_type"]} dims: {_dims([3, size, size])}',
+    )
+    return head + "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
 
 
 def ensemble_config(io: dict[str, Any], max_batch: int) -> str:
-    return f'''name: "{ENSEMBLE}"
-platform: "ensemble"
-max_batch_size: {max_batch}
-input [
-  {{ name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ] }}
-]
-output [
-  {{ name: "logits" data_type: {io["output_type"]} dims: {_dims([io["classes"]])} label_filename: "{LABELS}" }}
-]
-ensemble_scheduling {{
+    head = _model_head(
+        ENSEMBLE,
+        'platform: "ensemble"',
+        max_batch,
+        f'name: "{DALI_INPUT}" data_type: TYPE_UINT8 dims: [ -1 ]',
+        _logits_tensor("logits", io),
+    )
+    return (
+        head
+        + f"""ensemble_scheduling {{
   step [
     {{
       model_name: "{PREPROCESS}"
@@ -163,7 +181,8 @@ ensemble_scheduling {{
     }}
   ]
 }}
-'''
+"""
+    )
 
 
 def write_repo(
