@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from serve.cli import add_batch_size
+
 from .measure import cpu_name, time_calls
 from .report import add_output_flag, publish
 
@@ -38,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--data", default="data/fashion-mnist/val", help="folder of images (default: %(default)s)")
     ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run (default: %(default)s)")
-    ap.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="images per batch, clipped to the engine's maximum (default: %(default)s)",
-    )
+    add_batch_size(ap, 32, "images per batch, clipped to the engine's maximum (default: %(default)s)")
     add_output_flag(ap, "serve")
     args = ap.parse_args(argv)
 
