@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,19 @@ def torch_load(path: Path, what: str, map_location: str | torch.device = "cpu") 
     knows what such data means for its kind of file."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    # arbitrary bytes reach the unpickler's own lookups too (KeyError for an unknown memo entry,
+    # IndexError, TypeError, struct.error): every one of them means the same for the person at the terminal
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+        struct.error,
+    ) as e:
         raise CheckpointError(
             f"{path}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {first_line(e)}"
         ) from e

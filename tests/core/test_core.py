@@ -118,3 +118,20 @@ def test_contract_margin_even_and_round_trip():
         assert (p.resize_size - p.image_size) % 2 == 0
         assert Preprocessing.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     assert Preprocessing.for_image_size(224).resize_size == 256
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello world " * 100, b"\x80\x04" + b"hello" * 50, b"\0" * 1000, b"model weights\n"],
+    ids=["text-repeated", "pickle-header-then-text", "zeros", "one-line-text"],
+)
+def test_garbage_checkpoints_are_named_errors(tmp_path, data):
+    """Whatever bytes a .pt holds, loading it ends in a CheckpointError naming the file (an error:
+    line, exit 2 in every CLI), never another exception type escaping as a traceback."""
+    from rn50.checkpoint import load_checkpoint
+    from rn50.errors import CheckpointError
+
+    p = tmp_path / "junk.pt"
+    p.write_bytes(data)
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(p)

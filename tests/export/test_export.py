@@ -273,7 +273,7 @@ def test_tensorrt_modules_typecheck_and_a_misspelled_attribute_fails(tmp_path: P
     """mypy reads the TensorRT stubs (typings/): the real modules pass, and a scratch copy of the
     builder with a misspelled ``trt.BuilderFlag`` member fails, so the check can fail."""
     root = Path(export.__file__).resolve().parents[1]
-    ok = _mypy(root / "export" / "tensorrt_engine.py", root / "serve" / "backends" / "tensorrt.py")
+    ok = _mypy(root / "export" / "tensorrt_engine.py", root / "rn50" / "backends" / "tensorrt.py")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     src = (root / "export" / "tensorrt_engine.py").read_text()
     bad = tmp_path / "tensorrt_engine_typo.py"
