@@ -46,8 +46,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 
@@ -204,7 +202,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         args.output = rank_file(args.output, rank, world)
         if args.summary:
             args.summary = rank_file(args.summary, rank, world)
-    from rn50.backends import load_engine, softmax
+    from rn50.backends import load_engine, topk
     from rn50.errors import PipelineError
     from rn50.layout import iter_inputs
     from rn50.manifest import preprocessing_of
@@ -278,8 +276,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
                     t = time.perf_counter()
                     logits = backend.run(b.x)
                     lat.append(time.perf_counter() - t)
-                    probs = softmax(logits)
-                    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+                    top, top_probs = topk(logits, k)
                     for row, (i, pth) in enumerate(zip(b.indices, b.paths)):
                         idx = [int(c) for c in top[row]]
                         recs.append(
@@ -289,7 +286,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
                                     "path": pth,
                                     "topk": idx,
                                     "classes": [classes[c] for c in idx],
-                                    "probs": [round(float(probs[row, c]), 6) for c in idx],
+                                    "probs": [round(float(q), 6) for q in top_probs[row]],
                                 },
                             )
                         )
