@@ -8,6 +8,8 @@ training checkpoint in eager PyTorch (the unexported reference). Each backend ha
 * ``device``      - "cpu" or "cuda": where ``run`` wants its input
 * ``input_dtype`` - "float32" or "float16"
 * ``max_batch``   - the largest batch the engine takes
+* ``max_batch_declared`` - True when ``max_batch`` comes from the engine or its manifest, False
+  when neither bounds the batch and it is the :data:`DEFAULT_MAX_BATCH` cap
 * ``num_classes`` - the engine's output width, or None when it cannot be read without running it
 * ``input_shape`` - the ``(channels, height, width)`` of one image the engine takes, a dimension
   None where the engine leaves it dynamic; None altogether when the engine does not say
@@ -40,12 +42,19 @@ KINDS = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnx", ".pt2": "a
 DEFAULT_MAX_BATCH = 1024
 
 
+def manifest_max_batch(manifest: dict[str, Any]) -> tuple[int, bool]:
+    """``(max_batch, declared)`` from a manifest's ``max_batch``, else the default cap."""
+    m = manifest.get("max_batch")
+    return (int(m), True) if m else (DEFAULT_MAX_BATCH, False)
+
+
 class Backend(Protocol):
     name: str
     provider: str
     device: str
     input_dtype: str
     max_batch: int
+    max_batch_declared: bool
     num_classes: int | None
     input_shape: tuple[int | None, ...] | None
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from rn50.errors import EngineError, first_line
 
-from . import DEFAULT_MAX_BATCH
+from . import manifest_max_batch
 
 # In the generated wrapper source: `static void check_input_0(...) { ... if (32 != arg320_1_size[2]) {`
 _CHECK_INPUT_0 = re.compile(r"static void check_input_0\(.*?\n\}", re.S)
@@ -78,7 +78,7 @@ class AotiBackend:
             raise EngineError(f"{path}: AOTInductor cannot load it: {first_line(e)}") from e
         self.provider = "cuda:0" if self.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         self.input_dtype = "float16" if manifest.get("precision") == "fp16" else "float32"
-        self.max_batch = int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
+        self.max_batch, self.max_batch_declared = manifest_max_batch(manifest)
         self.input_shape = package_input_shape(path)
         # The output width is only known by running it: a one-image probe at the package's own
         # input size, or the manifest's where the package does not say.

@@ -14,7 +14,7 @@ import numpy as np
 from rn50 import ort as _ort
 from rn50.errors import EngineError, first_line
 
-from . import DEFAULT_MAX_BATCH
+from . import manifest_max_batch
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
@@ -51,7 +51,10 @@ class OrtBackend:
             None if ishape is None else tuple(d if isinstance(d, int) and d > 0 else None for d in ishape[1:])
         )
         b = self.input.shape[0] if self.input.shape else None
-        self.max_batch = b if isinstance(b, int) and b > 0 else int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
+        if isinstance(b, int) and b > 0:
+            self.max_batch, self.max_batch_declared = b, True
+        else:
+            self.max_batch, self.max_batch_declared = manifest_max_batch(manifest)
         shape = self.output.shape
         self.num_classes = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
         self._np_dtype = np.float16 if self.input_dtype == "float16" else np.float32

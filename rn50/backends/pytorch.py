@@ -18,7 +18,7 @@ import numpy as np
 
 from rn50.errors import CheckpointError, EngineError
 
-from . import DEFAULT_MAX_BATCH
+from . import manifest_max_batch
 
 
 class TorchBackend:
@@ -42,7 +42,7 @@ class TorchBackend:
         self.manifest: dict[str, Any] = ckpt_manifest  # the one embedded in the checkpoint
         # load_model has checked that the classifier's width is the embedded manifest's class count
         self.num_classes: int | None = len(ckpt_manifest["classes"])
-        self.max_batch = int(manifest.get("max_batch") or DEFAULT_MAX_BATCH)
+        self.max_batch, self.max_batch_declared = manifest_max_batch(manifest)
         if self.device == "cuda":
             tf32 = torch.backends.cudnn.allow_tf32 and torch.cuda.get_device_capability()[0] >= 8
             self.provider = "cuda:0 (eager fp32" + (", TF32 convolutions)" if tf32 else ")")

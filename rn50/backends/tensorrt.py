@@ -117,6 +117,7 @@ class TrtBackend:
         else:
             profile = engine.get_tensor_profile_shape(self.input_name, 0)
             self.max_batch = int(profile[2][0])
+        self.max_batch_declared = True  # a plan always bounds its batch (fixed, or its profile's max)
         out_shape = _dims(engine.get_tensor_shape(self.output_name))
         self.num_classes: int | None = int(out_shape[-1]) if out_shape and out_shape[-1] > 0 else None
         self.provider = f"TensorRT {trt.__version__} on {_current_gpu()}"

@@ -21,9 +21,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 EXIT_OK, EXIT_USAGE = 0, 2
-FALLBACK_MAX_BATCH = 64  # for engines whose batch dimension is unbounded (dynamic ONNX, .pt)
+FALLBACK_MAX_BATCH = (
+    64  # for an engine that bounds its batch nowhere (a .pt, a dynamic ONNX without a manifest max_batch)
+)
+
+
+def serving_max_batch(backend: Any, requested: int | None) -> int:
+    """The largest batch Triton forms: ``--max-batch`` where given (checked against the engine
+    beforehand), else the engine's own bound (fixed batch, plan profile, manifest), else
+    FALLBACK_MAX_BATCH for an engine that bounds nothing."""
+    if requested:
+        return int(requested)
+    return int(backend.max_batch if backend.max_batch_declared else min(backend.max_batch, FALLBACK_MAX_BATCH))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_OK
 
-    from rn50.backends import DEFAULT_MAX_BATCH, load_engine
+    from rn50.backends import load_engine
     from serve.cli import env_threads, pick_device
 
     from .model import Classifier
@@ -141,11 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if device == "gpu" and backend.device != "cuda":
         device = "cpu"
-    engine_max = backend.max_batch
-    if args.max_batch is not None and args.max_batch > engine_max:
-        err(f"--max-batch {args.max_batch} exceeds the engine's maximum batch {engine_max} ({args.engine})")
+    if args.max_batch is not None and args.max_batch > backend.max_batch:
+        err(f"--max-batch {args.max_batch} exceeds the engine's maximum batch {backend.max_batch} ({args.engine})")
         return EXIT_USAGE
-    max_batch = args.max_batch or (engine_max if engine_max != DEFAULT_MAX_BATCH else FALLBACK_MAX_BATCH)
+    max_batch = serving_max_batch(backend, args.max_batch)
     version = args.model_version or int(manifest.get("model_version") or 1)
     clf = Classifier(
         backend,

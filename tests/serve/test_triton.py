@@ -406,3 +406,33 @@ def test_engine_config_keeps_the_preferred_batch_within_max_batch():
         cfg = text_format.Parse(engine_config(io, 224, max_batch, 500), mc.ModelConfig())
         assert list(cfg.dynamic_batching.preferred_batch_size) == want
         assert all(b <= cfg.max_batch_size for b in cfg.dynamic_batching.preferred_batch_size)
+
+
+def test_max_batch_is_the_engines_own_bound_else_the_fallback(engine_fp32_onnx, engine_checkpoint, tmp_path):
+    """An engine that declares its bound is served up to it, the default cap's value included (a
+    --batch-max 1024 export); only an engine that bounds nothing gets FALLBACK_MAX_BATCH."""
+    import shutil
+
+    from rn50.backends import DEFAULT_MAX_BATCH, load_engine
+    from serve.triton import FALLBACK_MAX_BATCH, serving_max_batch
+
+    def copy(max_batch):
+        d = tmp_path / f"mb{max_batch}"
+        d.mkdir()
+        dst = d / engine_fp32_onnx.name
+        shutil.copy(engine_fp32_onnx, dst)
+        m = json.loads(Path(str(engine_fp32_onnx) + ".manifest.json").read_text())
+        m.pop("max_batch", None)
+        if max_batch:
+            m["max_batch"] = max_batch
+        Path(str(dst) + ".manifest.json").write_text(json.dumps(m))
+        return load_engine(dst, prefer_gpu=False)[0]
+
+    declared = copy(DEFAULT_MAX_BATCH)
+    assert declared.max_batch_declared and serving_max_batch(declared, None) == DEFAULT_MAX_BATCH
+    assert serving_max_batch(declared, 16) == 16
+    assert serving_max_batch(copy(200), None) == 200
+    unbounded = copy(None)
+    assert not unbounded.max_batch_declared and serving_max_batch(unbounded, None) == FALLBACK_MAX_BATCH
+    ckpt = load_engine(engine_checkpoint, prefer_gpu=False)[0]
+    assert serving_max_batch(ckpt, None) == FALLBACK_MAX_BATCH
