@@ -145,6 +145,11 @@ def per_class_report(
     return out
 
 
+def md_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: class names are folder names, which may hold ``|``."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
 def per_class_markdown(r: dict[str, Any]) -> str:
     from rn50.metrics import most_changed
 
@@ -167,7 +172,7 @@ def per_class_markdown(r: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {x['class']} | {x['images']} | {f(x['reference_top1'])} | {f(x['top1'])} | {f(x['diff'], '+')} | "
+        f"| {md_cell(x['class'])} | {x['images']} | {f(x['reference_top1'])} | {f(x['top1'])} | {f(x['diff'], '+')} | "
         f"{f(x['disagreement'])} |"
         for x in shown
     ]

@@ -54,3 +54,21 @@ def test_per_class_report(capsys, tmp_path, engine_int8_onnx, trained_run, fmnis
     assert pics == ["rep.confusion.png"] and Path(r["confusion_png"]) == tmp_path / pics[0]
     w, h = check_png(tmp_path / pics[0])
     assert w > h
+
+
+def test_class_names_with_pipes_keep_the_table_whole(tmp_path):
+    """Class names are folder names: a '|' (or a backslash before one) must not split a cell."""
+    from serve.validate import per_class_markdown, per_class_report
+
+    classes = ["a|b", "plain", "ends\\", "x\\|y"]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 5)
+    ref, eng = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+    md = per_class_markdown(per_class_report(ref, eng, labels, classes, tmp_path / "cm.png"))
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| class ", "| --- "))]
+    assert len(rows) == 4
+    for line, name in zip(rows, classes):
+        # GitHub's table syntax: a cell ends at a '|' not escaped by a backslash
+        cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        assert len(cells) == 6, line
+        assert re.sub(r"\\(.)", r"\1", cells[0].strip()) == name, line
