@@ -94,3 +94,21 @@ def gate(
         "passed": c.passed,
         "lost_most": lost_most,
     }
+
+
+def gate_summary(g: dict[str, Any]) -> str:
+    """One line for the terminal from :func:`gate`'s result: both top-1s, the drop against its
+    bound, agreement, and the class INT8 hurt most (where one lost anything)."""
+    return (
+        f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
+        f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%; "
+        f"{lost_most_text(g)}"
+    )
+
+
+def lost_most_text(g: dict[str, Any]) -> str:
+    """The class INT8 hurt most, in words, from :func:`gate`'s result."""
+    lm = g["lost_most"]
+    if lm["diff"] >= 0:
+        return "no class lost top-1"
+    return f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"

@@ -440,7 +440,7 @@ def _export_plan(job: _Job) -> int:
 def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     """FP32 ONNX -> calibrated Q/DQ ONNX at ``dest`` (a temp path), gated against FP32."""
     from calibration.dataset import calibration_set
-    from calibration.gate import gate
+    from calibration.gate import gate, gate_summary, lost_most_text
     from calibration.quantize import calibrate
     from rn50.layout import balanced_subset
 
@@ -470,26 +470,19 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
         f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
         lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop, classes=job.val.classes),
     )
-    lm = g["lost_most"]
-    lost = (
-        f"class that lost most: {lm['class']} ({lm['diff']:+.2f} points on its {lm['images']} images)"
-        if lm["diff"] < 0
-        else "no class lost top-1"
-    )
-    log(
-        f"gate: FP32 top-1 {g['fp32']['top1']:.2f}%, INT8 top-1 {g['int8']['top1']:.2f}% "
-        f"(drop {g['top1_drop']:+.2f} points, allowed {g['max_top1_drop']}), agreement {g['top1_agreement']:.2f}%; "
-        f"{lost}"
-    )
+    log(gate_summary(g))
     if not g["passed"]:
         n = g["int8"]["images"]
         if g["top1_drop"] > g["max_top1_drop"]:
             msg = (
                 f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) "
-                f"on {n} validation images; {lost}"
+                f"on {n} validation images; {lost_most_text(g)}"
             )
         else:
-            msg = f"INT8 fails the accuracy gate against FP32 on {n} validation images: {g['problem']}; {lost}"
+            msg = (
+                f"INT8 fails the accuracy gate against FP32 on {n} validation images: {g['problem']}; "
+                f"{lost_most_text(g)}"
+            )
         if not args.force:
             raise GateError(f"{msg}; nothing written (try --calib-method, a larger --calib-size, or --force)")
         log(f"warning: {msg} (written anyway: --force)")

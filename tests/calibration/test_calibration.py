@@ -198,6 +198,7 @@ def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytes
     assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100"]) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: INT8 loses") and "nothing written" in last
+    assert "class that lost most: " in last or "no class lost top-1" in last, last
     assert set(os.listdir(folder)) == before
     # 3. the same with --force: written, and the manifest says it failed the gate
     assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100", "--force"]) == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from calibration.gate import score
+from calibration.gate import gate_summary, score
 from rn50.layout import load_dataset
 from rn50.manifest import preprocessing_of, read_manifest
 
@@ -34,3 +34,16 @@ def test_gate_names_the_class_that_lost_most(
     worst = min(rows, key=lambda x: x["diff"])
     assert lost["class"] == worst["class"] and lost["diff"] == pytest.approx(worst["diff"])
     assert lost["diff"] == min(x["diff"] for x in rows)
+
+
+def test_gate_summary_names_the_class_that_lost_most(engine_int8_onnx: Path) -> None:
+    """The line export prints reads the gate's own result: the class, its loss and its images."""
+    g = read_manifest(engine_int8_onnx)["int8"]["gate"]
+    lost = g["lost_most"]
+    assert lost["class"] in read_manifest(engine_int8_onnx)["classes"] and lost["images"] > 0
+    line = gate_summary(g)
+    assert f"INT8 top-1 {g['int8']['top1']:.2f}%" in line and f"drop {g['top1_drop']:+.2f} points" in line
+    # the small model's INT8 may or may not lower a class: both wordings, from its real class
+    hurt = gate_summary({**g, "lost_most": {**lost, "diff": -2.0}})
+    assert hurt.endswith(f"class that lost most: {lost['class']} (-2.00 points on its {lost['images']} images)")
+    assert gate_summary({**g, "lost_most": {**lost, "diff": 0.0}}).endswith("no class lost top-1")
