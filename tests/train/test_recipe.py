@@ -142,3 +142,18 @@ def test_mixup_mixes_images_and_labels():
     assert (t > 0.02).sum(1).max() >= 2  # some rows carry two labels
     x0, t0 = mixup(x, y, 10, alpha=0.0, smoothing=0.1)
     assert torch.equal(x0, x) and torch.equal(t0, smooth_one_hot(y, 10, 0.1))
+
+
+def test_gpu_small_profile_keeps_the_recipe_and_changes_only_size_epochs_and_crop():
+    """The small-image profile differs from the gpu profile in exactly the three settings it
+    exists for; the recipe's optimizer, lr rule, schedule, smoothing and AMP stay."""
+    gpu, small = cfg("--profile", "gpu", cuda=True), cfg("--profile", "gpu-small", cuda=True)
+    a, b = gpu.to_dict(), small.to_dict()
+    differ = {k for k in a if a[k] != b[k]}
+    assert differ == {"profile", "image_size", "epochs", "min_crop_scale"}, differ
+    assert (small.image_size, small.epochs, small.min_crop_scale) == (112, 60, 0.3)
+    assert small.lr == pytest.approx(0.256) and small.label_smoothing == 0.1 and small.amp and small.compile
+    # every flag still overrides it
+    c = cfg("--profile", "gpu-small", "--epochs", "40", "--image-size", "96", "--min-crop-scale", "0.5", cuda=True)
+    assert (c.image_size, c.epochs, c.min_crop_scale) == (96, 40, 0.5)
+    assert "gpu-small" in " ".join(build_parser().format_help().split())
