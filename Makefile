@@ -84,7 +84,11 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The suite writes up to about 3 GB at once (checkpoints of ~100 MB, exports, compiled kernels)
+# under the temporary folder; pytest keeps only failed tests' folders afterwards.
 test: setup fmnist lint typecheck
+	@$(PY) -c "import shutil, tempfile; d = tempfile.gettempdir(); f = shutil.disk_usage(d).free / 2**30; \
+	  f < 4 and print(f'warning: {f:.1f} GB free in {d}; the test suite needs about 3 GB there (set TMPDIR elsewhere)')"
 	$(PY) -m pytest -q
 
 # The benchmarks time the trained model: `make train` runs first when $(CHECKPOINT) is missing,
