@@ -27,37 +27,27 @@ CHECK_IMAGES_AUTO_MAX = 200_000
 DEFAULT_DATA = "data/fashion-mnist"
 SYNTHETIC_CLASSES = 1000  # ImageNet's, for throughput runs of the full-size classifier
 
+_GPU: dict[str, Any] = dict(
+    image_size=224,
+    preset=90,
+    batch_size=256,
+    amp=True,
+    amp_dtype="fp16",
+    compile=True,
+    memory_format="channels_last",
+    data_backend="dali-gpu",
+    limit_train=None,
+)
+
 PROFILES: dict[str, dict[str, Any]] = {
-    "gpu": dict(
-        image_size=224,
-        preset=90,
-        batch_size=256,
-        amp=True,
-        amp_dtype="fp16",
-        compile=True,
-        memory_format="channels_last",
-        data_backend="dali-gpu",
-        limit_train=None,
-    ),
+    "gpu": _GPU,
     # The gpu profile for small source images (Fashion-MNIST's 28 px, CIFAR's 32 px): 224 px crops
     # of a 28 px image spend most of their compute on interpolated pixels, so 112 px crops (ResNet50
     # still ends on a 4x4 map) give about four times the epochs per minute, and a 30 % crop floor
     # keeps enough of the source for its classes (the recipe's 8 % keeps about 8x8 source pixels).
     # The recipe's optimizer, lr rule, cosine schedule, label smoothing and AMP are unchanged; the
-    # epoch count is sized for about ten minutes on one H100 (docs/benchmarks.md says what was measured).
-    "gpu-small": dict(
-        image_size=112,
-        preset=90,
-        epochs=60,
-        batch_size=256,
-        amp=True,
-        amp_dtype="fp16",
-        compile=True,
-        memory_format="channels_last",
-        data_backend="dali-gpu",
-        limit_train=None,
-        min_crop_scale=0.3,
-    ),
+    # epoch count is sized for about ten minutes on one H100 (docs/training.md, Profiles).
+    "gpu-small": dict(_GPU, image_size=112, epochs=60, min_crop_scale=0.3),
     # amp "native-bf16": bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
     # AMX: 1.27x the fp32 step rate measured on a 2-core EPYC); elsewhere emulated bf16 is slower
     # than fp32, so it stays off
