@@ -51,7 +51,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_topk, new_parser
+    from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_pt_options, add_topk, new_parser
 
     ap = new_parser(
         "serve.infer",
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine(
         ap,
         "engine file: .plan (TensorRT), .onnx (ONNX Runtime), .pt2 (AOTInductor) or a "
-        "training checkpoint .pt (eager PyTorch FP32), "
+        "training checkpoint .pt (PyTorch: eager FP32, or see --pt-precision and --pt-compile), "
         "with its .manifest.json beside it",
     )
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "images_per_s, batch_size, latency_ms p50/p95/p99, backend, "
         "provider, dali_device, engine_device)",
     )
+    add_pt_options(ap)
     return ap
 
 
@@ -208,7 +209,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.manifest import preprocessing_of
     from rn50.metrics import percentiles
 
-    from .cli import check_outputs, env_threads, pick_device
+    from .cli import check_outputs, env_threads, pick_device, pt_options
     from .pipeline import MAX_PIXELS, BatchStream
 
     if args.batch_size < 1 or args.topk < 1:
@@ -222,8 +223,9 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         err(bad_output)
         return EXIT_USAGE
     try:
+        pt = pt_options(args)
         device = pick_device(args.device)
-        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
+        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu", **pt)
         p = preprocessing_of(manifest)
     except PipelineError as e:
         err(str(e))
