@@ -343,8 +343,11 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
         ("export/onnx-fp32", onnx, ["--precision", "fp32"]),
     ):
         mf = manifest_path(out)
-        for f in (out, mf):  # an earlier run's must not stand in for a failed export
+        for f in (out, mf):  # an earlier run's must not stand in for a failed (or skipped) export
             f.unlink(missing_ok=True)
+        if a.no_export:
+            log(f"infer: --no-export: no {out.name}")
+            continue
         r = run(res, key.replace("/", "-"), ["-m", "export", "--checkpoint", best, "--output", out, *extra])
         par = json.loads(mf.read_text()).get("parity") if r["rc"] == 0 and mf.is_file() else None
         res.put(key, {**r, "parity": par})
@@ -699,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--batches", default="1,32,256", help="infer: batch sizes (default 1,32,256)")
     ap.add_argument("--seconds", type=float, default=3.0, help="infer: seconds per timing (default 3)")
+    ap.add_argument(
+        "--no-export",
+        action="store_true",
+        help="infer/serve: no .pt2 and ONNX export (their timing, validation and serving rows): the "
+        "checkpoint's rows only, eager and compiled, for a short GPU session (the .pt2 export alone "
+        "compiles for about 90 s)",
+    )
     ap.add_argument(
         "--cpu-validate-images",
         type=int,

@@ -140,3 +140,20 @@ def test_model_only_engine_names_match_bench_gpu_inference():
     ):
         assert f'"{name}"' in src, name
     assert '"aotinductor fp32 (.pt2)"' in src
+
+
+def test_no_export_runs_the_checkpoint_rows_only(tmp_path, commands):
+    """--no-export (a short GPU session): no export runs, and an earlier run's .pt2 is removed so the
+    serve stage cannot serve it as this run's."""
+    a = gc.build_parser().parse_args(
+        ["--results", str(tmp_path / "res"), "--data", str(tmp_path / "data"), "--no-export"]
+    )
+    res = gc.Results(a.results)
+    (a.results / "train").mkdir()
+    (a.results / "train" / "best.pt").write_bytes(b"")
+    stale = a.results / "rn50.pt2"
+    stale.write_bytes(b"old")
+    gc.stage_infer(a, res, cuda=True)
+    assert [c[1] for c in commands] == ["bench.gpu_inference", "serve.validate"]
+    assert "--pt2" not in commands[0] and "--pt-compile" in commands[1]
+    assert not stale.exists() and res["export/pt2"] is None
