@@ -98,7 +98,7 @@ def add_pt_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pt-compile",
         action="store_true",
-        help="torch.compile the model when it loads (a minute or more; on a GPU its kernels are "
+        help="torch.compile the model when it loads (tens of seconds or more; on a GPU its kernels are "
         "replayed as a CUDA graph), for --batch-size: shorter batches are padded to it. "
         "--pt-precision fp16 --pt-compile is the fast way to serve a checkpoint on a GPU",
     )

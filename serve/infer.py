@@ -2,7 +2,8 @@
 
 * The engine is picked by suffix: ``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), ``.pt2``
   (AOTInductor), or a training checkpoint ``.pt`` (eager PyTorch FP32: no export, not the fast
-  path). The preprocessing (image size, resize, mean/std) and the class names come from
+  path; ``--pt-precision fp16 --pt-compile`` makes it FP16 torch.compile with CUDA graphs on a
+  GPU, ``.pt`` engines only). The preprocessing (image size, resize, mean/std) and the class names come from
   the manifest beside the engine (``X.manifest.json``), never from flags.
 * Preprocessing is DALI's (``rn50.batches``): ``mixed`` nvJPEG decoding and GPU resizing when CUDA
   is available (the batch stays on the GPU and feeds the engine without a host copy), the CPU

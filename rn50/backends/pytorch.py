@@ -144,7 +144,7 @@ class TorchBackend:
                 if n < self.batch:
                     # A short batch (the last one, or one that lost undecodable images) is padded up to
                     # the compiled batch rather than compiled at its own shape: a second shape is
-                    # another compile (a minute) and another CUDA graph (its own memory pool) mid-run,
+                    # another compile (tens of seconds) and another CUDA graph (its own memory pool) mid-run,
                     # for one batch. Rows are independent in eval mode (batch norm uses its running
                     # statistics), so the padding does not change the real rows; it is sliced off.
                     self._input[n:].zero_()
