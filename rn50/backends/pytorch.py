@@ -159,7 +159,7 @@ class TorchBackend:
 
         t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         if self.batch is not None and len(t):
-            # more rows than the compiled batch: in compiled-size chunks, the last one padded
+            # in chunks of the compiled batch (a batch is rarely longer), a short one padded by _run_compiled
             b = self.batch
             return np.concatenate([self._run_compiled(t[i : i + b], len(t[i : i + b])) for i in range(0, len(t), b)])
         t = t.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
