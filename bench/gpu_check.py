@@ -14,18 +14,21 @@ Stages, run in this order (default: all five, then the table):
           90 %, 94 % and 95 % top-1.
   infer   exports the trained checkpoint (the .pt2 compiled for the GPU, and the FP32 ONNX),
           times eager FP32 / FP16, torch.compile and the .pt2 at batch 1, 32 and 256
-          (``bench.gpu_inference``), and runs ``serve.validate`` for each engine that runs here.
+          (``bench.gpu_inference``), and runs ``serve.validate`` for each engine that runs here,
+          the checkpoint served compiled in FP16 (``--pt-precision fp16 --pt-compile``) included.
   serve   ``serve.infer`` end to end over the validation split with the .pt2 (or, where the
-          infer stage could not make one, the checkpoint in eager FP32): DALI ``mixed`` (nvJPEG,
-          GPU) decoding against the same loop with CPU decoding, and how often the two pick the
-          same class.
+          infer stage could not make one, the checkpoint in eager FP32), and with the checkpoint
+          compiled in FP16: DALI ``mixed`` (nvJPEG, GPU) decoding against the same loop with CPU
+          decoding, how often the two pick the same class, and each end-to-end rate against the
+          same model alone at the same batch (the infer stage's figure).
   table   print the table only.
 
 Each measurement runs in its own process; its log goes to RESULTS/logs/ and its result is merged
 into RESULTS/results.json as soon as it is known. So the stages can run in separate invocations
 (one per time-limited job), a failing measurement costs only its own row, and the table printed
 last (also written to RESULTS/table.md) covers everything measured so far. Without CUDA the same
-commands run on the CPU with dali-cpu (a smoke test of the script: the figures mean nothing).
+commands run on the CPU with dali-cpu (a smoke test of the script: the figures mean nothing; the
+compiled checkpoint runs in FP32 there, as serve refuses FP16 on the CPU).
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ SPEED_CONFIGS = [
     ("AMP FP16 + channels_last + torch.compile", ["--amp", "--compile", "--memory-format", "channels_last"]),
 ]
 THRESHOLDS = (90.0, 94.0, 95.0)
+# The checkpoint served compiled (infer: validate/pt-compiled; serve: serve/pt-compiled/*)
+PT_COMPILED = "pt-compiled"
+
+
+def pt_compiled_flags(cuda: bool) -> list[str]:
+    """serve's flags for the checkpoint compiled: FP16 with CUDA graphs on a GPU, FP32 on the CPU
+    (where serve refuses FP16), so the smoke run runs the same commands."""
+    return ["--pt-precision", "fp16" if cuda else "fp32", "--pt-compile"]
 
 
 def log(msg: str) -> None:
@@ -332,8 +343,11 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
         ("export/onnx-fp32", onnx, ["--precision", "fp32"]),
     ):
         mf = manifest_path(out)
-        for f in (out, mf):  # an earlier run's must not stand in for a failed export
+        for f in (out, mf):  # an earlier run's must not stand in for a failed (or skipped) export
             f.unlink(missing_ok=True)
+        if a.no_export:
+            log(f"infer: --no-export: no {out.name}")
+            continue
         r = run(res, key.replace("/", "-"), ["-m", "export", "--checkpoint", best, "--output", out, *extra])
         par = json.loads(mf.read_text()).get("parity") if r["rc"] == 0 and mf.is_file() else None
         res.put(key, {**r, "parity": par})
@@ -356,9 +370,12 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     )
     inf = res.root / "inference.json"
     res.put("inference", {**r, **(json.loads(inf.read_text()) if r["rc"] == 0 and inf.is_file() else {})})
+    cpu_limit = ["--limit", a.cpu_validate_images]
     for key, engine, extra in (
         ("validate/pt2", pt2, []),
-        ("validate/onnx-fp32", onnx, ["--limit", a.cpu_validate_images]),
+        ("validate/onnx-fp32", onnx, cpu_limit),
+        # the checkpoint as served compiled, against itself in eager FP32 (the reference)
+        (f"validate/{PT_COMPILED}", best, pt_compiled_flags(cuda) + ([] if cuda else cpu_limit)),
     ):
         if not engine.is_file():
             continue
@@ -389,27 +406,36 @@ def stage_infer(a: argparse.Namespace, res: Results, cuda: bool) -> None:
 def stage_serve(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     # The .pt2 where the infer stage could export one, else the checkpoint itself (eager FP32):
     # AOTInductor's CUDA loader can crash, and that must not cost this row too.
+    best = res.root / "train" / "best.pt"
     engine = res.root / "rn50.pt2"
     if not engine.is_file():
-        engine = res.root / "train" / "best.pt"
+        engine = best
         log(f"serve: no {res.root / 'rn50.pt2'}: serving the checkpoint {engine} (eager PyTorch FP32)")
     if not engine.is_file():
         log(f"serve: {engine} is missing: run the train stage first")
         return
+    _serve_engine(a, res, cuda, "serve", engine, [])
+    _serve_engine(a, res, cuda, f"serve/{PT_COMPILED}", best, pt_compiled_flags(cuda))
+
+
+def _serve_engine(a: argparse.Namespace, res: Results, cuda: bool, key: str, engine: Path, flags: list[str]) -> None:
+    """serve.infer of ``engine`` with both decodings: results ``KEY/gpu``, ``KEY/cpu``, ``KEY/agreement``."""
     val = Path(a.data) / "val"
+    stem = key.replace("/", "-")
     for dev in ("gpu", "cpu") if cuda else ("cpu",):
-        summ, pred = res.root / f"serve-{dev}.json", res.root / f"serve-{dev}.jsonl"
+        summ, pred = res.root / f"{stem}-{dev}.json", res.root / f"{stem}-{dev}.jsonl"
         for f in (summ, pred):  # no figure from an earlier run may stand in for this one
             f.unlink(missing_ok=True)
         # the engine runs where CUDA is (auto) both times; only where DALI decodes changes
         r = run(
             res,
-            f"serve-{dev}",
+            f"{stem}-{dev}",
             [
                 "-m",
                 "serve.infer",
                 "--engine",
                 engine,
+                *flags,
                 "--decode-on",
                 "auto" if dev == "gpu" else "cpu",
                 "--batch-size",
@@ -423,10 +449,41 @@ def stage_serve(a: argparse.Namespace, res: Results, cuda: bool) -> None:
             ],
         )
         # exit 1: some images could not be decoded; the rest were classified and the summary counts them
-        res.put(f"serve/{dev}", {**r, **(json.loads(summ.read_text()) if r["rc"] in (0, 1) and summ.is_file() else {})})
-    a_, b_ = res.root / "serve-gpu.jsonl", res.root / "serve-cpu.jsonl"
+        res.put(f"{key}/{dev}", {**r, **(json.loads(summ.read_text()) if r["rc"] in (0, 1) and summ.is_file() else {})})
+    a_, b_ = res.root / f"{stem}-gpu.jsonl", res.root / f"{stem}-cpu.jsonl"
     if a_.is_file() and b_.is_file():
-        res.put("serve/agreement", top1_agreement(a_, b_))
+        res.put(f"{key}/agreement", top1_agreement(a_, b_))
+
+
+# serve stage results: key -> what it serves (its rows are KEY/gpu, KEY/cpu, KEY/agreement)
+SERVE_KEYS = {"serve": "the .pt2, else the checkpoint in eager FP32", f"serve/{PT_COMPILED}": "the checkpoint compiled"}
+
+
+def model_only_engine(backend: str | None, provider: str) -> str | None:
+    """The bench.gpu_inference row (engine name) that times the model a serve.infer run served."""
+    if backend == "aoti":
+        return "aotinductor fp32 (.pt2)"
+    if backend != "pytorch":
+        return None
+    for what, name in (
+        ("torch.compile fp16", "torch.compile fp16 (reduce-overhead)"),  # its CUDA name
+        ("torch.compile fp32", "torch.compile fp32"),  # its CPU name (no compiled FP32 row on CUDA)
+        ("eager fp16", "pytorch eager fp16"),
+        ("eager fp32", "pytorch eager fp32"),
+    ):
+        if what in provider:
+            return name
+    return None
+
+
+def model_only(res: Results, served: dict[str, Any]) -> tuple[str, float] | None:
+    """``(engine, images/s)`` of the infer stage's timing of the model a serve.infer summary ran, at
+    its batch size (input already on the device); None when that was not timed."""
+    name = model_only_engine(served.get("backend"), served.get("provider") or "")
+    for row in (res["inference"] or {}).get("rows") or []:
+        if row.get("engine") == name and row.get("batch") == served.get("batch_size") and row.get("images_per_s"):
+            return name, float(row["images_per_s"])
+    return None
 
 
 def top1_agreement(a: Path, b: Path) -> dict[str, Any]:
@@ -536,7 +593,7 @@ def table(res: Results) -> str:
             ratio = f"{top / base[batches[-1]]:.2f}x" if top and base[batches[-1]] else "-"
             L.append(f"| {e} | " + " | ".join(cells) + f" | {ratio} |")
         L.append("")
-    vals = [(k, res[k]) for k in ("validate/pt2", "validate/onnx-fp32") if res[k]]
+    vals = [(k, res[k]) for k in ("validate/pt2", "validate/onnx-fp32", f"validate/{PT_COMPILED}") if res[k]]
     if vals:
         L += [
             "serve.validate (engine vs eager FP32 PyTorch on the same DALI batches)",
@@ -557,35 +614,54 @@ def table(res: Results) -> str:
                 f"{'PASS' if rep.get('passed') else 'FAIL'} |"
             )
         L.append("")
-    serve = [(d, res[f"serve/{d}"]) for d in ("gpu", "cpu") if res[f"serve/{d}"]]
+    serve = [(key, d, res[f"{key}/{d}"]) for key in SERVE_KEYS for d in ("gpu", "cpu") if res[f"{key}/{d}"]]
     if serve:
         L += [
-            "4. serve.infer end to end (files to predictions)",
+            "4. serve.infer end to end (files to predictions), against the same model alone at the same batch "
+            "(table 3: input already on the device)",
             "",
-            "| decoding | engine | images | images/s | engine latency p50 per batch | batch |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "| decoding | engine | images | images/s end to end | after the first batch | model only "
+            "| vs model only (end to end / after the first batch) | engine latency p50 per batch | batch |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for d, r in serve:
+        for key, d, r in serve:
             label = (
                 "DALI mixed (nvJPEG + GPU resize)"
                 if d == "gpu" and r.get("dali_device") == "gpu"
                 else f"DALI on the CPU, engine on {r.get('engine_device', '?')}"
             )
             if r["rc"] not in (0, 1) or "images_per_s" not in r:
-                L.append(f"| {label} | - | - | failed ({r['log']}) | - | - |")
+                L.append(f"| {label} | {SERVE_KEYS[key]} | - | failed ({r['log']}) | - | - | - | - | - |")
                 continue
             lat = (r.get("latency_ms") or {}).get("p50")
+            ips, after = r.get("images_per_s"), r.get("images_per_s_after_first_batch")
+            mo = model_only(res, r)
+            ratio = f"{ips / mo[1]:.2f}x / {_f(after / mo[1] if after else None, '{:.2f}x')}" if mo and ips else "-"
             L.append(
                 f"| {label} | {Path(r.get('engine', '')).name} ({r.get('backend')}, {r.get('provider')}) | "
-                f"{r.get('images', '-')} | {_f(r.get('images_per_s'))} | {_f(lat, '{:.1f}')} ms | "
+                f"{r.get('images', '-')} | {_f(ips)} | {_f(after)} | "
+                f"{f'{mo[1]:,.0f} ({mo[0]})' if mo else '-'} | {ratio} | {_f(lat, '{:.1f}')} ms | "
                 f"{r.get('batch_size', '-')} |"
             )
-        ag = res["serve/agreement"]
-        if ag:
+        for key in SERVE_KEYS:
+            ag = res[f"{key}/agreement"]
+            if ag:
+                L += [
+                    "",
+                    f"Same top-1 class from both decodings ({SERVE_KEYS[key]}): {ag['same_top1']} of "
+                    f"{ag['images']} images ({ag['percent']:.2f} %).",
+                ]
+        goal = res[f"serve/{PT_COMPILED}/gpu"]
+        mo = model_only(res, goal) if goal and goal.get("images_per_s") else None
+        if goal and mo and goal.get("dali_device") == "gpu":
+            ratio = goal["images_per_s"] / mo[1]
+            after = goal.get("images_per_s_after_first_batch")
             L += [
                 "",
-                f"Same top-1 class from both decodings: {ag['same_top1']} of {ag['images']} images "
-                f"({ag['percent']:.2f} %).",
+                f"Goal (issue 12): the checkpoint served compiled, DALI mixed, end to end >= 0.8x the model alone "
+                f"at batch {goal.get('batch_size')}: {ratio:.2f}x "
+                f"({_f(after / mo[1] if after else None, '{:.2f}x')} after the first batch): "
+                + ("met." if ratio >= 0.8 else "not met."),
             ]
         L.append("")
     return "\n".join(L)
@@ -626,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--batches", default="1,32,256", help="infer: batch sizes (default 1,32,256)")
     ap.add_argument("--seconds", type=float, default=3.0, help="infer: seconds per timing (default 3)")
+    ap.add_argument(
+        "--no-export",
+        action="store_true",
+        help="infer/serve: no .pt2 and ONNX export (their timing, validation and serving rows): the "
+        "checkpoint's rows only, eager and compiled, for a short GPU session (the .pt2 export alone "
+        "compiles for about 90 s)",
+    )
     ap.add_argument(
         "--cpu-validate-images",
         type=int,

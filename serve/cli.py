@@ -73,3 +73,48 @@ def add_device(ap: argparse.ArgumentParser, help: str) -> None:
 def add_max_pixels(ap: argparse.ArgumentParser, help: str) -> None:
     """``--max-pixels N``; None stands for ``rn50.layout.MAX_PIXELS``."""
     ap.add_argument("--max-pixels", type=int, default=None, help=help)
+
+
+# How a .pt engine runs. Named --pt-*: for every other engine the precision and the compilation
+# are properties of the exported file (python -m export --precision), which a bare --precision or
+# --compile here would seem to change.
+PT_PRECISIONS = ("fp32", "fp16")
+
+
+def add_pt_options(ap: argparse.ArgumentParser) -> None:
+    """``--pt-precision`` and ``--pt-compile``, read by :func:`pt_options`."""
+    g = ap.add_argument_group(
+        ".pt engines only",
+        "How a training checkpoint given as --engine X.pt runs. With a .plan, .onnx or .pt2 engine\n"
+        "these flags are an error (exit 2): their precision and compilation were fixed by the export.",
+    )
+    g.add_argument(
+        "--pt-precision",
+        choices=PT_PRECISIONS,
+        default=None,
+        help="fp32 (default): the checkpoint as trained; fp16: weights and input in half precision, "
+        "on a CUDA GPU only (the CPU runs fp16 convolutions several times slower than fp32)",
+    )
+    g.add_argument(
+        "--pt-compile",
+        action="store_true",
+        help="torch.compile the model when it loads (tens of seconds or more; on a GPU its kernels are "
+        "replayed as a CUDA graph), for --batch-size: shorter batches are padded to it. "
+        "--pt-precision fp16 --pt-compile is the fast way to serve a checkpoint on a GPU",
+    )
+
+
+def pt_options(args: argparse.Namespace) -> dict[str, object]:
+    """``load_engine``'s keyword arguments for the ``--pt-*`` flags given (none: ``{}``, today's
+    eager FP32). DataError naming the engine when they are given for an engine that is not a .pt."""
+    given = [f for f, v in (("--pt-precision", args.pt_precision), ("--pt-compile", args.pt_compile)) if v]
+    if not given:
+        return {}
+    suffix = os.path.splitext(args.engine)[1].lower()
+    if suffix != ".pt":
+        raise DataError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to .pt checkpoint engines only, "
+            f"not to {args.engine} "
+            f"(a {suffix or 'suffix-less'} engine runs at the precision and compilation of its export)"
+        )
+    return {"pt_precision": args.pt_precision, "pt_compile": args.pt_compile, "pt_batch": args.batch_size}

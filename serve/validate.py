@@ -5,7 +5,8 @@ both the eager fp32 PyTorch model (the checkpoint through ``rn50.backends.pytorc
 runs a ``.pt`` engine) and the engine, so any
 difference is the engine's. Reports top-1/top-5 of both, their difference, top-1 agreement and
 the max abs logit difference, and passes when the engine meets the bounds for its precision (from
-the engine's manifest; one table for export's parity check, the INT8 gate and this,
+the engine's manifest, or ``--pt-precision`` for a ``.pt`` engine; one table for export's parity
+check, the INT8 gate and this,
 :data:`rn50.compare.BOUNDS`): it loses at most 0.05 (fp32), 0.1 (fp16) or 0.5 (int8) point of
 PyTorch's top-1, picks PyTorch's top-1 class on at least 99.5 %, 99 % or 90 % of the images, and
 (fp32, fp16) its logits stay within 1e-3 / 2e-2 of PyTorch's logit scale.
@@ -44,7 +45,7 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_batch_size, add_device, add_engine, new_parser
+    from .cli import add_batch_size, add_device, add_engine, add_pt_options, new_parser
 
     ap = new_parser(
         "serve.validate",
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine(
         ap,
-        ".plan, .onnx, .pt2 (or a .pt checkpoint: eager FP32, the same "
-        "computation as the reference) with its manifest beside it",
+        ".plan, .onnx, .pt2 or a .pt checkpoint (eager FP32 by default, the reference's own "
+        "computation; --pt-precision and --pt-compile make it the served model to check) "
+        "with its manifest beside it",
     )
     ap.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint (best.pt) the engine was exported from")
     ap.add_argument("val_dir", metavar="VAL_DIR", help="labelled split: VAL_DIR/<class>/<images>")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checked before any work: exit 2 if they cannot be written",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_pt_options(ap)
     return ap
 
 
@@ -219,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
-    from .cli import check_outputs, env_threads, pick_device
+    from .cli import check_outputs, env_threads, pick_device, pt_options
     from .pipeline import BatchStream
 
     def err(msg: str) -> int:
@@ -245,8 +248,9 @@ def _run(args: argparse.Namespace) -> int:
     if bad_output:
         return err(bad_output)
     try:
+        pt = pt_options(args)
         device = pick_device(args.device)
-        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
+        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu", **pt)
         if device == "gpu" and backend.device != "cuda":
             device = "cpu"
         # the reference: the checkpoint as serve runs a .pt engine, beside the engine
@@ -257,7 +261,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"{args.engine}: the engine's classes {manifest['classes']} differ from the checkpoint's "
                 f"{ck_classes} ({args.checkpoint}): not exported from this checkpoint?"
             )
-        precision = str(manifest.get("precision", "fp32"))
+        # a .pt engine runs at the precision asked of it (--pt-precision), not its manifest's fp32
+        precision = backend.precision if isinstance(backend, TorchBackend) else str(manifest.get("precision", "fp32"))
         if precision not in BOUNDS:
             return err(f"{args.engine}: its manifest gives precision {precision!r}, not one of {', '.join(BOUNDS)}")
         p = preprocessing_of(manifest)

@@ -70,18 +70,37 @@ def _suffix(path: Path) -> str:
     return s
 
 
+def _refuse_pt_options(path: Path, suffix: str, precision: str | None, compile: bool) -> None:
+    """EngineError when ``.pt`` options are asked of another engine (its export fixed them)."""
+    if (precision is not None or compile) and SUFFIXES[suffix] != "pytorch":
+        raise EngineError(
+            f"{path}: precision and torch.compile options apply to .pt checkpoints only; "
+            f"a {suffix} engine runs as exported"
+        )
+
+
 def load_backend(
     path: str | os.PathLike[str],
     manifest: dict[str, Any] | None = None,
     prefer_gpu: bool = True,
     suffix: str | None = None,
+    *,
+    pt_precision: str | None = None,
+    pt_compile: bool = False,
+    pt_batch: int | None = None,
 ) -> Backend:
     """Open ``path`` with the backend its suffix names (no manifest checks; see load_engine).
 
     ``suffix`` names the engine type where the path's own suffix does not (a file that is still
-    being written under a temporary name, as export checks it before renaming it into place)."""
+    being written under a temporary name, as export checks it before renaming it into place).
+
+    ``pt_precision`` (fp32 when None, or fp16), ``pt_compile`` (torch.compile) and ``pt_batch``
+    (the batch the compiled model is fixed to) apply to a ``.pt`` checkpoint only
+    (:class:`rn50.backends.pytorch.TorchBackend`); every other engine's precision and compilation
+    were fixed by its export, and asking them of one is an EngineError."""
     path = Path(path)
     s = _suffix(Path(f"engine{suffix}") if suffix else path)
+    _refuse_pt_options(path, s, pt_precision, pt_compile)
     if not path.exists():
         raise EngineError(f"{path}: engine not found")
     if not path.is_file():
@@ -98,19 +117,35 @@ def load_backend(
     if SUFFIXES[s] == "pytorch":
         from .pytorch import TorchBackend
 
-        return TorchBackend(path, manifest, prefer_gpu=prefer_gpu)
+        return TorchBackend(
+            path,
+            manifest,
+            prefer_gpu=prefer_gpu,
+            precision=pt_precision or "fp32",
+            compile=pt_compile,
+            batch_size=pt_batch,
+        )
     from .tensorrt import TrtBackend
 
     return TrtBackend(path, manifest)
 
 
-def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[Backend, dict[str, Any]]:
+def load_engine(
+    path: str | os.PathLike[str],
+    prefer_gpu: bool = True,
+    *,
+    pt_precision: str | None = None,
+    pt_compile: bool = False,
+    pt_batch: int | None = None,
+) -> tuple[Backend, dict[str, Any]]:
     """Check the engine and its manifest, open it; ``(backend, manifest)``.
 
-    Raises EngineError / ManifestError with a message for the terminal.
+    ``pt_*``: the options of a ``.pt`` engine (:func:`load_backend`); refused for others before
+    anything is read. Raises EngineError / ManifestError with a message for the terminal.
     """
     path = Path(path)
     s = _suffix(path)
+    _refuse_pt_options(path, s, pt_precision, pt_compile)
     if not path.exists():
         raise EngineError(f"{path}: engine not found")
     m = read_manifest(path)
@@ -126,7 +161,9 @@ def load_engine(path: str | os.PathLike[str], prefer_gpu: bool = True) -> tuple[
         raise ManifestError(
             f"{path}: its manifest is inconsistent: image_size {m['image_size']} but its preprocessing crops {size} px"
         )
-    backend = load_backend(path, m, prefer_gpu=prefer_gpu)
+    backend = load_backend(
+        path, m, prefer_gpu=prefer_gpu, pt_precision=pt_precision, pt_compile=pt_compile, pt_batch=pt_batch
+    )
     check_input_shape(path, backend.input_shape, size)
     n = backend.num_classes
     if n is not None and n != len(m["classes"]):

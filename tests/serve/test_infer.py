@@ -179,6 +179,9 @@ def test_summary_json(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
     s = json.loads(summ.read_text())
     assert (s["images"], s["classified"], s["failed"], s["batch_size"]) == (6, 5, 1, 2)
     assert s["batches"] == 3 and s["images_per_s"] == pytest.approx(6 / s["seconds"])
+    # the rate after the first batch (2 images), which also paid for starting DALI and the engine
+    assert 0 < s["first_batch_s"] < s["seconds"]
+    assert s["images_per_s_after_first_batch"] == pytest.approx(4 / (s["seconds"] - s["first_batch_s"]))
     assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p95"] <= s["latency_ms"]["p99"]
     assert (s["backend"], s["dali_device"], s["engine_device"]) == ("onnxruntime", "cpu", "cpu")
 
