@@ -204,3 +204,19 @@ def test_data_stage_runs_full_epochs_and_caps_only_pytorch(tmp_path: Path, fmnis
     assert not p["full_epochs"] and p["images_per_epoch"] == 64
     assert d["epoch_img_per_s"] == [1000.0, 2000.0, 3000.0] and d["vs_synthetic"] == 3000.0 / 4000.0
     assert d["synthetic_img_per_s"] == 4000.0 and d["config"] == labels[3]
+
+
+def test_speed_stage_command_lines_are_accepted_by_train(tmp_path: Path, monkeypatch) -> None:
+    """Each synthetic-data run of the speed stage resolves with python -m train's own parser and
+    resolver (a flag combination train refuses would cost the GPU session every speed row)."""
+    import train.__main__ as train_main
+    from train.config import resolve
+
+    calls = []
+    monkeypatch.setattr(gc, "run", lambda results, name, args, timeout=None: calls.append(args) or {"rc": 0})
+    gc.stage_speed(gc.build_parser().parse_args(["speed"]), gc.Results(tmp_path), cuda=False)
+    assert len(calls) == len(gc.SPEED_CONFIGS)
+    for args in calls:
+        assert [str(x) for x in args[:2]] == ["-m", "train"]
+        cfg = resolve(train_main.build_parser().parse_args([str(x) for x in args[2:]]), 1, True)
+        assert cfg.data_backend == "synthetic" and cfg.synthetic_without_data and cfg.num_classes == 1000
