@@ -8,7 +8,9 @@ Stages, run in this order (default: all five, then the table):
           torchvision reference script's setting) against AMP, AMP + channels_last and
           AMP + channels_last + torch.compile.
   data    the fastest of those on the real JPEGs through dali-gpu and through the pytorch
-          DataLoader (same workers), to show what the data path costs.
+          DataLoader (same workers), full epochs (--data-epochs, at least 2), each as a ratio to
+          the synthetic rate of the same configuration, with the time each epoch waited for its
+          data (in all, and for its first batch): what the data path costs.
   train   ``python -m train`` with the GPU profile on the data (what ``make train`` runs; give
           --epochs for a shorter schedule): final val top-1/top-5 and the wall time to reach
           90 %, 94 % and 95 % top-1.
@@ -205,9 +207,7 @@ def stage_speed(a: argparse.Namespace, res: Results, cuda: bool) -> None:
                 "train",
                 "--data-backend",
                 "synthetic",
-                # a folder that does not exist: synthetic data with --num-classes
-                "--data",
-                res.root / "no-data",
+                # no --data: synthetic data with --num-classes (train refuses the two together)
                 "--num-classes",
                 "1000",
                 "--synthetic-steps",
@@ -223,18 +223,29 @@ def stage_speed(a: argparse.Namespace, res: Results, cuda: bool) -> None:
 
 
 def stage_data(a: argparse.Namespace, res: Results, cuda: bool) -> None:
-    common = _speed_flags(a)
+    """Full epochs on the real JPEGs through DALI and through the pytorch DataLoader, in the fastest
+    AMP configuration of the speed stage, each as a ratio to that configuration's synthetic rate.
+    At least two epochs: the first includes compilation and autotuning, and from the second on
+    every epoch pays its data pipeline's start (a pipeline built ahead for DALI; new workers for
+    the DataLoader), which short epochs would overstate and no synthetic row shows."""
     rows = [res["speed/synthetic/" + label] for label, _ in SPEED_CONFIGS[1:]]
     ok = [(r["img_per_s"], r["config"]) for r in rows if r and r.get("img_per_s")]
     if not ok:
         log("data: no AMP configuration has a synthetic figure yet (run the speed stage first)")
         return
-    best = max(ok)[1]
+    syn_ips, best = max(ok)
     flags = dict(SPEED_CONFIGS)[best]
+    from rn50.layout import load_dataset
+
+    n_train = len(load_dataset(a.data)[0].files)
+    epochs = max(2, a.data_epochs)
     for backend in ("dali-gpu" if cuda else "dali-cpu", "pytorch"):
         key = f"speed/real/{backend}"
         out = res.root / "speed" / f"real-{backend}"
-        limit = ["--limit-train", a.real_images] if a.real_images else []
+        for f in out.glob("metrics.jsonl"):  # no epoch of an earlier run may stand in for this one's
+            f.unlink()
+        cap = a.real_images_pytorch if backend == "pytorch" and a.real_images_pytorch is not None else a.real_images
+        images = min(cap, n_train) if cap else n_train
         r = run(
             res,
             f"speed-real-{backend}",
@@ -245,16 +256,49 @@ def stage_data(a: argparse.Namespace, res: Results, cuda: bool) -> None:
                 a.data,
                 "--data-backend",
                 backend,
-                *limit,
+                *(["--limit-train", images] if images < n_train else []),
                 "--limit-val",
                 a.batch_size,
+                "--check-images",
+                "off",  # a set-up pass, not part of any epoch; Fashion-MNIST has no bad file
                 "--output",
                 out,
-                *common,
+                "--epochs",
+                epochs,
+                "--batch-size",
+                a.batch_size,
+                "--image-size",
+                a.image_size,
+                "--amp-dtype",
+                "fp16",
+                "--workers",
+                a.workers,
                 *flags,
             ],
+            timeout=a.data_timeout,
         )
-        res.put(key, {**r, **_speed_figures(out, best, f"Fashion-MNIST JPEGs via {backend}")})
+        h = history(out)
+        per_epoch = images // a.batch_size * a.batch_size  # whole batches (drop_last)
+        full = images == n_train
+        words = f"full epochs of {per_epoch:,} images" if full else f"NOT full: {per_epoch:,} of {n_train:,} images"
+        res.put(
+            key,
+            {
+                **r,
+                **_speed_figures(out, best, f"Fashion-MNIST JPEGs via {backend}, {words} an epoch"),
+                # the first epoch includes compilation: alone it is no training rate
+                "img_per_s": h[-1]["img_per_s"] if len(h) > 1 else None,
+                "backend": backend,
+                "epochs_planned": epochs,
+                "images_per_epoch": per_epoch,
+                "train_images": n_train,
+                "full_epochs": full,
+                "epoch_img_per_s": [x["img_per_s"] for x in h],
+                "loader": [x.get("loader") for x in h],
+                "synthetic_img_per_s": syn_ips,
+                "vs_synthetic": h[-1]["img_per_s"] / syn_ips if len(h) > 1 else None,
+            },
+        )
         _drop_checkpoints(out)
 
 
@@ -519,6 +563,44 @@ def _mmss(s: float | None) -> str:
     return f"{t // 60} min {t % 60:02d} s"
 
 
+def _real_data_table(real: list[dict[str, Any]]) -> list[str]:
+    """The data stage: real JPEGs against synthetic data in the same configuration, per epoch."""
+    if not real:
+        return []
+    L = [
+        "1b. Real data against synthetic data, same configuration (data stage; "
+        f"{real[0].get('config')}; images/s per epoch, the first includes compilation)",
+        "",
+        "| backend | images an epoch | epochs | images/s per epoch | last epoch vs synthetic "
+        "| waited for data, last epoch | of it for the first batch | pipeline built ahead (Pipeline.build) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in real:
+        per = r.get("images_per_epoch") or 0
+        images = f"{per:,} (full)" if r.get("full_epochs") else f"{per:,} of {r.get('train_images', 0):,} (NOT full)"
+        done = len(r["epoch_img_per_s"])
+        epochs = f"{done}/{r.get('epochs_planned')}" + (" (stopped by --data-timeout)" if r.get("timed_out") else "")
+        ips = ", ".join(_f(x) for x in r["epoch_img_per_s"]) or ("failed (" + r["log"] + ")" if r["rc"] else "-")
+        vs = r.get("vs_synthetic")
+        ratio = f"{vs:.2f}x of {_f(r.get('synthetic_img_per_s'))}" if vs else "-"
+        last = (r.get("loader") or [None])[-1] or {}
+        wait = f"{last['wait_s']:.2f} s" if "wait_s" in last else "-"
+        first = f"{last['first_s']:.2f} s" if "first_s" in last else "-"
+        ahead = (
+            f"{'yes' if last['built_ahead'] else 'no'} ({1000 * last['build_s']:.0f} ms)"
+            if "built_ahead" in last
+            else "- (not DALI)"
+        )
+        L.append(f"| {r.get('backend')} | {images} | {epochs} | {ips} | {ratio} | {wait} | {first} | {ahead} |")
+    L += [
+        "",
+        "Waited: host seconds the training loop spent in the loader during the epoch (start, steps and "
+        "teardown); the goal is a last epoch at >= 0.90x synthetic.",
+        "",
+    ]
+    return L
+
+
 def table(res: Results) -> str:
     env = res["env"] or {}
     L = [
@@ -546,6 +628,7 @@ def table(res: Results) -> str:
                 f"{_f(ips) if r['rc'] == 0 else 'failed (' + r['log'] + ')'} | {ratio} |"
             )
         L.append("")
+    L += _real_data_table([x for x in real if x and "epoch_img_per_s" in x])
     t = res["train"]
     if t:
         tt = t.get("time_to") or {}
@@ -696,6 +779,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="data: training images per epoch (default 0: all of them; a short epoch is dominated by "
         "the per-epoch start of the data pipeline: 30 batches gave half the rate of a full epoch)",
+    )
+    ap.add_argument(
+        "--real-images-pytorch",
+        type=int,
+        help="data: training images per epoch for the pytorch DataLoader only, where a full epoch would "
+        "not fit the time (default: as --real-images); the row says when its epochs are not full",
+    )
+    ap.add_argument(
+        "--data-epochs", type=int, default=2, help="data: epochs per backend, at least 2 (default %(default)s)"
+    )
+    ap.add_argument(
+        "--data-timeout",
+        type=float,
+        default=300.0,
+        help="data: stop a backend's run after this many seconds; its completed epochs are "
+        "reported (default %(default)s)",
     )
     ap.add_argument(
         "--workers", type=int, default=8, help="speed/data: data workers/threads, both backends (default 8)"

@@ -13,13 +13,46 @@ Data order is a function of ``(seed, epoch, rank)`` only: each epoch's file orde
 permutation, split across ranks (each rank gets ``len // world`` files, whole batches), and the
 augmentation RNG is seeded from the same numbers. That is what makes ``--resume`` continue
 exactly where an uninterrupted run would have been.
+
+The DALI training loader therefore builds one pipeline per epoch, over that epoch's file order
+and seed, and builds the *next* epoch's pipeline ahead: when epoch e's first batch is out, a
+background thread builds epoch e+1's pipeline and schedules its first batches, so epoch e+1
+starts on decoded data instead of on a build and an empty prefetch queue. Nothing about a batch
+depends on whether its pipeline was built ahead: the pipeline built ahead is the one ``__iter__``
+would build (same files, same seed, same construction), and it is used only for the epoch it
+was built for (``set_epoch`` to another epoch discards it). Alternatives that were weighed:
+
+* one pipeline for the whole run, fed each epoch's order through ``external_source``: DALI's
+  random operators cannot be re-seeded once built, so epoch e's augmentation would depend on
+  every epoch before it, and ``--resume`` would need DALI's own checkpoint of operator state
+  saved with each checkpoint, and would not be exact for runs saved without it;
+* drawing the crop windows and flips outside DALI from ``(seed, epoch, rank, index)``: exact
+  and pipeline-free, but it re-implements the random-resized-crop of the one preprocessing
+  contract (``rn50.preprocess``).
+
+What building ahead cannot hide: DALI's ``Pipeline.Build`` (operator construction, nvJPEG
+set-up) holds the GIL (DALI 2.4's binding releases it in ``Run``, ``Outputs`` and ``Shutdown``
+only), so the training thread still pauses for that part, wherever it runs; defining the graph,
+the first decodes and the prefetch fill overlap. Each epoch's ``build_s`` (``stats``) says how
+long that pause can be.
+
+Limits kept: at most two DALI pipelines are alive in a training process (and hold GPU memory):
+during an epoch its own and the next epoch's; during validation the next epoch's and the
+validation pass's, since an epoch's pipeline is dropped as soon as its last batch is out. None
+is built past ``epochs``. An epoch that ends early (``break``, an exception, Ctrl-C, an abandoned
+iterator) joins the thread and drops both of its pipelines before the exception goes on;
+``close()`` drops the one ahead of a finished epoch. Validation loaders (``train=False``) build
+on demand: building theirs ahead would keep a third pipeline alive through training.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,9 +106,12 @@ class _Base:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> np.ndarray:
+    def close(self) -> None:
+        """Release whatever the loader holds between epochs (nothing, except for DALI)."""
+
+    def _indices(self, epoch: int | None = None) -> np.ndarray:
         if self.train:
-            order = epoch_order(len(self.files), self.seed, self.epoch)
+            order = epoch_order(len(self.files), self.seed, self.epoch if epoch is None else epoch)
             return shard_indices(order, self.shard, self.batch_size, drop_last=True)
         return np.arange(len(self.files))[self.shard.rank :: self.shard.world]
 
@@ -83,29 +119,83 @@ class _Base:
         n = len(self._indices())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _seed(self) -> int:
-        return (self.seed * 1_000_003 + self.epoch * 1009 + self.shard.rank) % (2**31 - 1)
+    def _seed(self, epoch: int | None = None) -> int:
+        e = self.epoch if epoch is None else epoch
+        return (self.seed * 1_000_003 + e * 1009 + self.shard.rank) % (2**31 - 1)
+
+
+class _Started:
+    """A built pipeline whose first batches are scheduled, with the files of its epoch."""
+
+    def __init__(self, pipe: Any, files: list[str], build_s: float):
+        self.pipe, self.files, self.build_s = pipe, files, build_s
+
+
+class _Ahead:
+    """Epoch ``epoch``'s pipeline, started in a background thread (non-daemon: an interpreter
+    that exits waits for a build in progress instead of tearing DALI down under it)."""
+
+    def __init__(self, epoch: int, start: Callable[[int], _Started | None]):
+        self.epoch = epoch
+        self._started: _Started | None = None
+        self._thread = threading.Thread(target=self._run, args=(start,), name=f"dali-ahead-epoch-{epoch}")
+        self._thread.start()
+
+    def _run(self, start: Callable[[int], _Started | None]) -> None:
+        try:
+            self._started = start(self.epoch)
+        except BaseException:  # the epoch builds again in the foreground, and fails there
+            self._started = None
+
+    def take(self) -> _Started | None:
+        """Wait for the build; the started pipeline, or None when building it failed."""
+        self._thread.join()
+        started, self._started = self._started, None
+        return started
+
+    def discard(self) -> None:
+        self._thread.join()
+        self._started = None
 
 
 class DaliLoader(_Base):
-    """DALI on the CPU or the GPU; one pipeline per epoch over that epoch's file order."""
+    """DALI on the CPU or the GPU; one pipeline per epoch over that epoch's file order, the next
+    epoch's built ahead (see the module docstring)."""
 
-    def __init__(self, *a, gpu: bool, **kw):
+    def __init__(self, *a, gpu: bool, epochs: int | None = None, build_ahead: bool = True, **kw):
         super().__init__(*a, **kw)
         self.gpu = gpu
+        # the epochs a pipeline may be built ahead for: training only, and never past the run's end
+        self.ahead_until = epochs if self.train and build_ahead else None
+        self._ahead: _Ahead | None = None
+        # per epoch iterated: {"epoch", "built_ahead", "build_s"} (build_s: seconds in Pipeline.build)
+        self.stats: list[dict[str, Any]] = []
 
-    def _pipeline(self, files: list[str], labels: list[int]):
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self._ahead is not None and self._ahead.epoch != epoch:
+            self.close()  # built for an epoch that is not coming: free its memory now
+
+    def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.discard()
+
+    def _pipeline(self, files: list[str], labels: list[int], seed: int):
         from nvidia.dali import fn, pipeline_def
 
         from rn50.preprocess import dali_decode, dali_train, dali_val
 
         p, train, gpu = self.p, self.train, self.gpu
 
+        # DALI 2.4's defaults otherwise: the dynamic executor (exec_async + exec_pipelined), whose
+        # outputs are freshly allocated per iteration. prefetch_queue_depth 2 is DALI's default:
+        # one batch ahead of the one being trained on, enough for batches of uniform cost.
         @pipeline_def(
             batch_size=self.batch_size,
             num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if gpu else None,
-            seed=self._seed(),
+            seed=seed,
             prefetch_queue_depth=2,
         )
         def pipe():
@@ -116,42 +206,85 @@ class DaliLoader(_Base):
             out = dali_train(imgs, p) if train else dali_val(imgs, p)
             return out, (lab.gpu() if gpu else lab)
 
-        pp = pipe()
-        pp.build()
-        return pp
+        return pipe()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
+    def _start(self, epoch: int) -> _Started | None:
+        """Epoch ``epoch``'s pipeline, built, with its first batches scheduled; None without files.
+        A function of (files, seed, epoch, rank) only, wherever and whenever it runs."""
+        idx = self._indices(epoch)
         files = [self.files[i] for i in idx]
         labels = [int(self.labels[i]) for i in idx]
         if not files:
+            return None
+        pipe = self._pipeline(files, labels, self._seed(epoch))
+        t = time.perf_counter()
+        pipe.build()
+        build_s = time.perf_counter() - t
+        # the scheduled API throughout (schedule_run, then outputs): the first call fills the
+        # prefetch queue, so a pipeline started ahead has its first batches decoding already
+        pipe.schedule_run()
+        return _Started(pipe, files, build_s)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        ahead, self._ahead = self._ahead, None
+        started = None
+        if ahead is not None:
+            if ahead.epoch == epoch:
+                started = ahead.take()
+            else:
+                ahead.discard()
+        built_ahead = started is not None
+        if started is None:
+            started = self._start(epoch)
+        if started is None:
             return
-        pipe = self._pipeline(files, labels)
+        self.stats.append({"epoch": epoch, "built_ahead": built_ahead, "build_s": started.build_s})
+        pipe, files = started.pipe, started.files
+        del started
         steps = len(self)
-        for step in range(steps):
-            try:
-                x, y = pipe.run()
-            except RuntimeError as e:
-                # DALI names the operator, not the file: find the undecodable one(s) in this batch
-                # and the prefetched ones after it, and name them.
-                # First the failing batch and the two prefetched after it, then (rarely needed)
-                # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.undecodable).
-                lo, hi = step * self.batch_size, (step + 3) * self.batch_size
-                bad = undecodable(files[lo:hi]) or undecodable(files[:lo] + files[hi:])
-                if bad:
-                    raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
-                first = first_line(e, prefer="error")
-                raise DataError(
-                    f"DALI failed on batch {step + 1} of {len(files)} files "
-                    f"(PIL decodes all of them; DALI says: {first})"
-                ) from None
-            n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
-            yield self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
+        delivered = 0
+        try:
+            for step in range(steps):
+                try:
+                    if step:
+                        pipe.schedule_run()
+                    x, y = pipe.outputs()
+                except RuntimeError as e:
+                    # DALI names the operator, not the file: find the undecodable one(s) in this batch
+                    # and the prefetched ones after it, and name them.
+                    # First the failing batch and the two prefetched after it, then (rarely needed)
+                    # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.undecodable).
+                    lo, hi = step * self.batch_size, (step + 3) * self.batch_size
+                    bad = undecodable(files[lo:hi]) or undecodable(files[:lo] + files[hi:])
+                    if bad:
+                        raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
+                    first = first_line(e, prefer="error")
+                    raise DataError(
+                        f"DALI failed on batch {step + 1} of {len(files)} files "
+                        f"(PIL decodes all of them; DALI says: {first})"
+                    ) from None
+                n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
+                batch = self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
+                del x, y
+                if step == 0 and self.ahead_until is not None and epoch + 1 < self.ahead_until:
+                    self._ahead = _Ahead(epoch + 1, self._start)
+                delivered = step + 1
+                yield batch
+        except BaseException:
+            # an epoch that ends early (break, exception, Ctrl-C) also ends the build ahead: it
+            # joins the thread, so no pipeline outlives the epoch half-built. A consumer that
+            # took every batch and only did not ask for the end keeps it.
+            if delivered < steps:
+                self.close()
+            raise
+        finally:
+            del pipe  # this epoch's pipeline goes now (its threads and memory), not at the next GC
 
     def _to_torch(self, out) -> torch.Tensor:
         t = out.as_tensor()
         if self.gpu:
-            return torch.from_dlpack(t).clone()  # DALI reuses its buffer at the next run()
+            return torch.from_dlpack(t).clone()  # a batch of its own, whatever DALI does with its buffer
         return torch.from_numpy(np.array(t)).to(self.device)
 
 
@@ -222,14 +355,18 @@ def make_loader(
     workers: int,
     num_classes: int = 1000,
     synthetic_steps: int = 100,
+    epochs: int | None = None,
+    build_ahead: bool = True,
 ):
+    """``epochs``: the run's epoch count; a DALI training loader that knows it builds each next
+    epoch's pipeline while an epoch runs (``build_ahead=False`` turns that off, for comparisons)."""
     kw = dict(batch_size=batch_size, train=train, device=device, shard=shard, seed=seed, workers=workers)
     if backend == "dali-gpu":
         if device.type != "cuda":
             raise DataError("--data-backend dali-gpu needs a CUDA GPU; use dali-cpu on this machine")
-        return DaliLoader(files, labels, p, gpu=True, **kw)
+        return DaliLoader(files, labels, p, gpu=True, epochs=epochs, build_ahead=build_ahead, **kw)
     if backend == "dali-cpu":
-        return DaliLoader(files, labels, p, gpu=False, **kw)
+        return DaliLoader(files, labels, p, gpu=False, epochs=epochs, build_ahead=build_ahead, **kw)
     if backend == "pytorch":
         return TorchLoader(files, labels, p, **kw)
     if backend == "synthetic":

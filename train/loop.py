@@ -67,6 +67,48 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+class LoaderWaits:
+    """Iterates a loader for one epoch and times, on the host, how long the training loop waits
+    for it: for the first batch (the data pipeline's start), for the end (its teardown) and in
+    all. On a GPU the loop is at most about a step ahead of the device (the loss scaler reads its
+    overflow flag every step), so host waiting is close to time the GPU spends without work."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.first_s = self.end_s = self.wait_s = 0.0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        n = 0
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    self.end_s = time.perf_counter() - t
+                    self.wait_s += self.end_s
+                    return
+                dt = time.perf_counter() - t
+                self.wait_s += dt
+                if n == 0:
+                    self.first_s = dt
+                n += 1
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:  # a loop left early ends the loader's epoch now, not at the next GC
+                close()
+
+    def record(self, epoch: int) -> dict[str, Any]:
+        rec: dict[str, Any] = {"first_s": self.first_s, "wait_s": self.wait_s, "end_s": self.end_s}
+        # DALI's own figures for this epoch's pipeline: built ahead or not, seconds in Pipeline.build
+        stats = [s for s in getattr(self.loader, "stats", []) if s["epoch"] == epoch]
+        if stats:
+            rec.update(built_ahead=stats[-1]["built_ahead"], build_s=stats[-1]["build_s"])
+        return rec
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, d: distributed.Dist, resume: dict[str, Any] | None = None):
         self.cfg, self.d = cfg, d
@@ -117,7 +159,10 @@ class Trainer:
             num_classes=len(self.classes),
             synthetic_steps=cfg.synthetic_steps,
         )
-        self.train_loader = make_loader(cfg.data_backend, tr_files, tr_labels, self.p, train=True, **common)
+        # epochs: a DALI training loader builds each next epoch's pipeline while an epoch runs
+        self.train_loader = make_loader(
+            cfg.data_backend, tr_files, tr_labels, self.p, train=True, epochs=cfg.epochs, **common
+        )
         self.val_loader = (
             make_loader(cfg.data_backend, va_files, va_labels, self.p, train=False, **common) if va_files else None
         )
@@ -256,36 +301,49 @@ class Trainer:
                 file=sys.stderr,
             )
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-        for epoch in range(self.start_epoch, end):
-            t0 = time.time()
-            loss, lr, n_img = self.train_epoch(epoch)
-            train_time = time.time() - t0
-            top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
-            rec = {
-                "epoch": epoch,
-                "train_loss": loss,
-                "lr": lr,
-                "img_per_s": n_img * d.world / train_time,
-                "val_top1": top1,
-                "val_top5": top5,
-                "val_images": n_val,
-                "time": time.time() - t0,
-                # wall seconds since the run started (set-up and compilation included; a resumed
-                # run adds its own time to the elapsed time of the epochs it continues from)
-                "elapsed": self._elapsed_before + time.time() - self._t0,
-            }
-            self.history.append(rec)
-            if d.main:
-                self._save(epoch, top1, top5, n_val)
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
-                    f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s)",
-                    file=sys.stderr,
-                )
+        try:
+            for epoch in range(self.start_epoch, end):
+                self._fit_epoch(epoch)
+        finally:
+            # a data pipeline built ahead for an epoch that will not run (--stop-after, an error,
+            # Ctrl-C) goes with the run, not with the interpreter
+            for loader in (self.train_loader, self.val_loader):
+                if loader is not None:
+                    loader.close()
         if d.main and self.tb is not None:
             self.tb.close()
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+    def _fit_epoch(self, epoch: int) -> None:
+        cfg, d = self.cfg, self.d
+        t0 = time.time()
+        loss, lr, n_img, waits = self.train_epoch(epoch)
+        train_time = time.time() - t0
+        top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
+        rec = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "lr": lr,
+            "img_per_s": n_img * d.world / train_time,
+            "val_top1": top1,
+            "val_top5": top5,
+            "val_images": n_val,
+            "time": time.time() - t0,
+            # wall seconds since the run started (set-up and compilation included; a resumed
+            # run adds its own time to the elapsed time of the epochs it continues from)
+            "elapsed": self._elapsed_before + time.time() - self._t0,
+            "loader": waits,
+        }
+        self.history.append(rec)
+        if d.main:
+            self._save(epoch, top1, top5, n_val)
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
+                f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s; waited "
+                f"{waits['wait_s']:.1f} s for data, {waits['first_s']:.1f} s of it for the first batch)",
+                file=sys.stderr,
+            )
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int, dict[str, Any]]:
         from tqdm import tqdm
 
         cfg, d = self.cfg, self.d
@@ -295,8 +353,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         total, count, lr = torch.zeros((), device=d.device), 0, 0.0
+        waits = LoaderWaits(self.train_loader)
         bar = tqdm(
-            self.train_loader,
+            waits,
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not d.main,
@@ -336,7 +395,7 @@ class Trainer:
         if not math.isfinite(mean):
             raise TrainingError(f"mean loss of epoch {epoch + 1} is {mean}: training diverged")
         loss_sum, n = distributed.all_sum([mean * count, count], d)
-        return loss_sum / max(n, 1), lr, count * cfg.batch_size
+        return loss_sum / max(n, 1), lr, count * cfg.batch_size, waits.record(epoch)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, int]:
