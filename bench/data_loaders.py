@@ -45,37 +45,14 @@ def epochs_ahead_or_not(a, files, labels, p) -> dict[str, list[dict]]:
     from train.loaders import Shard, make_loader
     from train.loop import LoaderWaits
 
+    common = dict(batch_size=a.batch_size, device=torch.device("cpu"), shard=Shard(), seed=0, workers=a.workers)
     loaders = {
-        ahead: make_loader(
-            "dali-cpu",
-            files,
-            labels,
-            p,
-            batch_size=a.batch_size,
-            train=True,
-            device=torch.device("cpu"),
-            shard=Shard(),
-            seed=0,
-            workers=a.workers,
-            epochs=a.epochs,
-            build_ahead=ahead,
-        )
+        ahead: make_loader("dali-cpu", files, labels, p, train=True, epochs=a.epochs, build_ahead=ahead, **common)
         for ahead in (False, True)
     }
     recs: dict[bool, list[dict]] = {False: [], True: []}
     # DALI's one-time start in this process (libraries, thread pools) goes into neither loader's epoch 1
-    warm = make_loader(
-        "dali-cpu",
-        files,
-        labels,
-        p,
-        batch_size=a.batch_size,
-        train=False,
-        device=torch.device("cpu"),
-        shard=Shard(),
-        seed=0,
-        workers=a.workers,
-    )
+    warm = make_loader("dali-cpu", files, labels, p, train=False, **common)
     next(iter(warm))
     del warm
     try:

@@ -178,11 +178,11 @@ def environment(cuda: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- stages
 
 
-def _speed_flags(a: argparse.Namespace) -> list[Any]:
-    """Flags of every training-throughput run: two epochs (the last one is timed), fp16 autocast."""
+def _speed_flags(a: argparse.Namespace, epochs: Any = "2") -> list[Any]:
+    """Flags of every training-throughput run: two epochs unless told (the last one is timed), fp16 autocast."""
     return [
         "--epochs",
-        "2",
+        epochs,
         "--batch-size",
         a.batch_size,
         "--image-size",
@@ -263,16 +263,7 @@ def stage_data(a: argparse.Namespace, res: Results, cuda: bool) -> None:
                 "off",  # a set-up pass, not part of any epoch; Fashion-MNIST has no bad file
                 "--output",
                 out,
-                "--epochs",
-                epochs,
-                "--batch-size",
-                a.batch_size,
-                "--image-size",
-                a.image_size,
-                "--amp-dtype",
-                "fp16",
-                "--workers",
-                a.workers,
+                *_speed_flags(a, epochs),
                 *flags,
             ],
             timeout=a.data_timeout,
