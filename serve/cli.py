@@ -81,8 +81,9 @@ def add_max_pixels(ap: argparse.ArgumentParser, help: str) -> None:
 PT_PRECISIONS = ("fp32", "fp16")
 
 
-def add_pt_options(ap: argparse.ArgumentParser) -> None:
-    """``--pt-precision`` and ``--pt-compile``, read by :func:`pt_options`."""
+def add_pt_options(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """``--pt-precision`` and ``--pt-compile``, read by :func:`pt_options`; ``batch_flag`` names
+    the flag whose batch the compiled model is fixed to."""
     g = ap.add_argument_group(
         ".pt engines only",
         "How a training checkpoint given as --engine X.pt runs. With a .plan, .onnx or .pt2 engine\n"
@@ -99,14 +100,15 @@ def add_pt_options(ap: argparse.ArgumentParser) -> None:
         "--pt-compile",
         action="store_true",
         help="torch.compile the model when it loads (tens of seconds or more; on a GPU its kernels are "
-        "replayed as a CUDA graph), for --batch-size: shorter batches are padded to it. "
+        f"replayed as a CUDA graph), for {batch_flag}: shorter batches are padded to it. "
         "--pt-precision fp16 --pt-compile is the fast way to serve a checkpoint on a GPU",
     )
 
 
-def pt_options(args: argparse.Namespace) -> dict[str, object]:
-    """``load_engine``'s keyword arguments for the ``--pt-*`` flags given (none: ``{}``, today's
-    eager FP32). DataError naming the engine when they are given for an engine that is not a .pt."""
+def pt_options(args: argparse.Namespace, batch: int) -> dict[str, object]:
+    """``load_engine``'s keyword arguments for the ``--pt-*`` flags given (none: ``{}``, eager
+    FP32), ``batch`` the one a compiled model is fixed to. DataError naming the engine when they are
+    given for an engine that is not a .pt."""
     given = [f for f, v in (("--pt-precision", args.pt_precision), ("--pt-compile", args.pt_compile)) if v]
     if not given:
         return {}
@@ -117,4 +119,4 @@ def pt_options(args: argparse.Namespace) -> dict[str, object]:
             f"not to {args.engine} "
             f"(a {suffix or 'suffix-less'} engine runs at the precision and compilation of its export)"
         )
-    return {"pt_precision": args.pt_precision, "pt_compile": args.pt_compile, "pt_batch": args.batch_size}
+    return {"pt_precision": args.pt_precision, "pt_compile": args.pt_compile, "pt_batch": batch}

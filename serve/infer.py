@@ -224,7 +224,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         err(bad_output)
         return EXIT_USAGE
     try:
-        pt = pt_options(args)
+        pt = pt_options(args, args.batch_size)
         device = pick_device(args.device)
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu", **pt)
         p = preprocessing_of(manifest)

@@ -248,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
     if bad_output:
         return err(bad_output)
     try:
-        pt = pt_options(args)
+        pt = pt_options(args, args.batch_size)
         device = pick_device(args.device)
         backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu", **pt)
         if device == "gpu" and backend.device != "cuda":

@@ -39,7 +39,7 @@ def serving_max_batch(backend: Any, requested: int | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve.cli import add_device, add_engine, add_max_pixels, add_topk, new_parser
+    from serve.cli import add_device, add_engine, add_max_pixels, add_pt_options, add_topk, new_parser
 
     from .model import DEFAULT_MAX_REQUEST_BYTES
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Triton model version (default: the manifest's model_version, else 1)",
     )
     ap.add_argument("--verbose", action="store_true", help="Triton's verbose log")
+    add_pt_options(ap, batch_flag="the largest dynamic batch (--max-batch)")
     return ap
 
 
@@ -116,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         err("--queue-delay-us must be 0 or more")
         return EXIT_USAGE
     if args.write_repo:
+        if args.pt_precision or args.pt_compile:
+            err(
+                "--pt-precision and --pt-compile choose how the live server runs a .pt engine; --write-repo "
+                "writes a repository for .plan and .onnx engines only"
+            )
+            return EXIT_USAGE
         from .repo import write_repo
 
         try:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     from rn50.backends import load_engine
-    from serve.cli import env_threads, pick_device
+    from serve.cli import env_threads, pick_device, pt_options
 
     from .model import Classifier
     from .server import MODEL_NAME, check_ports, serve, stub_env
@@ -146,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             args.host,
             {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port},
         )
-        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu")
+        # a compiled .pt is fixed to one batch: the largest Triton forms (a .pt bounds none itself)
+        pt = pt_options(args, args.max_batch or FALLBACK_MAX_BATCH)
+        backend, manifest = load_engine(args.engine, prefer_gpu=device == "gpu", **pt)
         stub_env()
     except PipelineError as e:
         err(str(e))

@@ -171,7 +171,7 @@ def test_pt_flags_are_refused_for_other_engines(
     assert cap.out == "" and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["serve.infer", "serve.validate"])
+@pytest.mark.parametrize("command", ["serve.infer", "serve.validate", "serve.triton"])
 def test_help_says_pt_flags_are_for_pt_engines_only(capsys, command):
     import importlib
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bench.triton import free_ports, server_command
+from tests.stderr import error_line
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
 
@@ -264,6 +265,29 @@ def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
     assert not left, [cmdline(p) for p in left]
 
 
+def test_compiled_checkpoint_serves_as_serve_infer(capsys, engine_checkpoint, images, tmp_path):
+    """--pt-compile: the checkpoint is compiled for the largest dynamic batch (4) before the server
+    is ready, and requests of 4 images (the compiled batch) and 3 (padded to it) get serve.infer's
+    answers for the checkpoint."""
+    need_pytriton()
+    s = Server(engine_checkpoint, tmp_path / "server.log", "--pt-compile", "--max-batch", "4")
+    try:
+        s.wait_ready(timeout=300)
+        good = images["good"][:7]
+        full, short = (infer_grpc(s.grpc, [p.read_bytes() for p in part]) for part in (good[:4], good[4:]))
+        out = {k: np.concatenate([full[k], short[k]]) for k in full}
+    finally:
+        rc, _ = s.stop()
+    log = s.log.read_text()
+    assert "torch.compile fp32" in log and "dynamic batches up to 4" in log, log[-2000:]
+    assert rc == 0, log[-2000:]
+    ref = offline(capsys, engine_checkpoint, good)
+    for row, p in enumerate(good):
+        assert out["error"][row, 0] == b"", p
+        assert out["topk"][row].tolist() == ref[str(p)]["topk"], p
+        np.testing.assert_allclose(out["probs"][row], ref[str(p)]["probs"], atol=1e-4, err_msg=str(p))
+
+
 def test_sigterm_stops_everything(server):
     """Runs last in this module: stops the shared server with SIGTERM."""
     kids = descendants(server.proc.pid)
@@ -283,6 +307,10 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
     assert "error:" in capsys.readouterr().err
     assert triton.main(["--engine", str(engine_fp32_onnx), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    for flags in (["--pt-compile"], ["--pt-precision", "fp32", "--write-repo", str(tmp_path / "repo")]):
+        assert triton.main(["--engine", str(engine_fp32_onnx), *flags]) == 2
+        assert "--pt-" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "repo").exists()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
