@@ -15,26 +15,15 @@ import torch
 
 from rn50.errors import DataError
 from rn50.layout import load_dataset
-from rn50.preprocess import Preprocessing
-from train.loaders import DaliLoader, Shard, epoch_order, make_loader
+from tests.train.cpu_loaders import cpu_loader
+from train.loaders import DaliLoader, epoch_order
 
 BATCH = 16  # fmnist_tiny: 200 training images, 12 batches an epoch
 
 
 def _loader(split, epochs=None, build_ahead=True, seed=3):
-    return make_loader(
-        "dali-cpu",
-        split.files,
-        split.labels,
-        Preprocessing.for_image_size(32),
-        batch_size=BATCH,
-        train=True,
-        device=torch.device("cpu"),
-        shard=Shard(),
-        seed=seed,
-        workers=2,
-        epochs=epochs,
-        build_ahead=build_ahead,
+    return cpu_loader(
+        "dali-cpu", split, train=True, size=32, bs=BATCH, seed=seed, workers=2, epochs=epochs, build_ahead=build_ahead
     )
 
 

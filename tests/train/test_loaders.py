@@ -8,6 +8,7 @@ import torch
 
 from rn50.layout import load_dataset
 from rn50.preprocess import Preprocessing, load_rgb, torchvision_val
+from tests.train.cpu_loaders import cpu_loader
 from train.loaders import Shard, epoch_order, make_loader, shard_indices
 
 DALI_VS_PIL_TOL = 0.05  # max |difference| in normalised units; measured 0.0175 at 64 and 224 px
@@ -19,19 +20,7 @@ def split(fmnist_tiny):
 
 
 def _loader(backend, split, train, size=64, bs=16, seed=0):
-    s = split[0] if train else split[1]
-    return make_loader(
-        backend,
-        s.files,
-        s.labels,
-        Preprocessing.for_image_size(size),
-        batch_size=bs,
-        train=train,
-        device=torch.device("cpu"),
-        shard=Shard(),
-        seed=seed,
-        workers=1,
-    )
+    return cpu_loader(backend, split[0] if train else split[1], train=train, size=size, bs=bs, seed=seed, workers=1)
 
 
 @pytest.mark.parametrize("size", [64, 224])
