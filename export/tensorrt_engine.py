@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rn50.atomic import write_bytes
+from rn50.backends.tensorrt import unsupported_gpu, version_tuple
 from rn50.errors import EngineError, first_line
 
 try:
@@ -68,7 +69,8 @@ def missing() -> str | None:
     if gpu() is None:
         return (
             "no CUDA GPU is visible (TensorRT builds engines on the GPU they will run on): run on a machine "
-            "with an NVIDIA GPU (Turing or newer) and driver r580+ (CUDA 13) or r535+ (CUDA 12)"
+            "with an NVIDIA GPU (Turing or newer; Volta with TensorRT 10.0 to 10.4) and driver r580+ (CUDA 13) "
+            "or r535+ (CUDA 12)"
         )
     return None
 
@@ -84,14 +86,6 @@ _HARDWARE_LEVELS = {
     "ampere+": ("AMPERE_PLUS", "10.0"),
     "same-cc": ("SAME_COMPUTE_CAPABILITY", "10.9"),
 }
-
-
-def _version_tuple(v: str) -> tuple[int, int]:
-    parts = (v.split(".") + ["0"])[:2]
-    try:
-        return int(parts[0]), int(parts[1])
-    except ValueError:
-        raise EngineError(f"cannot read the TensorRT version {v!r}") from None
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
     """The builder's version and feature dispatch for ``trt_mod`` (the ``tensorrt`` module, or a
     namespace with the same names); EngineError for a TensorRT or a feature this cannot build."""
     version = str(trt_mod.__version__)
-    v = _version_tuple(version)
+    v = version_tuple(version)
     if not SUPPORTED[0] <= v < SUPPORTED[1]:
         raise EngineError(
             f"TensorRT {version} is not supported: this exporter builds with TensorRT 10.0 to 11.x ({INSTALL_HINT})"
@@ -176,7 +170,11 @@ def build_engine(
     opts = build_options(trt, precision, hardware_compat)
     g = gpu()
     assert g is not None
-    cc = tuple(int(v) for v in str(g["compute_capability"]).split("."))
+    major, minor = (int(v) for v in str(g["compute_capability"]).split("."))
+    cc = (major, minor)
+    why = unsupported_gpu(opts.version, cc, str(g["name"]))
+    if why:
+        raise EngineError(why)
     if hardware_compat == "ampere+" and cc < (8, 0):
         raise EngineError(
             f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {g['name']} ({g['sm']})"

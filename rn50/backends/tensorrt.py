@@ -42,6 +42,37 @@ def _import_trt() -> None:
         )
 
 
+def version_tuple(v: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string; EngineError when it is not one."""
+    parts = (v.split(".") + ["0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise EngineError(f"cannot read the TensorRT version {v!r}") from None
+
+
+VOLTA_LAST = (10, 4)  # TensorRT 10.0 deprecated Volta (sm_70) and 10.5 removed it (release notes)
+
+
+def unsupported_gpu(trt_version: str, cc: tuple[int, int], gpu_name: str) -> str | None:
+    """Why TensorRT ``trt_version`` cannot build or run on a GPU of compute capability ``cc``,
+    else None. Checked before TensorRT is asked: on such a GPU the builder and runtime
+    constructors only fail with "factory function returned nullptr"."""
+    v = version_tuple(trt_version)
+    sm = f"sm_{cc[0]}{cc[1]}"
+    if cc < (7, 0):
+        return (
+            f"{gpu_name} ({sm}) is older than Volta (sm_70): no TensorRT this project supports (10.0 to 11.x) "
+            "runs on it"
+        )
+    if cc < (7, 5) and v > VOLTA_LAST:
+        return (
+            f"{gpu_name} ({sm}) is a Volta GPU, which TensorRT {trt_version} no longer supports (removed in 10.5): "
+            "use TensorRT 10.0 to 10.4 with CUDA 12 and a CUDA 12 PyTorch build (docs/tensorrt.md)"
+        )
+    return None
+
+
 def _dims(d: trt.Dims) -> tuple[int, ...]:
     """A TensorRT shape as a tuple (Dims is indexable, and iterable only through that)."""
     return tuple(int(d[i]) for i in range(len(d)))
@@ -78,8 +109,15 @@ class TrtBackend:
                 f"(serve the .onnx or .pt2 export on this machine)"
             )
         self.path = path
+        cc = torch.cuda.get_device_capability(0)
+        why = unsupported_gpu(str(trt.__version__), (int(cc[0]), int(cc[1])), torch.cuda.get_device_name(0))
+        if why:
+            raise EngineError(f"{path}: {why}")
         self.logger = trt.Logger(trt.Logger.ERROR)
-        self.runtime = trt.Runtime(self.logger)
+        try:
+            self.runtime = trt.Runtime(self.logger)
+        except (RuntimeError, TypeError) as e:  # pybind's "factory function returned nullptr"
+            raise EngineError(f"{path}: TensorRT {trt.__version__} could not start its runtime: {first_line(e)}") from e
         try:  # TensorRT reports a foreign plan by returning None, some corrupt ones by raising
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             why = ""
@@ -113,10 +151,10 @@ class TrtBackend:
             tuple(int(d) if d > 0 else None for d in in_shape[1:]) if len(in_shape) == 4 else None
         )
         if in_shape and in_shape[0] > 0:
-            self.max_batch = int(in_shape[0])
+            self.min_batch = self.max_batch = int(in_shape[0])
         else:
             profile = engine.get_tensor_profile_shape(self.input_name, 0)
-            self.max_batch = int(profile[2][0])
+            self.min_batch, self.max_batch = int(profile[0][0]), int(profile[2][0])
         self.max_batch_declared = True  # a plan always bounds its batch (fixed, or its profile's max)
         out_shape = _dims(engine.get_tensor_shape(self.output_name))
         self.num_classes: int | None = int(out_shape[-1]) if out_shape and out_shape[-1] > 0 else None
@@ -139,6 +177,11 @@ class TrtBackend:
         n = int(x.shape[0])
         if n > self.max_batch:
             raise ValueError(f"batch of {n} exceeds the engine's maximum batch {self.max_batch}")
+        if n < self.min_batch:
+            # a short batch (the last one, or one that lost undecodable images) below the profile's
+            # minimum (--batch-min, or a fixed-batch engine) is padded with zero images; rows are
+            # independent at inference, and the padding's logits are dropped below
+            x = torch.cat([x, x.new_zeros((self.min_batch - n, *x.shape[1:]))])
         if not self.context.set_input_shape(self.input_name, tuple(int(d) for d in x.shape)):
             raise EngineError(f"{self.path}: the engine rejects input shape {tuple(x.shape)}")
         out_shape = _dims(self.context.get_tensor_shape(self.output_name))
@@ -150,5 +193,5 @@ class TrtBackend:
             raise EngineError(f"{self.path}: TensorRT execution failed")
         x.record_stream(self.stream)
         with torch.cuda.stream(self.stream):  # the device-to-host copy waits for the engine
-            out: np.ndarray = y.float().cpu().numpy()
+            out: np.ndarray = y[:n].float().cpu().numpy()
         return out

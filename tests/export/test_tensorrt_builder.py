@@ -92,3 +92,25 @@ def test_unclaimed_releases_are_refused(version: str) -> None:
     trt.__version__ = version
     with pytest.raises(EngineError, match=r"TensorRT .* is not supported: .*10\.0 to 11\.x"):
         te.build_options(trt, "fp16", "none")
+
+
+@pytest.mark.parametrize("tag", sorted(SURFACES))
+@pytest.mark.parametrize(
+    "cc, name", [((6, 1), "Tesla P4"), ((7, 0), "Tesla V100"), ((7, 5), "Tesla T4"), ((9, 0), "H100")]
+)
+def test_gpu_support_per_release(tag: str, cc: tuple[int, int], name: str) -> None:
+    """Every release runs Turing and newer; Volta only up to 10.4 (removed in 10.5); Pascal none.
+    The build and the runtime refuse an unsupported GPU with this message before TensorRT is asked."""
+    from rn50.backends.tensorrt import unsupported_gpu
+
+    version = SURFACES[tag]["version"]
+    why = unsupported_gpu(version, cc, name)
+    if cc >= (7, 5):
+        assert why is None
+    elif cc == (7, 0) and _v(tag) <= (10, 4):
+        assert why is None
+    elif cc == (7, 0):
+        assert why is not None and why.startswith(f"{name} (sm_70) is a Volta GPU, which TensorRT {version} no longer")
+        assert "10.0 to 10.4" in why
+    else:
+        assert why is not None and why.startswith(f"{name} (sm_61) is older than Volta (sm_70)")
