@@ -512,4 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rn50.interrupt import run_command
+
+    sys.exit(run_command(main, "artifacts already complete are kept; the one in progress was not written"))

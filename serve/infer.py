@@ -350,4 +350,6 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rn50.interrupt import run_command
+
+    sys.exit(run_command(main, "an --output file appears only when its run completes: none was written"))

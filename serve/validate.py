@@ -315,4 +315,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rn50.interrupt import run_command
+
+    sys.exit(run_command(main, "no report was written (reports appear only when validation completes)"))

@@ -160,9 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch's checkpoint is intact", file=sys.stderr)
-        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -200,4 +197,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rn50.interrupt import run_command
+
+    sys.exit(run_command(main, "the last completed epoch's checkpoint is intact (continue with --resume)"))
