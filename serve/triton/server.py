@@ -156,6 +156,13 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
     allowed), before Triton is started: Triton itself would only time out."""
     import socket
 
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise EngineError(f"{flag} {port}: a port is a number from 1 to 65535")
+        if port in seen:
+            raise EngineError(f"{flag} {port}: {seen[port]} is {port} too; the three endpoints need three ports")
+        seen[port] = flag
     for flag, port in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             try:

@@ -319,6 +319,20 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
     assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_ports_out_of_range_or_shared_are_refused_before_triton_starts(capsys, tmp_path):
+    """Refused before the engine is read (here it does not exist): Triton itself would print its
+    usage text for a shared port and time out after minutes; Python's bind an OverflowError."""
+    from serve import triton
+
+    missing = str(tmp_path / "missing.onnx")
+    assert triton.main(["--engine", missing, "--http-port", "99999"]) == 2
+    assert error_line(capsys.readouterr().err) == "error: --http-port 99999: a port is a number from 1 to 65535"
+    assert triton.main(["--engine", missing, "--http-port", "18010", "--grpc-port", "18010"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        "error: --grpc-port 18010: --http-port is 18010 too; the three endpoints need three ports"
+    )
+
+
 # --------------------------------------------------------------------------- model repository
 
 
