@@ -146,10 +146,21 @@ def _keep_residual_adds_fusible(model: Any) -> int:
     TensorRT fuses a residual Add into the convolution that ends the main branch, and reads the
     shortcut (the block's input, or its downsample convolution) in int8: Q/DQ belongs on the
     shortcut input only. The main-branch input is the one on the longer path back to the two
-    inputs' lowest common ancestor (ModelOpt's rule, build_non_residual_input_map)."""
+    inputs' lowest common ancestor (ModelOpt's rule, build_non_residual_input_map).
+
+    The paths are walked through activations only (tensors computed from the graph input): the
+    common ancestor sought is where the data flow splits. A weight initializer, and the
+    DequantizeLinear that reads it, can feed convolutions in several blocks (exporters and
+    optimizers merge identical initializers, such as the all-zero conv3 weights of an untrained
+    ``zero_init_residual`` model after BatchNorm folding); walked through, it would be a common
+    ancestor of unrelated paths, nearer than the block's input, and pick the wrong input."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
+    activations = {i.name for i in g.input} - inits
+    for n in g.node:  # ONNX requires nodes in topological order (onnx.checker enforces it)
+        if any(i in activations for i in n.input):
+            activations.update(n.output)
 
     def source(t: str) -> str:  # the float tensor behind a DQ(Q(x)) chain
         dq = producer.get(t)
@@ -159,7 +170,7 @@ def _keep_residual_adds_fusible(model: Any) -> int:
                 return str(q.input[0])
         return t
 
-    def depths(t: str) -> dict[str, int]:  # every ancestor tensor and its distance in nodes
+    def depths(t: str) -> dict[str, int]:  # every ancestor activation and its distance in nodes
         out, frontier, d = {t: 0}, [t], 0
         while frontier:
             d += 1
@@ -167,7 +178,7 @@ def _keep_residual_adds_fusible(model: Any) -> int:
             for x in frontier:
                 n = producer.get(x)
                 for i in n.input if n is not None else ():
-                    if i and i not in inits and i not in out:
+                    if i in activations and i not in out:
                         out[i] = d
                         nxt.append(i)
             frontier = nxt

@@ -107,8 +107,8 @@ def test_s8s8_qdq_structure_for_tensorrt(s8s8: Path) -> None:
     _qdq_checks(s8s8, "s8s8")
 
 
-def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
-    """The Q/DQ model a .plan is built from, checked rule by rule on the real exported ResNet50.
+def _check_tensorrt_rules(path: Path) -> None:
+    """The Q/DQ model a .plan is built from, checked rule by rule.
 
     Sources: [TRT-QT] TensorRT developer guide, "Working with Quantized Types"
     (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html);
@@ -118,12 +118,22 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
     import onnx
     from onnx import TensorProto
 
-    g = onnx.load(str(s8s8)).graph
+    model = onnx.load(str(path))
+    g = model.graph
     inits = _init(g)
     producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in g.node}
     q = [n for n in g.node if n.op_type == "QuantizeLinear"]
     dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
     assert q and dq
+
+    # [TRT-QT] per-channel weights are DequantizeLinear's "axis", which ONNX has from opset 13
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 13, f"default-domain opset {opset}: no per-axis DequantizeLinear before 13"
 
     # [TRT-QT] "symmetric quantization", INT8 data type; [OTRT] zero points must be 0: every
     # zero point of every Q/DQ node is an int8 zero.
@@ -131,6 +141,15 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
         assert len(n.input) == 3 and n.input[2] in inits, f"{n.name}: no zero point initializer"
         zp = inits[n.input[2]]
         assert zp.dtype == np.int8 and not zp.any(), f"{n.name}: zero point {zp} ({zp.dtype})"
+
+    # [TRT-QT] "All scale coefficients must have strictly positive values"; activations are
+    # quantized per tensor: one scale (a scalar). Weights are stored quantized (int8
+    # initializers), so any Q/DQ whose input is computed in the graph is an activation's.
+    for n in q + dq:
+        scale = inits[n.input[1]]
+        assert (scale > 0).all(), f"{n.name}: scale {scale.min()} is not strictly positive"
+        if n.input[0] not in inits:
+            assert scale.ndim == 0, f"{n.name}: activation scale of shape {scale.shape}, not per tensor"
 
     # [OTRT] / onnx-tensorrt#850: TensorRT's dequantize takes 8-bit (or narrower) inputs only, so
     # no DequantizeLinear of an INT32 bias; [MO] QuantizeBias False: Conv/Gemm biases stay float.
@@ -158,28 +177,85 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
             assert next((a.i for a in n.attribute if a.name == "transB"), 0) == 1
         assert axis == 0 and inits[wdq.input[1]].shape == (w.shape[0],), f"{n.name}: weights not per output channel"
 
+    # [TRT-QT] Q/DQ placement; [MO] op_types_to_quantize Conv, Gemm, Add: a DequantizeLinear
+    # feeds only the layers that read int8 (Conv, Gemm, the residual Add), each QuantizeLinear
+    # only its DequantizeLinear. TensorRT moves Q/DQ across MaxPool, Relu, GlobalAveragePool
+    # and Flatten itself.
+    for n in dq:
+        kinds = {c.op_type for c in consumers.get(n.output[0], [])}
+        assert kinds and kinds <= {"Conv", "Gemm", "Add"}, f"{n.name} feeds {sorted(kinds)}"
+    for n in q:
+        kinds = {c.op_type for c in consumers.get(n.output[0], [])}
+        assert kinds == {"DequantizeLinear"}, f"{n.name} feeds {sorted(kinds)}"
+
     # [MO] no output quantization (OpTypesToExcludeOutputQuantization); so nothing quantizes the
     # logits: the graph output comes straight from the classifier's Gemm, and no Q/DQ follows a
     # Gemm or an Add.
     out = g.output[0]
     assert out.type.tensor_type.elem_type == TensorProto.FLOAT
     assert producer[out.name].op_type == "Gemm"
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     for n in g.node:
         if n.op_type in ("Gemm", "Add"):
             assert all(c.op_type != "QuantizeLinear" for c in consumers.get(n.output[0], [])), f"{n.name} output"
 
     # [TRT-QT] residual Add: TensorRT fuses the Add into the convolution that ends the main branch
     # and reads the shortcut in int8, so only the shortcut input carries Q/DQ [MO]
-    # build_non_residual_input_map: the main-branch input is a Conv output, not dequantized.
+    # build_non_residual_input_map. The main branch ends in the block's conv3; the shortcut is
+    # the block's input (the previous block's last ReLU), or its downsample convolution, which
+    # reads the block's input too. In a downsample block both Add inputs are convolutions, so
+    # "one Conv input, one DequantizeLinear input" would not notice Q/DQ on the wrong one.
     adds = [n for n in g.node if n.op_type == "Add"]
     assert len(adds) == 16  # ResNet50's bottleneck blocks
+    shortcuts: collections.Counter[str] = collections.Counter()
     for n in adds:
-        kinds = sorted(producer[i].op_type for i in n.input)
-        assert kinds == ["Conv", "DequantizeLinear"], f"{n.name}: inputs from {kinds}"
+        block = n.name.rsplit("/", 1)[0]  # e.g. /layer2/layer2.1
+        quantized = [i for i in n.input if producer[i].op_type == "DequantizeLinear"]
+        plain = [i for i in n.input if producer[i].op_type != "DequantizeLinear"]
+        assert len(quantized) == len(plain) == 1, f"{n.name}: inputs from {[producer[i].name for i in n.input]}"
+        assert producer[plain[0]].name == f"{block}/conv3/Conv", (
+            f"{n.name}: unquantized input from {producer[plain[0]].name}"
+        )
+        qn = producer[producer[quantized[0]].input[0]]
+        assert qn.op_type == "QuantizeLinear", f"{n.name}: {qn.name} feeds its DequantizeLinear"
+        short = producer[qn.input[0]]
+        block_input = by_name[f"{block}/conv1/Conv"].input[0]  # the DequantizeLinear output conv1 reads
+        if short.op_type == "Relu":
+            assert quantized[0] == block_input, f"{n.name}: shortcut {short.name} is not the block's input"
+        else:
+            assert short.name == f"{block}/downsample/downsample.0/Conv", f"{n.name}: quantized input from {short.name}"
+            assert short.input[0] == block_input, f"{n.name}: {short.name} does not read the block's input"
+        shortcuts[short.op_type] += 1
+    assert shortcuts == {"Relu": 12, "Conv": 4}, shortcuts
+
+
+def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
+    """The TensorRT rules on the real exported ResNet50."""
+    _check_tensorrt_rules(s8s8)
+
+
+def test_s8s8_rules_hold_when_convolutions_share_weights(fmnist_tiny: Path, tmp_path: Path) -> None:
+    """Convolutions in different blocks can read one weight initializer: exporters and optimizers
+    merge identical ones, e.g. the all-zero conv3 weights (one per stage) of an untrained
+    ``zero_init_residual`` model after BatchNorm folding. The weights' DequantizeLinear is then
+    common to unrelated blocks, and the residual rule must still find each block's main branch."""
+    import onnx
+    import torch
+
+    from calibration.quantize import calibrate
+    from export.onnx import export_fp32
+    from rn50.model import build_model
+    from rn50.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    export_fp32(build_model(10), 32, fp32)
+    train, _ = load_dataset(fmnist_tiny)
+    files = calibration_set(train.files, train.labels, 20)
+    p = Preprocessing.for_image_size(32)
+    calibrate(fp32, q, files, p, method="minmax", flavour="s8s8", cache_dir=tmp_path / "cache")
+    weights = collections.Counter(n.input[1] for n in onnx.load(str(q)).graph.node if n.op_type == "Conv")
+    assert max(weights.values()) > 1, "no two convolutions share weights: this test no longer tests that"
+    _check_tensorrt_rules(q)
 
 
 def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
