@@ -126,6 +126,10 @@ TENSORRT_OPTIONS: dict[str, Any] = {
     },
     "residual_add": "shortcut input only",
 }
+# The rewrites made after quantize_static (_keep_residual_adds_fusible): part of the calibration
+# cache key, so a change to them recalibrates instead of serving a model cached by the old rules.
+# Raise it whenever what those rewrites produce changes.
+POSTPROCESS_VERSION = 2  # 2: the main branch of a residual Add found through activation paths only
 # u8s8 is for ONNX Runtime's CPU kernels: its own default placement (every op it can quantize,
 # outputs included, INT32 biases), uint8 activations with free zero points.
 ONNXRUNTIME_OPTIONS: dict[str, Any] = {
@@ -259,7 +263,7 @@ def cache_key(
 ) -> str:
     """What a calibration depends on: the model's bytes, each image's bytes (a data set converted
     again in place under the same names is new data), the preprocessing, method, size, flavour
-    and the quantizer's options for that flavour."""
+    and the quantizer's options for that flavour, and the version of the rewrites after it."""
     h = hashlib.sha256()
     h.update(sha256_file(fp32).encode())
     for f in files:
@@ -272,6 +276,7 @@ def cache_key(
                 flavour,
                 CALIBRATOR_OPTIONS[method],
                 quantizer_options(flavour),
+                POSTPROCESS_VERSION,
                 p.to_dict() if p is not None else None,
             ],
             sort_keys=True,

@@ -317,7 +317,10 @@ def test_cache_key_follows_the_quantizer_options(tmp_path: Path, monkeypatch: py
     key = cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p)
     other = {**cq.TENSORRT_OPTIONS, "extra_options": {**cq.TENSORRT_OPTIONS["extra_options"], "QuantizeBias": True}}
     monkeypatch.setattr(cq, "TENSORRT_OPTIONS", other)
-    assert cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p) != key
+    changed = cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p)
+    assert changed != key
+    monkeypatch.setattr(cq, "POSTPROCESS_VERSION", cq.POSTPROCESS_VERSION + 1)
+    assert cq.cache_key(model, [str(img)], "percentile", 1, "s8s8", p) != changed
 
 
 def test_entropy_calibration_is_not_minmax(engine_fp32_onnx: Path, fmnist_small: Path, tmp_path: Path) -> None:
