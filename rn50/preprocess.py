@@ -32,6 +32,8 @@ from typing import Any
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CONTRACT_VERSION = 1
+# the smallest crop size the contract accepts; python -m train refuses smaller --image-size before any work
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class Preprocessing:
 
     @classmethod
     def for_image_size(cls, image_size: int, **kw: Any) -> Preprocessing:
-        if image_size < 16:
-            raise ValueError(f"image size {image_size} is too small (ResNet50 needs at least 16 px)")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image size {image_size} is too small (ResNet50 needs at least {MIN_IMAGE_SIZE} px)")
         # 256/224 of the crop, rounded so that the margin (resize - crop) is even: then the centre
         # crop starts on a whole pixel and DALI and torchvision cut exactly the same window.
         margin = 2 * int(round((image_size * 256 / 224 - image_size) / 2))

@@ -33,8 +33,41 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CHECK_IMAGES_AUTO_MAX, PROFILES, SYNTHETIC_CLASSES, resolve
-from .recipe import FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTION
+from .config import CHECK_IMAGES_AUTO_MAX, MIN_CROP_SCALE, PROFILES, SYNTHETIC_CLASSES, check_flags, resolve
+from .recipe import (
+    FINETUNE_EPOCHS,
+    FINETUNE_LR_PER_256,
+    FINETUNE_WARMUP_FRACTION,
+    PRESETS,
+    WARMUP_MIN_GLOBAL_BATCH,
+)
+
+
+def _by_profile(name: str, fallback: object = None) -> str:
+    """The profile default of setting ``name`` (``fallback`` where a profile has none) as the help
+    states it, read from PROFILES so that the help follows the code: --profile auto takes gpu with
+    CUDA and cpu without."""
+    gpu, small, cpu = (PROFILES[p].get(name, fallback) for p in ("gpu", "gpu-small", "cpu"))
+    if gpu == small == cpu:
+        return f"{gpu}, in every profile"
+    on_gpu = f"{gpu} on GPU" + (f" ({small} with gpu-small)" if small != gpu else "")
+    return f"the profile's: {on_gpu}, {cpu} on CPU"
+
+
+def _warmup_default() -> str:
+    """What resolve() does when --warmup-epochs is not given, in the order it decides."""
+    by_warmup: dict[int, list[str]] = {}
+    for preset, (_, warmup, _) in PRESETS.items():
+        by_warmup.setdefault(warmup, []).append(str(preset))
+    presets = ", ".join(f"{w:g} for {' and '.join(ps)}" for w, ps in by_warmup.items())
+    by_profile: dict[str, list[str]] = {}
+    for k, prof in PROFILES.items():
+        by_profile.setdefault(f"{prof['warmup_epochs']:g}" if prof.get("warmup_epochs") else "none", []).append(k)
+    profiles = ", ".join(f"{w} for {' and '.join(ks)}" for w, ks in by_profile.items())
+    return (
+        f"with the finetune preset, {FINETUNE_WARMUP_FRACTION:g} x the epochs; otherwise, at a global batch "
+        f"of {WARMUP_MIN_GLOBAL_BATCH} or more, the preset's ({presets}); below that, the profile's ({profiles})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{FINETUNE_EPOCHS} epochs, warmup over the first {FINETUNE_WARMUP_FRACTION:g} of them "
         "(default: finetune with --init-from, else 90 on the gpu profile)",
     )
-    a("--epochs", type=int, help="number of epochs (default: from the preset or profile)")
-    a("--batch-size", type=int, help="images per process per step (global batch = this x processes)")
+    a("--epochs", type=int, help="number of epochs, at least 1 (default: from the preset or profile)")
+    a(
+        "--batch-size",
+        type=int,
+        help=f"images per process per step (global batch = this x processes; default: {_by_profile('batch_size')})",
+    )
     a(
         "--lr",
         type=float,
@@ -73,26 +110,43 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=1 / 32768, help="on conv/fc weights only (default: 1/32768)")
     a("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: %(default)s)")
     a("--mixup", type=float, help="MixUp alpha (default: 0.2 with --preset 250, else off)")
+    a("--warmup-epochs", type=float, help=f"linear warmup length in epochs (default: {_warmup_default()})")
     a(
-        "--warmup-epochs",
-        type=float,
-        help="linear warmup length in epochs (default: a tenth of the epochs with the finetune preset; the "
-        "preset's, 2 or 5 for preset 250, when the global batch "
-        "is >= 512; else the profile's: "
-        + ", ".join(f"{PROFILES[k].get('warmup_epochs', 0):g} for {k}" for k in ("cpu", "gpu"))
-        + ")",
+        "--image-size",
+        type=int,
+        help=f"training/validation crop size in pixels (default: {_by_profile('image_size')})",
     )
-    a("--image-size", type=int, help="training/validation crop size in pixels")
-    a("--min-crop-scale", type=float, help="smallest area fraction of the random resized crop (recipe: 0.08)")
+    a(
+        "--min-crop-scale",
+        type=float,
+        help="smallest area fraction of the random resized crop, above 0 and at most 1 "
+        f"(default: {_by_profile('min_crop_scale', MIN_CROP_SCALE)}; the recipe's is {MIN_CROP_SCALE:g})",
+    )
     a(
         "--amp",
         action=argparse.BooleanOptionalAction,
         help="automatic mixed precision (default: on with CUDA; on CPU, bf16 where the CPU has it natively)",
     )
-    a("--amp-dtype", choices=["fp16", "bf16"], help="fp16 uses dynamic loss scaling (default: fp16 on GPU)")
+    a(
+        "--amp-dtype",
+        choices=["fp16", "bf16"],
+        help="autocast dtype; fp16 uses dynamic loss scaling; a CPU autocasts to bf16 only, so fp16 there "
+        f"trains in fp32 (default: {_by_profile('amp_dtype')})",
+    )
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
-    a("--memory-format", choices=["channels_last", "contiguous"])
-    a("--workers", type=int, help="data threads/workers per process")
+    a(
+        "--memory-format",
+        choices=["channels_last", "contiguous"],
+        help="layout of the model's weights and input batches: channels_last (NHWC) or contiguous (NCHW) "
+        f"(default: {_by_profile('memory_format')})",
+    )
+    a(
+        "--workers",
+        type=int,
+        help="DALI threads, or DataLoader worker processes with --data-backend pytorch, per process; 0: "
+        "one DALI thread, or loading in the training process (default: the CPU count - 1, from 1 to 8; "
+        "2 with --evaluate)",
+    )
     a(
         "--check-images",
         choices=["auto", "on", "off"],
@@ -102,9 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "named, when DALI fails on its batch (default: %(default)s)",
     )
     a("--seed", type=int, default=0, help="seeds weights, data order and augmentation (default: %(default)s)")
-    a("--limit-train", type=int, help="train on a class-balanced subset of N images")
-    a("--limit-val", type=int, help="validate on a class-balanced subset of N images")
-    a("--synthetic-steps", type=int, default=100, help="steps per epoch with --data-backend synthetic")
+    a("--limit-train", type=int, help="train on a class-balanced subset of N images (default: all of them)")
+    a("--limit-val", type=int, help="validate on a class-balanced subset of N images (default: all of them)")
+    a(
+        "--synthetic-steps",
+        type=int,
+        default=100,
+        help="steps per epoch with --data-backend synthetic (default: %(default)s)",
+    )
     a(
         "--num-classes",
         type=int,
@@ -156,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     from rn50.errors import PipelineError
 
     try:
+        check_flags(args)
         return _run(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

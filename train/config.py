@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rn50.errors import CheckpointError, DataError, PipelineError
+from rn50.preprocess import MIN_IMAGE_SIZE
 
 from .recipe import BASE_LR, FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTION, PRESETS
 
@@ -25,6 +27,7 @@ from .recipe import BASE_LR, FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARM
 CHECK_IMAGES_AUTO_MAX = 200_000
 
 DEFAULT_DATA = "data/fashion-mnist"
+MIN_CROP_SCALE = 0.08  # the recipe's random-resized-crop area floor, where a profile sets none
 SYNTHETIC_CLASSES = 1000  # ImageNet's, for throughput runs of the full-size classifier
 
 _GPU: dict[str, Any] = dict(
@@ -69,6 +72,80 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 class ConfigError(PipelineError):
     """Flags that contradict each other or cannot apply to this run."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: ``lo`` and ``hi`` (None: unbounded), each included
+    unless ``lo_open``/``hi_open``; NaN and infinities never. ``why``: said after the range;
+    ``message``: said instead of it."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+    message: str = ""
+
+    def problem(self, v: float) -> str | None:
+        """None if ``v`` is in the range, else what the error line says after the flag."""
+        ok = math.isfinite(v) and (
+            (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
+        )
+        if ok:
+            return None
+        if self.message:
+            return self.message
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'above' if self.lo_open else 'at least'} {_num(self.lo)}")
+        if self.hi is not None:
+            parts.append(f"{'below' if self.hi_open else 'at most'} {_num(self.hi)}")
+        finite = "" if math.isfinite(v) else "a finite number "
+        return f"must be {finite}{' and '.join(parts)}" + (f" ({self.why})" if self.why else "")
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+# Every numeric flag of python -m train, by its option string: checked when given (a default is in
+# range), before any work, so that a value the code downstream would divide by, loop over or hand
+# to DALI fails as one error line naming the flag rather than as a traceback mid-run or, worse, a
+# run that silently trains something else (an lr of 0, a NaN checkpoint accuracy from 0 validation
+# images). Values that are legal but surprising (0 workers, no momentum, a whole-image crop, more
+# warmup than epochs) stay legal. tests/train/test_flags.py checks that every int/float flag of the
+# parser has a row here.
+FLAG_RANGES: dict[str, Range] = {
+    "--epochs": Range(lo=1),
+    "--batch-size": Range(lo=1),
+    "--lr": Range(lo=0, lo_open=True),
+    "--momentum": Range(lo=0, hi=1, hi_open=True),
+    "--weight-decay": Range(lo=0),
+    "--label-smoothing": Range(lo=0, hi=1, hi_open=True, why="at 1 every target is uniform"),
+    "--mixup": Range(lo=0, why="0: off"),
+    "--warmup-epochs": Range(lo=0),
+    "--image-size": Range(lo=MIN_IMAGE_SIZE, message=f"too small (ResNet50 needs at least {MIN_IMAGE_SIZE} px)"),
+    "--min-crop-scale": Range(lo=0, hi=1, lo_open=True, why="a fraction of the image's area"),
+    "--workers": Range(lo=0),
+    "--seed": Range(lo=0, hi=2**32 - 1, why="NumPy's seed range"),
+    "--limit-train": Range(lo=1),
+    "--limit-val": Range(lo=1),
+    "--synthetic-steps": Range(lo=1),
+    "--num-classes": Range(lo=1),
+    "--backbone-lr-scale": Range(lo=0),
+    "--stop-after": Range(lo=1),
+}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ConfigError ``--flag VALUE: must be ...`` for the first numeric flag outside its range."""
+    for flag, rng in FLAG_RANGES.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        why = rng.problem(v) if v is not None else None
+        if why:
+            raise ConfigError(f"{flag} {_num(v)}: {why}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +248,8 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
         return v if v is not None else prof.get(name, fallback)
 
     batch = int(pick("batch_size"))
-    epochs = int(args.epochs or (p_epochs if asked else prof.get("epochs", p_epochs)))
+    # not given: the preset's when one is asked for, else the profile's (0 never gets here: check_flags)
+    epochs = int(args.epochs if args.epochs is not None else (p_epochs if asked else prof.get("epochs", p_epochs)))
     global_batch = batch * world
     lr_per_256 = args.lr if args.lr is not None else (FINETUNE_LR_PER_256 if preset == "finetune" else BASE_LR)
     backend = _data_backend(args.data_backend, prof["data_backend"], cuda)
@@ -200,7 +278,7 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
         label_smoothing=args.label_smoothing,
         mixup=float(args.mixup if args.mixup is not None else p_mix),
         image_size=int(pick("image_size")),
-        min_crop_scale=float(pick("min_crop_scale", 0.08)),
+        min_crop_scale=float(pick("min_crop_scale", MIN_CROP_SCALE)),
         amp=resolve_amp(pick("amp"), pick("amp_dtype"), cuda),
         amp_dtype=pick("amp_dtype"),
         tf32=cuda,

@@ -248,7 +248,7 @@ class Trainer:
             output=cfg.output,
             # the data may have moved since
             data=str(args.data) if args.data is not None else saved.data,
-            epochs=args.epochs or saved.epochs,
+            epochs=args.epochs if args.epochs is not None else saved.epochs,
         )
         return saved, {**obj, "_path": str(path)}
 
@@ -518,7 +518,7 @@ class Trainer:
             device=d.device,
             shard=Shard(d.rank, d.world),
             seed=args.seed,
-            workers=args.workers or 2,
+            workers=args.workers if args.workers is not None else 2,  # 0 is a choice (one thread / in-process)
         )
         if memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)

@@ -33,8 +33,9 @@ MOMENTUM = 0.875
 WEIGHT_DECAY = 1.0 / 32768
 LABEL_SMOOTHING = 0.1
 MIXUP_ALPHA = 0.2
-# preset -> (epochs, warmup epochs at global batch >= 512, mixup alpha)
+# preset -> (epochs, warmup epochs at global batch >= WARMUP_MIN_GLOBAL_BATCH, mixup alpha)
 PRESETS = {50: (50, 2, 0.0), 90: (90, 2, 0.0), 250: (250, 5, MIXUP_ALPHA)}
+WARMUP_MIN_GLOBAL_BATCH = 512
 FINETUNE_LR_PER_256 = BASE_LR / 10
 FINETUNE_EPOCHS = 10
 FINETUNE_WARMUP_FRACTION = 0.1
@@ -64,7 +65,7 @@ def effective_lr(lr_per_256: float, global_batch: int) -> float:
 
 
 def default_warmup(preset_warmup: int, global_batch: int) -> int:
-    return preset_warmup if global_batch >= 512 else 0
+    return preset_warmup if global_batch >= WARMUP_MIN_GLOBAL_BATCH else 0
 
 
 def make_optimizer(

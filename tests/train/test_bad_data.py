@@ -99,6 +99,26 @@ def test_truncated_val_image_stops_before_the_first_epoch(fmnist_tiny, tmp_path,
     assert victim.name in line and "undecodable" in line, line
 
 
+def test_truncated_train_image_stops_in_the_first_epoch(fmnist_tiny, tmp_path, capsys, monkeypatch):
+    """The header check (on here) does not decode JPEG pixels and only validation
+    images are decoded up front, so a training JPEG with an intact header is found by the loader
+    in the epoch that reads it (docs/serving.md): one error line naming it, exit 2, no checkpoint."""
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    victim = sorted((d / "train" / "dress").iterdir())[3]
+    data = victim.read_bytes()
+    scan = _scan_start(data)
+    victim.write_bytes(data[: scan + (len(data) - scan) // 3])
+    started = []
+    real = Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: started.append(epoch) or real(self, epoch))
+    # 200 images in batches of 20: no remainder, so epoch 1 reads every file
+    assert run(d, tmp_path / "o", "--check-images", "on") == 2
+    line = error_line(capsys.readouterr().err)
+    assert started == [0] and str(victim) in line and "undecodable" in line, line
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
 def test_resume_from_a_directory(fmnist_tiny, tmp_path, capsys):
     (tmp_path / "ckdir").mkdir()
     assert run(fmnist_tiny, tmp_path / "o", "--resume", str(tmp_path / "ckdir")) == 2

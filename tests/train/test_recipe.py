@@ -68,7 +68,10 @@ def test_warmup_help_states_the_real_defaults():
 
     text = " ".join(build_parser().format_help().split())
     assert "else 0)" not in text
-    assert "else the profile's: 0.1 for cpu, 0 for gpu" in text
+    assert (
+        "at a global batch of 512 or more, the preset's (2 for 50 and 90, 5 for 250); "
+        "below that, the profile's (none for gpu and gpu-small, 0.1 for cpu)"
+    ) in text
     assert PROFILES["cpu"]["warmup_epochs"] == 0.1 and "warmup_epochs" not in PROFILES["gpu"]
     assert cfg("--profile", "cpu").warmup_epochs == 0.1  # small batch: the profile's
     assert cfg("--profile", "gpu", "--batch-size", "256").warmup_epochs == 0

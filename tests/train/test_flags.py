@@ -1,0 +1,139 @@
+"""``python -m train``'s numeric flags: a value outside its range is one ``error: --flag VALUE:
+why`` line and exit 2 before any work (nothing read, nothing written), ``--dry-run`` included;
+the values at the edges of each range are accepted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import train
+import train.distributed
+from tests import train_cli
+from tests.stderr import error_line
+from train.__main__ import build_parser
+
+# (flag, value, the words of the reason that must follow "--flag VALUE:", extra flags it needs to
+# reach its check): every numeric flag, each side of its range that has a bound
+BAD = [
+    ("--epochs", "0", "at least 1", ()),
+    ("--epochs", "-1", "at least 1", ()),
+    ("--batch-size", "0", "at least 1", ()),
+    ("--batch-size", "-8", "at least 1", ()),
+    ("--lr", "0", "above 0", ()),
+    ("--lr", "-1", "above 0", ()),
+    ("--lr", "nan", "above 0", ()),
+    ("--lr", "inf", "finite", ()),
+    ("--momentum", "1", "below 1", ()),
+    ("--momentum", "-0.1", "at least 0", ()),
+    ("--weight-decay", "-0.0001", "at least 0", ()),
+    ("--label-smoothing", "1", "below 1", ()),
+    ("--label-smoothing", "-0.1", "at least 0", ()),
+    ("--mixup", "-0.2", "at least 0", ()),
+    ("--warmup-epochs", "-1", "at least 0", ()),
+    ("--image-size", "8", "ResNet50 needs at least 16 px", ()),
+    ("--min-crop-scale", "1.5", "at most 1", ()),
+    ("--min-crop-scale", "0", "above 0", ()),
+    ("--min-crop-scale", "-0.5", "above 0", ()),
+    ("--workers", "-1", "at least 0", ()),
+    ("--seed", "-1", "at least 0", ()),
+    ("--seed", str(2**32), "at most 4294967295", ()),
+    ("--limit-train", "0", "at least 1", ()),
+    ("--limit-val", "0", "at least 1", ()),
+    ("--synthetic-steps", "0", "at least 1", ()),
+    ("--num-classes", "0", "at least 1", ("--data-backend", "synthetic")),
+    ("--backbone-lr-scale", "-0.1", "at least 0", ("--init-from", "w.pth")),
+    ("--stop-after", "0", "at least 1", ()),
+]
+
+
+def _id(case):
+    return f"{case[0]}={case[1]}"
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the run starts (process group, data, model): the flags must stop it before."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("the run started before its flags were checked")
+
+    monkeypatch.setattr(train.distributed, "init", refuse)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("case", BAD, ids=[_id(c) for c in BAD])
+def test_bad_numeric_flag_is_one_error_line(case, dry_run, fmnist_tiny, tmp_path, capsys, no_work):
+    flag, value, why, extra = case
+    out = tmp_path / "o"
+    argv = [*extra, flag, value] + (["--dry-run"] if dry_run else [])
+    if flag == "--num-classes":  # synthetic without a folder: the data flag would be refused first
+        rc = train.main(["--output", str(out), *train_cli.BASE, *argv])
+    else:
+        rc = train_cli.run(fmnist_tiny, out, *argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = error_line(err)
+    assert line.startswith(f"error: {flag} {value}: ") and why in line, line
+    assert not out.exists()
+
+
+def test_bad_flag_stops_evaluate_too(tmp_path, capsys, no_work):
+    """--evaluate reads --limit-val and --batch-size as well: the same check, before the checkpoint is read."""
+    rc = train.main(["--evaluate", str(tmp_path / "none.pt"), "--limit-val", "0"])
+    assert rc == 2
+    assert error_line(capsys.readouterr().err).startswith("error: --limit-val 0: ")
+
+
+def _dry(capsys, *argv: str) -> dict:
+    assert train.main(["--dry-run", "--profile", "cpu", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_edges_of_the_ranges_are_accepted(capsys):
+    """Legal if surprising: 0 workers (the pytorch backend loads in the main process), no smoothing,
+    no momentum, no decay, no warmup, a crop of the whole image, the smallest image ResNet50 takes."""
+    c = _dry(
+        capsys,
+        *("--workers", "0", "--label-smoothing", "0", "--momentum", "0", "--weight-decay", "0"),
+        *("--mixup", "0", "--warmup-epochs", "0", "--min-crop-scale", "1", "--image-size", "16"),
+        *("--seed", "0", "--epochs", "1", "--batch-size", "1", "--limit-train", "1", "--limit-val", "1"),
+    )
+    assert (c["workers"], c["label_smoothing"], c["momentum"], c["weight_decay"]) == (0, 0, 0, 0)
+    assert (c["mixup"], c["warmup_epochs"], c["min_crop_scale"], c["image_size"]) == (0, 0, 1, 16)
+    assert (c["seed"], c["epochs"], c["batch_size"], c["limit_train"], c["limit_val"]) == (0, 1, 1, 1, 1)
+    assert _dry(capsys, "--init-from", "w.pth", "--backbone-lr-scale", "0")["backbone_lr_scale"] == 0
+    assert _dry(capsys, "--seed", str(2**32 - 1))["seed"] == 2**32 - 1
+
+
+def test_epochs_not_given_is_the_profiles(capsys):
+    assert _dry(capsys)["epochs"] == 2
+    assert _dry(capsys, "--epochs", "1")["epochs"] == 1
+
+
+def test_every_numeric_flag_has_a_range():
+    """A numeric flag added to the parser without a range would take any value again."""
+    from train.config import FLAG_RANGES
+
+    numeric = {
+        a.option_strings[0]
+        for a in build_parser()._actions
+        if isinstance(a, argparse._StoreAction) and a.type in (int, float)
+    }
+    assert numeric == set(FLAG_RANGES), numeric ^ set(FLAG_RANGES)
+
+
+def test_help_states_the_defaults():
+    text = " ".join(build_parser().format_help().split())
+    for s in (
+        "images per process per step (global batch = this x processes; default: the profile's: 256 on GPU, 64 on CPU)",
+        "default: the profile's: 224 on GPU (112 with gpu-small), 32 on CPU",
+        "default: the profile's: fp16 on GPU, bf16 on CPU",
+        "(default: all of them)",
+        "steps per epoch with --data-backend synthetic (default: 100)",
+    ):
+        assert s in text, s
+    memory_format = next(a for a in build_parser()._actions if a.dest == "memory_format")
+    assert memory_format.help
