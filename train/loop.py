@@ -210,12 +210,21 @@ class Trainer:
         self.tb = None
         self.steplog: StepLogger | None = None
         if d.main:
+            earlier = [f for f in ("last.pt", "best.pt") if (self.out / f).exists()] if resume is None else []
+            if earlier:
+                print(
+                    f"warning: {self.out} holds an earlier run ({', '.join(earlier)}): this run replaces its "
+                    "checkpoints and logs (to continue that run, use --resume; to keep it, another --output)",
+                    file=sys.stderr,
+                )
             self.out.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step: a resumed run hides what the interrupted one logged past its checkpoint
-                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resume else None)
+                # purge_step: a resumed run hides what the interrupted one logged past its checkpoint;
+                # a new run in an earlier run's folder hides all of that run's curves (step 0 on)
+                purge = self.step + 1 if resume is not None else (0 if earlier else None)
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
             self.steplog = StepLogger(

@@ -114,3 +114,20 @@ def test_damaged_step_records_are_named(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(DataError, match=rf"^{path}: line 2 is not a JSON record"):
         read_steps(path)
+
+
+def test_a_new_run_in_an_earlier_runs_folder_warns_and_replaces_its_curves(fmnist_tiny, tmp_path, capsys):
+    """Not --resume into a folder holding a run: one warning line, and TensorBoard shows the new
+    run's steps only (the earlier, longer run's later steps would otherwise stay on its curves)."""
+    assert run(fmnist_tiny, tmp_path / "r", "--epochs", "2") == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert run(fmnist_tiny, tmp_path / "r", "--epochs", "1", "--seed", "7") == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'r'} holds an earlier run (last.pt, best.pt): this run replaces its checkpoints "
+        "and logs (to continue that run, use --resume; to keep it, another --output)"
+    ]
+    recs = read_steps(tmp_path / "r" / "steps.jsonl")
+    shown = tb_scalars(tmp_path / "r" / "tb", "step/loss")
+    assert [s for s, _ in shown] == [r["step"] for r in recs]
+    assert [v for _, v in shown] == [pytest.approx(r["loss"], rel=1e-6) for r in recs]
