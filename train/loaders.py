@@ -318,8 +318,23 @@ class TorchLoader(_Base):
             generator=torch.Generator().manual_seed(self._seed()),
             persistent_workers=False,
         )
-        for x, y in dl:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in dl:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except DataError as e:
+            raise DataError(worker_cause(str(e))) from None
+
+
+def worker_cause(message: str) -> str:
+    """The cause alone of an error a DataLoader worker raised: the main process re-raises it with
+    the worker's traceback folded into the message ("Caught DataError in DataLoader worker process
+    0. Original Traceback ... rn50.errors.DataError: CAUSE"), which is not a terminal line."""
+    lines = message.strip().splitlines()
+    if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+        return message
+    last = lines[-1]
+    name, sep, cause = last.partition(": ")
+    return cause if sep and name.rsplit(".", 1)[-1] == DataError.__name__ else last
 
 
 class SyntheticLoader(_Base):
