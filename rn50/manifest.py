@@ -102,8 +102,14 @@ def validate(m: Any, where: str) -> dict[str, Any]:
         raise ManifestError(f"{where}: manifest lacks {', '.join(missing)}")
     if m["schema"] != SCHEMA:
         raise ManifestError(f"{where}: manifest schema {m['schema']} is not {SCHEMA}")
-    if not isinstance(m["classes"], list) or len(m["classes"]) < 2:
+    classes = m["classes"]
+    if not isinstance(classes, list) or len(classes) < 2:
         raise ManifestError(f"{where}: manifest 'classes' must list at least two class names")
+    # class names are printed, written to label files and compared with folder names
+    bad = [c for c in classes if not isinstance(c, str) or not c]
+    if bad or len(set(classes)) != len(classes):
+        what = f"holds {bad[0]!r}" if bad else "repeats a name"
+        raise ManifestError(f"{where}: manifest 'classes' {what}: it must list distinct, non-empty class names")
     try:
         Preprocessing.from_dict(m["preprocessing"])
     except (TypeError, ValueError) as e:

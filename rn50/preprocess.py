@@ -24,6 +24,7 @@ backend for machines without DALI.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,15 @@ class Preprocessing:
     exif_orientation: bool = True
     version: int = field(default=CONTRACT_VERSION)
 
+    def __post_init__(self) -> None:
+        """ValueError naming the field when a value is one the implementations below cannot honour.
+        A Preprocessing is mostly read back from a manifest on disk, where a bad value would
+        otherwise surface only as a DALI error on every image (a mean of two entries, a std of 0)
+        or, for a method this module does not implement, be silently replaced by the one it does."""
+        why = _problem(self)
+        if why:
+            raise ValueError(why)
+
     @classmethod
     def for_image_size(cls, image_size: int, **kw: Any) -> Preprocessing:
         if image_size < MIN_IMAGE_SIZE:
@@ -66,6 +76,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        if not isinstance(d, dict):
+            raise TypeError(f"preprocessing must be a JSON object of the contract's fields, not {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -78,6 +90,50 @@ class Preprocessing:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.image_size, self.image_size)
+
+
+def _numbers(v: Any, n: int) -> bool:
+    """``v`` is ``n`` finite numbers (JSON true/false are not numbers here)."""
+    return (
+        isinstance(v, tuple)
+        and len(v) == n
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    )
+
+
+def _problem(p: Preprocessing) -> str | None:
+    """What is wrong with ``p``'s values, field first, or None. The string fields have one value
+    each because one is all that DALI's and torchvision's code below implements."""
+
+    def show(v: Any) -> str:
+        return repr(list(v) if isinstance(v, tuple) else v)
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not whole(p.image_size) or p.image_size < MIN_IMAGE_SIZE:
+        return f"image_size must be a whole number of pixels, at least {MIN_IMAGE_SIZE}, not {show(p.image_size)}"
+    if not whole(p.resize_size) or p.resize_size < p.image_size:
+        return (
+            f"resize_size must be a whole number of pixels, at least image_size {p.image_size}, "
+            f"not {show(p.resize_size)}"
+        )
+    if not _numbers(p.mean, 3):
+        return f"mean must be 3 finite numbers (R, G, B on the 0-255 scale), not {show(p.mean)}"
+    if not _numbers(p.std, 3) or min(p.std) <= 0:
+        return f"std must be 3 finite numbers above 0 (R, G, B on the 0-255 scale), not {show(p.std)}"
+    if not _numbers(p.train_scale, 2) or not 0 < p.train_scale[0] <= p.train_scale[1] <= 1:
+        return f"train_scale must be [min, max] crop areas with 0 < min <= max <= 1, not {show(p.train_scale)}"
+    if not _numbers(p.train_ratio, 2) or not 0 < p.train_ratio[0] <= p.train_ratio[1]:
+        return f"train_ratio must be [min, max] aspect ratios with 0 < min <= max, not {show(p.train_ratio)}"
+    if not _numbers((p.flip_prob,), 1) or not 0 <= p.flip_prob <= 1:
+        return f"flip_prob must be a probability from 0 to 1, not {show(p.flip_prob)}"
+    implemented = {"interpolation": "bilinear-antialias", "color": "RGB", "layout": "NCHW", "exif_orientation": True}
+    for name, value in implemented.items():
+        got = getattr(p, name)
+        if got != value or type(got) is not type(value):
+            return f"{name} must be {value!r} (the only one implemented), not {show(got)}"
+    return None
 
 
 # --------------------------------------------------------------------------- PIL / torchvision

@@ -135,3 +135,60 @@ def test_garbage_checkpoints_are_named_errors(tmp_path, data):
     p.write_bytes(data)
     with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
         load_checkpoint(p)
+
+
+# ------------------------------------------------------------------ malformed manifests
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("mean", [123.7, 116.3], "mean"),
+        ("mean", [123.7, "x", 103.5], "mean"),
+        ("std", [58.4, 0, 57.4], "std"),
+        ("std", [58.4, -57.1, 57.4], "std"),
+        ("image_size", 0, "image_size"),
+        ("image_size", "32", "image_size"),
+        ("image_size", 32.0, "image_size"),
+        ("resize_size", 16, "resize_size"),
+        ("train_scale", [0.5, 0.1], "train_scale"),
+        ("flip_prob", 2, "flip_prob"),
+        ("interpolation", "nearest", "interpolation"),
+        ("layout", "NHWC", "layout"),
+    ],
+)
+def test_malformed_preprocessing_is_a_manifest_error(tmp_path, field, value, needle):
+    """A preprocessing block DALI cannot run (or would run as something else) is refused where
+    the manifest is read, naming the manifest file and the field, not per image later."""
+    art = tmp_path / "x.onnx"
+    write_manifest(art, _manifest())
+    m = json.loads(manifest_path(art).read_text())
+    m["preprocessing"][field] = value
+    manifest_path(art).write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="bad preprocessing") as e:
+        read_manifest(art)
+    assert str(e.value).startswith(f"{manifest_path(art)}: ") and needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: m.pop("classes"), "lacks classes"),
+        (lambda m: m.update(classes=[]), "classes"),
+        (lambda m: m.update(classes=["a", ""]), "classes"),
+        (lambda m: m.update(classes=["a", "a"]), "classes"),
+        (lambda m: m.update(classes=[1, 2]), "classes"),
+        (lambda m: m.update(preprocessing=[1, 2]), "preprocessing"),
+        (lambda m: m.update(preprocessing=None), "preprocessing"),
+    ],
+    ids=["missing", "empty", "empty-name", "duplicate", "not-strings", "preprocessing-list", "preprocessing-null"],
+)
+def test_malformed_classes_or_preprocessing_block(tmp_path, edit, needle):
+    art = tmp_path / "x.onnx"
+    write_manifest(art, _manifest())
+    m = json.loads(manifest_path(art).read_text())
+    edit(m)
+    manifest_path(art).write_text(json.dumps(m))
+    with pytest.raises(ManifestError) as e:
+        read_manifest(art)
+    assert str(e.value).startswith(f"{manifest_path(art)}: ") and needle in str(e.value)

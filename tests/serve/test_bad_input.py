@@ -7,7 +7,8 @@ line says, and that every good image beside it is still classified. docs/serving
 table for users.
 
 The ``output paths`` tests check that a path that cannot be written stops ``serve.infer`` and
-``serve.validate`` before any work, with one ``error:`` line and exit 2.
+``serve.validate`` before any work, with one ``error:`` line and exit 2; the ``malformed
+manifests`` tests, that a manifest whose preprocessing or classes cannot be used does too.
 """
 
 from __future__ import annotations
@@ -328,3 +329,40 @@ def test_closed_stdout_pipe_is_quiet(tmp_path, engine_checkpoint, fmnist_small):
     assert len(r.stdout.splitlines()) == 1 and "topk" in json.loads(r.stdout)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert r.returncode == infer.EXIT_BROKEN_PIPE, r.returncode
+
+
+# --------------------------------------------------------------------------- malformed manifests
+
+
+def _size(m: dict, size: object) -> None:
+    m["image_size"] = m["preprocessing"]["image_size"] = size
+
+
+MANIFEST_CASES = {  # how to spoil the manifest, and the field its error line must name
+    "mean_of_two": (lambda m: m["preprocessing"].update(mean=[123.7, 116.3]), "mean"),
+    "std_with_a_zero": (lambda m: m["preprocessing"].update(std=[58.4, 0, 57.4]), "std"),
+    "image_size_zero": (lambda m: _size(m, 0), "image_size"),
+    "image_size_a_string": (lambda m: _size(m, "32"), "image_size"),
+    "classes_empty": (lambda m: m.update(classes=[]), "classes"),
+    "classes_missing": (lambda m: m.pop("classes"), "classes"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_infer_malformed_manifest(case, capsys, copy_engine, engine_checkpoint, fmnist_small, monkeypatch):
+    """One error line naming the manifest file and the field, exit 2, before any image is read
+    (not a DALI error line for every image)."""
+    spoil, field = MANIFEST_CASES[case]
+    eng = copy_engine(engine_checkpoint, spoil)
+    import serve.pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("images were read with a malformed manifest")
+
+    monkeypatch.setattr(serve.pipeline.BatchStream, "__init__", no_work)
+    rc = infer.main(["--engine", str(eng), str(_good(fmnist_small)[0]), "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 2, cap.err
+    line = error_line(cap.err)
+    assert line.startswith(f"error: {eng}.manifest.json: ") and field in line, line
+    assert cap.out == ""

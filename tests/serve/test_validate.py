@@ -135,3 +135,15 @@ def test_validate_usage_errors(capsys, tmp_path, engine_fp32_onnx, trained_run, 
     Path(str(eng) + ".manifest.json").write_text(json.dumps(m))
     assert validate.main(["--engine", str(eng), "--checkpoint", ck, val]) == 2
     assert "differ from the checkpoint" in capsys.readouterr().err
+
+
+def test_validate_malformed_manifest(capsys, tmp_path, copy_engine, engine_checkpoint, trained_run, fmnist_small):
+    """A preprocessing block DALI cannot run (a mean of two entries): exit 2 with one error line
+    naming the manifest and the field, before any image; no report."""
+    eng = copy_engine(engine_checkpoint, lambda m: m["preprocessing"].update(mean=[123.7, 116.3]))
+    rc = run_validate(eng, trained_run / "best.pt", fmnist_small / "val", "--report", str(tmp_path / "r"), "--quiet")
+    cap = capsys.readouterr()
+    assert rc == 2, cap.err
+    line = error_line(cap.err)
+    assert line.startswith(f"error: {eng}.manifest.json: ") and "mean" in line, line
+    assert cap.out == "" and list(tmp_path.glob("r.*")) == []
