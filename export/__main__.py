@@ -9,9 +9,12 @@ The output's suffix picks the artifact:
 * ``.pt2``   AOTInductor package (fp32; CPU, or CUDA when a GPU is present).
 
 Every artifact is checked against the PyTorch checkpoint on real validation images before it is
-renamed into place (``rn50.atomic``); one that fails is not written. Exit status: 0 ok, 2 bad
-input or missing TensorRT/GPU (after writing the ONNX for a ``.plan``), 3 the artifact failed
-its parity bound or the INT8 accuracy gate (nothing written; ``--force`` writes it anyway).
+renamed into place (``rn50.atomic``); one that fails is not written. Its manifest records its
+sha256 and goes into place just before it (``rn50.manifest``), so an export killed between the
+two renames leaves a pair that loading refuses, never a new artifact under an old manifest.
+Exit status: 0 ok, 2 bad input or missing TensorRT/GPU (after writing the ONNX for a ``.plan``),
+3 the artifact failed its parity bound or the INT8 accuracy gate (nothing written; ``--force``
+writes it anyway).
 """
 
 from __future__ import annotations
@@ -292,7 +295,9 @@ def _export_pt2(job: _Job) -> int:
 
     args, out, p = job.args, job.args.output, job.p
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with atomic_path(out) as tmp, _scratch(out) as scratch:
+    # atomic_path innermost, here and in _write_onnx: nothing (not even the scratch folder's
+    # removal) runs between the manifest's rename and the artifact's
+    with _scratch(out) as scratch, atomic_path(out) as tmp:
         pkg = scratch / "rn50.pt2"  # the packager insists on a name ending in .pt2
         _timed(
             f"torch.export + AOTInductor compile ({device}, batch 1..{args.batch_max})",
@@ -309,18 +314,19 @@ def _export_pt2(job: _Job) -> int:
         par = _parity(job, backend.run, "fp32", out.name)
         del backend
         os.replace(pkg, tmp)
-    m = new_manifest(
-        "aoti",
-        precision="fp32",
-        accuracy=_accuracy(par),
-        parity=par.to_dict(),
-        device=device,
-        max_batch=args.batch_max,
-        torch_export={"dynamic_batch": [1, args.batch_max]},
-        **job.common,
-        **job.extra,
-    )
-    write_manifest(out, m)
+        m = new_manifest(
+            "aoti",
+            precision="fp32",
+            accuracy=_accuracy(par),
+            parity=par.to_dict(),
+            device=device,
+            max_batch=args.batch_max,
+            torch_export={"dynamic_batch": [1, args.batch_max]},
+            artifact=tmp,
+            **job.common,
+            **job.extra,
+        )
+        write_manifest(out, m)  # before atomic_path renames the package into place
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - job.t_start:.0f} s")
     return 0
 
@@ -341,7 +347,7 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
         "dynamic_axes": {"input": "batch", "logits": "batch"},
     }
     int8_info: dict[str, Any] = {}
-    with atomic_path(onnx_out) as tmp, _scratch(onnx_out) as scratch:
+    with _scratch(onnx_out) as scratch, atomic_path(onnx_out) as tmp:
         if precision == "fp32":
             _timed(
                 f"ONNX export (opset {onnx_export.OPSET})",
@@ -360,17 +366,18 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
             onnx_info["quantization"] = int8_info["quantization"]
         backend = load_backend(tmp, suffix=".onnx", prefer_gpu=True)
         par = _parity(job, backend.run, precision, onnx_out.name)
-    m = new_manifest(
-        "onnx",
-        precision=precision,
-        accuracy=_accuracy(par),
-        parity=par.to_dict(),
-        onnx=onnx_info,
-        **int8_info.get("manifest", {}),
-        **job.common,
-        **job.extra,
-    )
-    write_manifest(onnx_out, m)
+        m = new_manifest(
+            "onnx",
+            precision=precision,
+            accuracy=_accuracy(par),
+            parity=par.to_dict(),
+            onnx=onnx_info,
+            artifact=tmp,
+            **int8_info.get("manifest", {}),
+            **job.common,
+            **job.extra,
+        )
+        write_manifest(onnx_out, m)  # before atomic_path renames the model into place
     log(f"wrote {onnx_out} ({onnx_out.stat().st_size / 2**20:.1f} MiB)")
     return int8_info
 
@@ -420,19 +427,20 @@ def _export_plan(job: _Job) -> int:
         plan = load_backend(tmp, {"max_batch": args.batch_max}, suffix=".plan")
         par = _parity(job, plan.run, precision, out.name)
         del plan
-    m = new_manifest(
-        "tensorrt",
-        precision=precision,
-        accuracy=_accuracy(par),
-        parity=par.to_dict(),
-        max_batch=args.batch_max,
-        onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
-        **info,
-        **int8_info.get("manifest", {}),
-        **job.common,
-        **job.extra,
-    )
-    write_manifest(out, m)
+        m = new_manifest(
+            "tensorrt",
+            precision=precision,
+            accuracy=_accuracy(par),
+            parity=par.to_dict(),
+            max_batch=args.batch_max,
+            onnx_source={"path": str(onnx_out), "sha256": sha256_file(onnx_out)},
+            artifact=tmp,
+            **info,
+            **int8_info.get("manifest", {}),
+            **job.common,
+            **job.extra,
+        )
+        write_manifest(out, m)  # before atomic_path renames the plan into place
     log(f"wrote {out} in {time.perf_counter() - job.t_start:.0f} s")
     return 0
 

@@ -4,7 +4,8 @@ Layout::
 
     {"format": "rn50-checkpoint", "version": 1,
      "model": <state_dict without DDP/compile prefixes>,
-     "manifest": <the same dict as the manifest file beside it>,
+     "manifest": <the manifest file beside it, less its "artifact" record (the checkpoint
+                  file's own sha256, which the file cannot hold)>,
      ... whatever the trainer adds to resume (optimizer, scaler, epoch, rng) ...}
 
 Everything inside is tensors, numbers, strings, lists, tuples and dicts, so loading never
@@ -25,7 +26,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import CheckpointError, first_line
-from .manifest import validate, write_manifest
+from .manifest import artifact_record, validate, write_manifest
 from .model import build_model, num_classes_of
 
 FORMAT = "rn50-checkpoint"
@@ -47,12 +48,17 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     path: str | os.PathLike[str], model_state: dict[str, torch.Tensor], manifest: dict[str, Any], **extra: Any
 ) -> Path:
-    """Write ``path`` and ``path.manifest.json`` atomically; return ``path``."""
+    """Write ``path`` and ``path.manifest.json`` atomically; return ``path``.
+
+    The manifest file records the checkpoint file's sha256 (``artifact``), so that serving a
+    ``.pt`` whose file was replaced behind its manifest is refused. It goes into place before the
+    checkpoint (rn50.manifest's order), so a process killed between the two renames leaves a
+    pair that check refuses; hashing costs about 0.3 s per 100 MB, once per save."""
     path = Path(path)
     obj = {"format": FORMAT, "version": VERSION, "model": clean_state_dict(model_state), "manifest": manifest, **extra}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-    write_manifest(path, manifest)
+        write_manifest(path, {**manifest, "artifact": artifact_record(tmp)})
     return path
 
 

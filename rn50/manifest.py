@@ -1,9 +1,18 @@
 """The manifest: a JSON file beside every artifact (``<artifact>.manifest.json``).
 
-It says what the artifact came from (path and sha256 of the source), how inputs are
-preprocessed (the :class:`~rn50.preprocess.Preprocessing` contract), the class names, the
-precision, the measured accuracy, the library versions and, for engines, the target GPU. Each
-stage reads the previous stage's manifest instead of asking the user again.
+It says what the artifact came from (path and sha256 of the source), which file it describes
+(``artifact``: that file's own sha256), how inputs are preprocessed (the
+:class:`~rn50.preprocess.Preprocessing` contract), the class names, the precision, the measured
+accuracy, the library versions and, for engines, the target GPU. Each stage reads the previous
+stage's manifest instead of asking the user again.
+
+A manifest and its artifact are two files, renamed into place one after the other, and either
+can be copied over on its own; the ``artifact`` record is what lets a reader
+(:func:`check_artifact`) tell that the pair no longer belongs together. Writers put the manifest
+in place first and the artifact second (:func:`new_manifest` hashes the artifact under its
+temporary name), so a writer killed between the two leaves a new manifest beside the old file,
+which that check refuses, rather than a new file under an old manifest, which an older manifest
+without the record could not reveal.
 """
 
 from __future__ import annotations
@@ -62,6 +71,12 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def artifact_record(file: str | os.PathLike[str]) -> dict[str, str]:
+    """The manifest's ``artifact`` entry for ``file``: its sha256 (the name is left out: the
+    manifest sits beside the file and an artifact may be renamed together with it)."""
+    return {"sha256": sha256_file(file)}
+
+
 def new_manifest(
     kind: str,
     *,
@@ -69,10 +84,13 @@ def new_manifest(
     preprocessing: Preprocessing,
     precision: str,
     source: str | os.PathLike[str] | None = None,
+    artifact: str | os.PathLike[str] | None = None,
     accuracy: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A fresh manifest. ``source`` (a file) is recorded with its sha256."""
+    """A fresh manifest. ``source`` (a file) is recorded with its sha256; so is ``artifact``, the
+    file the manifest describes, which may still be under the temporary name it is written to
+    before being renamed into place (see the module's docstring for the order)."""
     from .model import ARCH
 
     m: dict[str, Any] = {
@@ -90,6 +108,8 @@ def new_manifest(
     }
     if source is not None:
         m["source"] = {"path": str(source), "sha256": sha256_file(source)}
+    if artifact is not None:
+        m["artifact"] = artifact_record(artifact)
     m.update(extra)
     return m
 
@@ -115,6 +135,22 @@ def validate(m: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{where}: bad preprocessing in manifest: {e}") from e
     return m
+
+
+def check_artifact(artifact: str | os.PathLike[str], m: dict[str, Any]) -> None:
+    """ManifestError unless ``artifact`` is the file its manifest ``m`` was written for (the
+    ``artifact`` record's sha256). Manifests written before they carried the record pass: there
+    is nothing to compare. Hashing reads the file once (about 0.3 s for 100 MB), which a loader
+    pays once per process."""
+    rec = m.get("artifact")
+    if not isinstance(rec, dict) or not rec.get("sha256"):
+        return
+    want, got = str(rec["sha256"]), sha256_file(artifact)
+    if got != want:
+        raise ManifestError(
+            f"{artifact} does not match its manifest: the manifest describes a file with sha256 {want[:12]}…, "
+            f"this file has {got[:12]}…; re-export it or restore the matching manifest"
+        )
 
 
 def write_manifest(artifact: str | os.PathLike[str], m: dict[str, Any]) -> Path:

@@ -17,6 +17,8 @@ training checkpoint in eager PyTorch (the unexported reference). Each backend ha
   on the CPU or a torch CUDA tensor (DALI's GPU output) on the GPU.
 
 Loading checks the manifest beside the engine (:func:`load_engine`): kind against suffix, the
+file against the sha256 the manifest records for it (so an artifact copied over another, or one
+renamed into place without its manifest, is not served under the other's manifest), the
 manifest's image size against the engine's input (the export makes only the batch dynamic, so an
 engine takes one height and width), class count against the engine's output, and for TensorRT the
 GPU / TensorRT version the plan was built for. Every failure is an
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rn50.errors import EngineError, ManifestError
-from rn50.manifest import preprocessing_of, read_manifest
+from rn50.manifest import check_artifact, preprocessing_of, read_manifest
 
 SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}
 # the manifest "kind" that export (and train, for a checkpoint) writes for each suffix
@@ -156,6 +158,7 @@ def load_engine(
             f"(expected kind {KINDS[s]!r}); "
             f"is {path.name}{'.manifest.json'} the right manifest?"
         )
+    check_artifact(path, m)
     size = preprocessing_of(m).image_size
     if "image_size" in m and m["image_size"] != size:
         raise ManifestError(

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from rn50.backends import load_engine
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint
 from rn50.errors import CheckpointError, ManifestError
-from rn50.manifest import manifest_path, new_manifest, read_manifest, write_manifest
+from rn50.manifest import manifest_path, new_manifest, read_manifest, sha256_file, write_manifest
 from rn50.model import build_model, check_v15, param_groups
 from rn50.preprocess import Preprocessing
 
@@ -62,12 +66,13 @@ def test_weight_decay_only_on_conv_and_fc_weights(model):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def _manifest(classes=10):
+def _manifest(classes=10, **extra):
     return new_manifest(
         "checkpoint",
         classes=[f"c{i}" for i in range(classes)],
         preprocessing=Preprocessing.for_image_size(32),
         precision="fp32",
+        **extra,
     )
 
 
@@ -78,7 +83,11 @@ def test_checkpoint_round_trip_weights_only(tmp_path, model):
     m2, man = load_model(path)
     for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
-    assert read_manifest(path) == man
+    # the file beside it is the embedded manifest plus the record of the checkpoint file itself
+    # (a file cannot hold its own hash)
+    beside = read_manifest(path)
+    assert beside["artifact"] == {"sha256": sha256_file(path)}
+    assert {k: v for k, v in beside.items() if k != "artifact"} == man
     assert {p.name for p in tmp_path.iterdir()} == {"m.pt", "m.pt.manifest.json"}  # no temp files left
 
 
@@ -135,6 +144,58 @@ def test_garbage_checkpoints_are_named_errors(tmp_path, data):
     p.write_bytes(data)
     with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
         load_checkpoint(p)
+
+
+# ------------------------------------------------------------------ the manifest describes its file
+
+
+def test_a_file_swapped_behind_its_manifest_is_refused(tmp_path, model):
+    """Copying one artifact over another keeps the other's manifest: load_engine sees that the
+    file is not the one the manifest describes (before anything is loaded from it)."""
+    a = save_checkpoint(tmp_path / "a.pt", model.state_dict(), _manifest(), epoch=1)
+    b = save_checkpoint(tmp_path / "b.pt", model.state_dict(), _manifest(), epoch=2)
+    want = read_manifest(a)["artifact"]["sha256"]
+    shutil.copy(b, a)
+    with pytest.raises(ManifestError) as e:
+        load_engine(a, prefer_gpu=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{a} does not match its manifest: the manifest describes a file with sha256 {want[:12]}")
+    assert f"this file has {sha256_file(b)[:12]}" in msg and "re-export it or restore the matching manifest" in msg
+    # a manifest without the record (written before manifests had one) still loads
+    m = json.loads(manifest_path(a).read_text())
+    del m["artifact"]
+    manifest_path(a).write_text(json.dumps(m))
+    assert load_engine(a, prefer_gpu=False)[1]["classes"] == m["classes"]
+
+
+class _Killed(BaseException):
+    """The process dies here (not an Exception: nothing on the way up handles it)."""
+
+
+@pytest.mark.parametrize("dies_at", ["manifest", "file"])
+def test_a_save_killed_between_file_and_manifest_is_detectable(tmp_path, model, monkeypatch, dies_at):
+    """save_checkpoint over an existing checkpoint, killed as it renames the manifest or the file
+    into place: afterwards load_engine either serves a file with the manifest written for it, or
+    refuses the pair; never a new file under the old manifest (or the reverse) unnoticed."""
+    path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _manifest(accuracy={"top1": 1.0}), epoch=1)
+    target = manifest_path(path) if dies_at == "manifest" else path
+    replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst) == target:
+            raise _Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(_Killed):
+        save_checkpoint(path, model.state_dict(), _manifest(accuracy={"top1": 2.0}), epoch=2)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        _, m = load_engine(path, prefer_gpu=False)
+    except ManifestError as e:
+        assert "does not match its manifest" in str(e)
+    else:
+        assert m["accuracy"]["top1"] == torch.load(path, weights_only=True)["epoch"]
 
 
 # ------------------------------------------------------------------ malformed manifests

@@ -49,6 +49,7 @@ def test_onnx_parity_and_manifest(engine_fp32_onnx: Path, trained_run: Path) -> 
     assert m["kind"] == "onnx" and m["precision"] == "fp32"
     assert m["classes"] == ck["classes"] and m["preprocessing"] == ck["preprocessing"]
     assert m["source"]["sha256"] == sha256_file(trained_run / "best.pt")
+    assert m["artifact"] == {"sha256": sha256_file(engine_fp32_onnx)}
     par = m["parity"]
     assert par["passed"] and par["images"] >= 200
     assert par["max_abs_logit_diff"] <= 1e-3 * max(1.0, par["max_abs_logit"])
@@ -157,7 +158,86 @@ def test_fp16_onnx(tmp_path: Path, trained_run: Path) -> None:
     assert conv_w and all(i.data_type == f16 for i in g.initializer if i.name in conv_w)
     m = read_manifest(out)
     assert m["precision"] == "fp16" and m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 99.0
+    assert m["artifact"]["sha256"] == sha256_file(out)
     assert _leftovers(tmp_path) == ["rn50.fp16.onnx", "rn50.fp16.onnx.manifest.json"]
+
+
+def _onnx_precision(path: Path) -> str:
+    """fp16 when the model's convolution weights are stored in fp16, else fp32."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    return "fp16" if any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer) else "fp32"
+
+
+def test_onnx_replaced_behind_its_manifest_is_refused(engine_fp32_onnx: Path, tmp_path: Path) -> None:
+    """Another model copied over the ONNX keeps the ONNX's manifest: loading refuses the pair,
+    naming the file, instead of serving the other model as what the manifest describes."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from rn50.backends import load_engine
+    from rn50.errors import ManifestError
+    from rn50.manifest import manifest_path
+
+    eng = tmp_path / engine_fp32_onnx.name
+    shutil.copy(engine_fp32_onnx, eng)
+    shutil.copy(manifest_path(engine_fp32_onnx), manifest_path(eng))
+    assert load_engine(eng, prefer_gpu=False)[1]["precision"] == "fp32"
+    model = onnx.load(str(eng))
+    w = model.graph.initializer[-1]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+    onnx.save(model, str(eng))
+    with pytest.raises(ManifestError) as e:
+        load_engine(eng, prefer_gpu=False)
+    want = read_manifest(eng)["artifact"]["sha256"]
+    assert str(e.value) == (
+        f"{eng} does not match its manifest: the manifest describes a file with sha256 {want[:12]}…, "
+        f"this file has {sha256_file(eng)[:12]}…; re-export it or restore the matching manifest"
+    )
+
+
+class _Killed(BaseException):
+    """The process dies here (not an Exception: nothing on the way up handles it)."""
+
+
+@pytest.mark.parametrize("dies_at", ["manifest", "model"])
+def test_export_killed_between_model_and_manifest_is_detectable(
+    engine_fp32_onnx: Path, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: str
+) -> None:
+    """An fp16 export over an fp32 ONNX, killed as it renames the manifest or the model into
+    place: afterwards loading either gets a model with the manifest written for it, or refuses the
+    pair; never the fp16 model under the fp32 manifest (or the reverse) unnoticed."""
+    import shutil
+
+    from rn50.backends import load_engine
+    from rn50.errors import ManifestError
+    from rn50.manifest import manifest_path
+
+    out = tmp_path / "rn50.onnx"
+    shutil.copy(engine_fp32_onnx, out)
+    shutil.copy(manifest_path(engine_fp32_onnx), manifest_path(out))
+    target = manifest_path(out) if dies_at == "manifest" else out
+    replace = os.replace
+
+    def dying_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == target:
+            raise _Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(_Killed):
+        export.main(_args(trained_run / "best.pt", "fp16", out) + ["--parity-images", "32"])
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        _, m = load_engine(out, prefer_gpu=False)
+    except ManifestError as e:
+        assert "does not match its manifest" in str(e)
+    else:
+        assert m["precision"] == _onnx_precision(out)
+    assert _leftovers(tmp_path) == ["rn50.onnx", "rn50.onnx.manifest.json"]
 
 
 # ------------------------------------------------------------------------------------------ AOTInductor
@@ -168,6 +248,7 @@ def test_pt2_loads_and_matches_pytorch(engine_pt2: Path, trained_run: Path, fmni
 
     m = read_manifest(engine_pt2)
     assert m["kind"] == "aoti" and m["parity"]["passed"] and m["max_batch"] >= 32
+    assert m["artifact"]["sha256"] == sha256_file(engine_pt2)
     model, man = load_model(trained_run / "best.pt")
     p = Preprocessing.from_dict(man["preprocessing"])
     pkg = aoti_load_package(str(engine_pt2))
@@ -238,6 +319,7 @@ def test_tensorrt_engine(tmp_path: Path, trained_run: Path, fmnist_small: Path, 
     m = read_manifest(out)
     assert m["kind"] == "tensorrt" and m["tensorrt_version"] == te.version() and m["gpu"]["compute_capability"]
     assert m["onnx_source"]["sha256"] == sha256_file(tmp_path / f"rn50.{precision}.onnx")
+    assert m["artifact"]["sha256"] == sha256_file(out)
     model, man = load_model(trained_run / "best.pt")
     p = Preprocessing.from_dict(man["preprocessing"])
     from rn50.backends import load_engine

@@ -424,6 +424,14 @@ def test_write_repo_refuses(capsys, engine_fp32_onnx, engine_checkpoint, tmp_pat
     assert triton.main(["--engine", str(engine_fp32_onnx), "--write-repo", str(tmp_path / "r2")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert [f.name for f in (tmp_path / "r2").iterdir()] == ["keep"]
+    # another file under the engine's manifest: its preprocessing and labels would go into the repository
+    other = tmp_path / "other" / engine_fp32_onnx.name
+    other.parent.mkdir()
+    other.write_bytes(engine_fp32_onnx.read_bytes() + b"\0")
+    Path(f"{other}.manifest.json").write_bytes(Path(f"{engine_fp32_onnx}.manifest.json").read_bytes())
+    assert triton.main(["--engine", str(other), "--write-repo", str(tmp_path / "r3")]) == 2
+    assert error_line(capsys.readouterr().err).startswith(f"error: {other} does not match its manifest")
+    assert not (tmp_path / "r3").exists()
 
 
 def test_engine_config_keeps_the_preferred_batch_within_max_batch():
