@@ -16,6 +16,12 @@ scores higher on the sample is reported (``diff``) but is not a failure, since o
 the images int8 flips go both ways. Divergence in either direction is what the agreement floor
 catches.
 
+An engine's manifest records the checkpoint it was exported from (``source``: path and sha256).
+When that is not the ``--checkpoint`` given, one ``warning:`` line says so before the pass, and
+the report records it (``source_check``): the pass then measures two different models, whose
+low agreement would otherwise read like a broken export. A warning, not an error: comparing an
+engine with a retrained checkpoint can be the point.
+
 The report goes to ``PREFIX.json`` and ``PREFIX.md`` (default PREFIX ``<engine>.validate``),
 written atomically; the Markdown table is printed. Per class it gives both top-1s, their
 difference and the share of the class's images on which the two pick different classes
@@ -36,6 +42,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +108,47 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
     }
 
 
+def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Whether ``checkpoint`` is the file the engine's manifest names as its source:
+    ``{"engine_source": {"path", "sha256"}, "checkpoint_sha256", "matches"}``, or None when the
+    manifest records no source file (a ``.pt`` engine is its own). Compared by sha256, not by path:
+    a checkpoint may have moved since the export, and a retrained one may have taken its place.
+    Hashing reads the checkpoint once (about 0.3 s per 100 MB)."""
+    from rn50.manifest import sha256_file
+
+    src = manifest.get("source")
+    if not isinstance(src, dict) or not src.get("sha256"):
+        return None
+    ck = sha256_file(checkpoint)
+    recorded = {"path": str(src.get("path")), "sha256": str(src["sha256"])}
+    return {"engine_source": recorded, "checkpoint_sha256": ck, "matches": ck == recorded["sha256"]}
+
+
+def source_mismatch(
+    check: dict[str, Any] | None, engine: str, checkpoint: str, quote: Callable[[str], str] = str
+) -> str | None:
+    """What the warning line and the report say when the engine was exported from another
+    checkpoint than ``checkpoint`` (None when it was, or its manifest does not say); ``quote``
+    formats a path (Markdown code for the report)."""
+    if check is None or check["matches"]:
+        return None
+    src = check["engine_source"]
+    return (
+        f"{quote(engine)} was exported from {quote(src['path'])} (sha256 {src['sha256'][:12]}…), "
+        f"not from {quote(checkpoint)} (sha256 {check['checkpoint_sha256'][:12]}…): "
+        "two different models, so expect disagreement"
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     verdict = "PASS" if r["passed"] else "FAIL"
+    other = source_mismatch(r.get("source_check"), r["engine"], r["checkpoint"], lambda s: f"`{s}`")
     return "\n".join(
         [
             f"Validation of `{r['engine']}` ({r['backend']}, {r['precision']}) against `{r['checkpoint']}` "
             f"on {r['images']} images of `{r['val_dir']}`",
             "",
+            *([f"**warning:** {other}", ""] if other else []),
             "| | top-1 (%) | top-5 (%) |",
             "| --- | ---: | ---: |",
             f"| PyTorch (eager fp32) | {r['pytorch']['top1']:.2f} | {r['pytorch']['top5']:.2f} |",
@@ -267,8 +308,12 @@ def _run(args: argparse.Namespace) -> int:
             return err(f"{args.engine}: its manifest gives precision {precision!r}, not one of {', '.join(BOUNDS)}")
         p = preprocessing_of(manifest)
         split = scan_split(args.val_dir, classes=manifest["classes"])
+        checked = source_check(manifest, args.checkpoint)
     except PipelineError as e:
         return err(str(e))
+    other = source_mismatch(checked, str(args.engine), str(args.checkpoint))
+    if other:
+        print(f"warning: {other} (recorded in the report)", file=sys.stderr)
     files, labels = split.files, split.labels
     if args.limit and args.limit < len(files):
         from rn50.layout import balanced_subset
@@ -296,6 +341,7 @@ def _run(args: argparse.Namespace) -> int:
         engine=str(args.engine),
         backend=f"{backend.name} ({backend.provider})",
         checkpoint=str(args.checkpoint),
+        source_check=checked,
         val_dir=str(args.val_dir),
         failed_images=failed,
         seconds=round(time.perf_counter() - t0, 2),

@@ -30,10 +30,17 @@ def test_validate_passes(request, capsys, tmp_path, engine_fixture, trained_run,
     engine = request.getfixturevalue(engine_fixture)
     prefix = tmp_path / "rep"
     rc = run_validate(engine, trained_run / "best.pt", fmnist_small / "val", "--report", str(prefix), "--quiet")
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     r = json.loads(Path(f"{prefix}.json").read_text())
     assert rc == 0, out
     assert r["passed"] and r["images"] == 500 and r["failed_images"] == []
+    # exported from this checkpoint (its manifest says so); a .pt engine records no source file
+    assert "warning:" not in cap.err and "exported from" not in out
+    if engine.suffix == ".pt":
+        assert r["source_check"] is None
+    else:
+        assert r["source_check"]["matches"] is True
     assert r["backend"].startswith({".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}[engine.suffix])
     md = Path(f"{prefix}.md").read_text()
     assert md.rstrip("\n") in out  # the report printed is the one written
@@ -96,10 +103,13 @@ def test_compare_bounds_are_one_sided_on_accuracy():
 
 
 def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small):
-    """An engine exported from a different (untrained) model with the same classes: exit 1."""
+    """An engine exported from a different (untrained) model with the same classes: exit 1, and
+    one warning up front that the engine's manifest names another checkpoint as its source (a
+    user may mean it, comparing with a retrained model, so it is not an error), also in the report."""
     import torch
 
     from rn50.checkpoint import load_checkpoint, save_checkpoint
+    from rn50.manifest import read_manifest, sha256_file
     from rn50.model import build_model
 
     obj = load_checkpoint(trained_run / "best.pt")
@@ -113,9 +123,23 @@ def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, tr
     rc = run_validate(
         engine_fp32_onnx, other_ckpt, fmnist_small / "val", "--limit", "100", "--report", str(tmp_path / "r"), "--quiet"
     )
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     assert rc == 1, out
-    assert "FAIL" in out and json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert "FAIL" in out and r["passed"] is False
+    src = read_manifest(engine_fp32_onnx)["source"]
+    warnings = [ln for ln in cap.err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1, cap.err
+    for needle in (str(engine_fp32_onnx), str(other_ckpt), src["path"], src["sha256"][:12]):
+        assert needle in warnings[0], (needle, warnings[0])
+    assert r["source_check"] == {
+        "engine_source": {"path": src["path"], "sha256": src["sha256"]},
+        "checkpoint_sha256": sha256_file(other_ckpt),
+        "matches": False,
+    }
+    md = (tmp_path / "r.md").read_text()
+    assert f"exported from `{src['path']}`" in md and md.rstrip("\n") in out
 
 
 def test_validate_usage_errors(capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small):
