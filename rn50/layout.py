@@ -70,9 +70,12 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     if classes is not None and found != list(classes):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
+        hint = ""
+        if {"train", "val"} <= set(found) and not set(found) & set(classes):
+            hint = f"; {root} looks like a data root: give its split folder, {root / 'val'}"
         raise DataError(
             f"{root}: class folders differ from the training classes "
-            f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})"
+            f"(missing: {missing or 'none'}, unexpected: {extra or 'none'}){hint}"
         )
     files: list[str] = []
     labels: list[int] = []

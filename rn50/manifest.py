@@ -166,7 +166,8 @@ def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise ManifestError(
             f"{p}: manifest not found beside {artifact} (every artifact this project writes has one; "
-            f"was {Path(artifact).name} produced by `python -m export`?)"
+            f"was {Path(artifact).name} produced by "
+            f"`python -m {'train' if Path(artifact).suffix.lower() == '.pt' else 'export'}`?)"
         )
     try:
         m = json.loads(p.read_text(encoding="utf-8"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -253,3 +254,24 @@ def test_malformed_classes_or_preprocessing_block(tmp_path, edit, needle):
     with pytest.raises(ManifestError) as e:
         read_manifest(art)
     assert str(e.value).startswith(f"{manifest_path(art)}: ") and needle in str(e.value)
+
+
+@pytest.mark.parametrize("name, command", [("best.pt", "train"), ("rn50.onnx", "export")])
+def test_a_missing_manifest_names_the_command_that_writes_one(tmp_path, name, command):
+    from rn50.errors import ManifestError
+    from rn50.manifest import read_manifest
+
+    (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(ManifestError, match=rf"was {re.escape(name)} produced by `python -m {command}`\?"):
+        read_manifest(tmp_path / name)
+
+
+def test_a_data_root_given_for_a_split_is_named_as_such(tmp_path):
+    from rn50.errors import DataError
+    from rn50.layout import scan_split
+
+    for split in ("train", "val"):
+        (tmp_path / split / "bag").mkdir(parents=True)
+    want = rf"looks like a data root: give its split folder, {re.escape(str(tmp_path / 'val'))}"
+    with pytest.raises(DataError, match=want):
+        scan_split(tmp_path, ["bag", "coat"])
