@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from rn50.errors import CheckpointError, ManifestError
 from rn50.manifest import manifest_path, new_manifest, read_manifest, sha256_file, write_manifest
 from rn50.model import build_model, check_v15, param_groups
 from rn50.preprocess import Preprocessing
+from tests.killed import killed_renaming
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +168,6 @@ def test_a_file_swapped_behind_its_manifest_is_refused(tmp_path, model):
     assert load_engine(a, prefer_gpu=False)[1]["classes"] == m["classes"]
 
 
-class _Killed(BaseException):
-    """The process dies here (not an Exception: nothing on the way up handles it)."""
-
-
 @pytest.mark.parametrize("dies_at", ["manifest", "file"])
 def test_a_save_killed_between_file_and_manifest_is_detectable(tmp_path, model, monkeypatch, dies_at):
     """save_checkpoint over an existing checkpoint, killed as it renames the manifest or the file
@@ -180,17 +175,8 @@ def test_a_save_killed_between_file_and_manifest_is_detectable(tmp_path, model, 
     refuses the pair; never a new file under the old manifest (or the reverse) unnoticed."""
     path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _manifest(accuracy={"top1": 1.0}), epoch=1)
     target = manifest_path(path) if dies_at == "manifest" else path
-    replace = os.replace
-
-    def dying_replace(src, dst):
-        if Path(dst) == target:
-            raise _Killed
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", dying_replace)
-    with pytest.raises(_Killed):
+    with killed_renaming(monkeypatch, target):
         save_checkpoint(path, model.state_dict(), _manifest(accuracy={"top1": 2.0}), epoch=2)
-    monkeypatch.setattr(os, "replace", replace)
     try:
         _, m = load_engine(path, prefer_gpu=False)
     except ManifestError as e:

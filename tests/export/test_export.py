@@ -22,6 +22,7 @@ from rn50.layout import balanced_subset, load_dataset
 from rn50.manifest import new_manifest, read_manifest, sha256_file
 from rn50.model import build_model
 from rn50.preprocess import Preprocessing
+from tests.killed import killed_renaming
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -199,10 +200,6 @@ def test_onnx_replaced_behind_its_manifest_is_refused(engine_fp32_onnx: Path, tm
     )
 
 
-class _Killed(BaseException):
-    """The process dies here (not an Exception: nothing on the way up handles it)."""
-
-
 @pytest.mark.parametrize("dies_at", ["manifest", "model"])
 def test_export_killed_between_model_and_manifest_is_detectable(
     engine_fp32_onnx: Path, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: str
@@ -220,17 +217,8 @@ def test_export_killed_between_model_and_manifest_is_detectable(
     shutil.copy(engine_fp32_onnx, out)
     shutil.copy(manifest_path(engine_fp32_onnx), manifest_path(out))
     target = manifest_path(out) if dies_at == "manifest" else out
-    replace = os.replace
-
-    def dying_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if Path(dst) == target:
-            raise _Killed
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", dying_replace)
-    with pytest.raises(_Killed):
+    with killed_renaming(monkeypatch, target):
         export.main(_args(trained_run / "best.pt", "fp16", out) + ["--parity-images", "32"])
-    monkeypatch.setattr(os, "replace", replace)
     try:
         _, m = load_engine(out, prefer_gpu=False)
     except ManifestError as e:
