@@ -89,7 +89,11 @@ class Range:
 
     def problem(self, v: float) -> str | None:
         """None if ``v`` is in the range, else what the error line says after the flag."""
-        ok = math.isfinite(v) and (
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an int too large for a float is outside every range here
+            finite = False
+        ok = finite and (
             (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
             and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
         )
@@ -102,12 +106,14 @@ class Range:
             parts.append(f"{'above' if self.lo_open else 'at least'} {_num(self.lo)}")
         if self.hi is not None:
             parts.append(f"{'below' if self.hi_open else 'at most'} {_num(self.hi)}")
-        finite = "" if math.isfinite(v) else "a finite number "
-        return f"must be {finite}{' and '.join(parts)}" + (f" ({self.why})" if self.why else "")
+        bounds = " and ".join(parts)
+        return f"must be {'' if finite else 'a finite number '}{bounds}" + (f" ({self.why})" if self.why else "")
 
 
 def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+    if isinstance(v, int):  # as given, however large (float() of a huge int overflows)
+        return str(v)
+    return str(int(v)) if v.is_integer() else f"{v:g}"
 
 
 # Every numeric flag of python -m train, by its option string: checked when given (a default is in
@@ -119,7 +125,7 @@ def _num(v: float) -> str:
 # parser has a row here.
 FLAG_RANGES: dict[str, Range] = {
     "--epochs": Range(lo=1),
-    "--batch-size": Range(lo=1),
+    "--batch-size": Range(lo=2, why="batch normalisation trains on batch statistics, which one image lacks"),
     "--lr": Range(lo=0, lo_open=True),
     "--momentum": Range(lo=0, hi=1, hi_open=True),
     "--weight-decay": Range(lo=0),
@@ -133,7 +139,7 @@ FLAG_RANGES: dict[str, Range] = {
     "--limit-train": Range(lo=1),
     "--limit-val": Range(lo=1),
     "--synthetic-steps": Range(lo=1),
-    "--num-classes": Range(lo=1),
+    "--num-classes": Range(lo=2, why="a classifier tells at least two classes apart"),
     "--backbone-lr-scale": Range(lo=0),
     "--stop-after": Range(lo=1),
 }

@@ -20,8 +20,8 @@ from train.__main__ import build_parser
 BAD = [
     ("--epochs", "0", "at least 1", ()),
     ("--epochs", "-1", "at least 1", ()),
-    ("--batch-size", "0", "at least 1", ()),
-    ("--batch-size", "-8", "at least 1", ()),
+    ("--batch-size", "1", "at least 2 (batch normalisation", ()),
+    ("--batch-size", "-8", "at least 2", ()),
     ("--lr", "0", "above 0", ()),
     ("--lr", "-1", "above 0", ()),
     ("--lr", "nan", "above 0", ()),
@@ -40,17 +40,18 @@ BAD = [
     ("--workers", "-1", "at least 0", ()),
     ("--seed", "-1", "at least 0", ()),
     ("--seed", str(2**32), "at most 4294967295", ()),
+    ("--seed", "9" * 400, "a finite number at least 0", ()),
     ("--limit-train", "0", "at least 1", ()),
     ("--limit-val", "0", "at least 1", ()),
     ("--synthetic-steps", "0", "at least 1", ()),
-    ("--num-classes", "0", "at least 1", ("--data-backend", "synthetic")),
+    ("--num-classes", "1", "at least 2", ("--data-backend", "synthetic")),
     ("--backbone-lr-scale", "-0.1", "at least 0", ("--init-from", "w.pth")),
     ("--stop-after", "0", "at least 1", ()),
 ]
 
 
 def _id(case):
-    return f"{case[0]}={case[1]}"
+    return f"{case[0]}={case[1] if len(case[1]) < 20 else f'{len(case[1])}-digits'}"
 
 
 @pytest.fixture
@@ -99,11 +100,11 @@ def test_edges_of_the_ranges_are_accepted(capsys):
         capsys,
         *("--workers", "0", "--label-smoothing", "0", "--momentum", "0", "--weight-decay", "0"),
         *("--mixup", "0", "--warmup-epochs", "0", "--min-crop-scale", "1", "--image-size", "16"),
-        *("--seed", "0", "--epochs", "1", "--batch-size", "1", "--limit-train", "1", "--limit-val", "1"),
+        *("--seed", "0", "--epochs", "1", "--batch-size", "2", "--limit-train", "1", "--limit-val", "1"),
     )
     assert (c["workers"], c["label_smoothing"], c["momentum"], c["weight_decay"]) == (0, 0, 0, 0)
     assert (c["mixup"], c["warmup_epochs"], c["min_crop_scale"], c["image_size"]) == (0, 0, 1, 16)
-    assert (c["seed"], c["epochs"], c["batch_size"], c["limit_train"], c["limit_val"]) == (0, 1, 1, 1, 1)
+    assert (c["seed"], c["epochs"], c["batch_size"], c["limit_train"], c["limit_val"]) == (0, 1, 2, 1, 1)
     assert _dry(capsys, "--init-from", "w.pth", "--backbone-lr-scale", "0")["backbone_lr_scale"] == 0
     assert _dry(capsys, "--seed", str(2**32 - 1))["seed"] == 2**32 - 1
 
