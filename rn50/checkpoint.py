@@ -53,7 +53,7 @@ def save_checkpoint(
     The manifest file records the checkpoint file's sha256 (``artifact``), so that serving a
     ``.pt`` whose file was replaced behind its manifest is refused. It goes into place before the
     checkpoint (rn50.manifest's order), so a process killed between the two renames leaves a
-    pair that check refuses; hashing costs about 0.3 s per 100 MB, once per save."""
+    pair that check refuses; hashing reads the file once per save."""
     path = Path(path)
     obj = {"format": FORMAT, "version": VERSION, "model": clean_state_dict(model_state), "manifest": manifest, **extra}
     with atomic_path(path) as tmp:

@@ -140,8 +140,7 @@ def validate(m: Any, where: str) -> dict[str, Any]:
 def check_artifact(artifact: str | os.PathLike[str], m: dict[str, Any]) -> None:
     """ManifestError unless ``artifact`` is the file its manifest ``m`` was written for (the
     ``artifact`` record's sha256). Manifests written before they carried the record pass: there
-    is nothing to compare. Hashing reads the file once (about 0.3 s for 100 MB), which a loader
-    pays once per process."""
+    is nothing to compare. Hashing reads the file once, which a loader pays once per process."""
     rec = m.get("artifact")
     if not isinstance(rec, dict) or not rec.get("sha256"):
         return

@@ -113,7 +113,7 @@ def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -
     ``{"engine_source": {"path", "sha256"}, "checkpoint_sha256", "matches"}``, or None when the
     manifest records no source file (a ``.pt`` engine is its own). Compared by sha256, not by path:
     a checkpoint may have moved since the export, and a retrained one may have taken its place.
-    Hashing reads the checkpoint once (about 0.3 s per 100 MB)."""
+    Hashing reads the checkpoint once."""
     from rn50.manifest import sha256_file
 
     src = manifest.get("source")
