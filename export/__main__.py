@@ -393,6 +393,7 @@ def _export_plan(job: _Job) -> int:
     build, and parity through TrtBackend, the class that serves a plan."""
     from rn50.atomic import atomic_path
     from rn50.backends import load_backend
+    from rn50.backends.tensorrt import unchecked_release
     from rn50.errors import EngineError
     from rn50.manifest import new_manifest, sha256_file, write_manifest
 
@@ -408,6 +409,9 @@ def _export_plan(job: _Job) -> int:
             f"cannot build {out}: {why}. The ONNX it would be built from is written: {onnx_out} "
             f"(serve it with ONNX Runtime: python -m serve.infer --engine {onnx_out} IMAGES...)"
         )
+    unchecked = unchecked_release(te.version())
+    if unchecked:
+        log(f"warning: {unchecked}")
     with atomic_path(out) as tmp:
         info = _timed(
             f"TensorRT {te.version()} build ({precision}, profile {args.batch_min}/{args.batch_opt}/{args.batch_max})",

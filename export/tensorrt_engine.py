@@ -13,8 +13,9 @@ for it on an older TensorRT is an :class:`EngineError` that says so. FP32 plans 
 ``BuilderFlag.TF32`` cleared (TensorRT turns TF32 on by default for FP32 layers on Ampere and
 newer, which would not meet the FP32 parity bound); the manifest records the setting.
 ``tests/export/trt_surface/tensorrt_surface.json`` holds the names each release's bindings define (from
-NVIDIA's ``python/src/infer/pyCore.cpp`` at each tag), and a test runs :func:`build_options`
-against each.
+NVIDIA's ``python/src/infer/pyCore.cpp`` at each tag) with their values (``include/NvInfer.h``),
+and a test runs :func:`build_options` against each. Releases after the newest recorded one
+(:data:`rn50.backends.tensorrt.CHECKED_THROUGH`) build with a warning.
 
 Polygraphy is not used to build: its ``CreateConfig(fp16=, int8=)`` sets exactly the flags TRT 11
 removed and its ``Calibrator`` is the removed implicit-INT8 API (see docs/tensorrt.md). The plan is
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rn50.atomic import write_bytes
-from rn50.backends.tensorrt import unsupported_gpu, version_tuple
+from rn50.backends.tensorrt import unsupported_gpu, unsupported_release, version_tuple
 from rn50.errors import EngineError, first_line
 
 try:
@@ -79,7 +80,6 @@ def version() -> str:
     return str(trt.__version__) if _HAVE_TRT else "not installed"
 
 
-SUPPORTED = ((10, 0), (12, 0))  # [first, end): the releases this module is written and tested for
 # --hardware-compat -> (HardwareCompatibilityLevel member, first TensorRT that has it)
 _HARDWARE_LEVELS = {
     "none": ("NONE", "10.0"),
@@ -93,7 +93,7 @@ class BuildOptions:
     """What the builder is told, decided from the installed TensorRT's own names."""
 
     version: str
-    network_flags: int  # create_network's flags: STRONGLY_TYPED where the enum has it, else 0 (11+: always)
+    network_flags: int  # create_network's flags: STRONGLY_TYPED on 10.x, 0 on 11+ (always strongly typed)
     hardware_compatibility_level: Any
     clear_flags: tuple[Any, ...]  # BuilderFlag members to clear (TF32 for fp32)
     tf32: bool  # whether FP32 layers may run in TF32
@@ -105,17 +105,17 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
     namespace with the same names); EngineError for a TensorRT or a feature this cannot build."""
     version = str(trt_mod.__version__)
     v = version_tuple(version)
-    if not SUPPORTED[0] <= v < SUPPORTED[1]:
-        raise EngineError(
-            f"TensorRT {version} is not supported: this exporter builds with TensorRT 10.0 to 11.x ({INSTALL_HINT})"
-        )
+    why = unsupported_release(version)
+    if why:
+        raise EngineError(f"{why} ({INSTALL_HINT})")
     if precision not in ("fp32", "fp16", "int8"):
         raise EngineError(f"unknown precision {precision!r} for a TensorRT plan (fp32, fp16 or int8)")
     typed = getattr(trt_mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if typed is not None:
+    if v >= (11, 0):
+        # every network is strongly typed; the flag is deprecated and ignored (NvInfer.h), so not set
+        network_flags = 0
+    elif typed is not None:
         network_flags = 1 << int(typed)
-    elif v >= (11, 0):
-        network_flags = 0  # every network is strongly typed
     else:
         raise EngineError(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
     if hardware_compat not in _HARDWARE_LEVELS:

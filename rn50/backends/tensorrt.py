@@ -51,7 +51,29 @@ def version_tuple(v: str) -> tuple[int, int]:
         raise EngineError(f"cannot read the TensorRT version {v!r}") from None
 
 
+SUPPORTED = ((10, 0), (12, 0))  # [first, end): the releases this project's TensorRT code is written for
+# The newest release whose bindings source tests/export/trt_surface records: every TensorRT name the
+# code reads is checked against it and each release before it. A later 11.x is used with a warning.
+CHECKED_THROUGH = (11, 1)
 VOLTA_LAST = (10, 4)  # TensorRT 10.0 deprecated Volta (sm_70) and 10.5 removed it (release notes)
+
+
+def unsupported_release(trt_version: str) -> str | None:
+    """Why this project cannot use TensorRT ``trt_version`` (outside :data:`SUPPORTED`), else None."""
+    if SUPPORTED[0] <= version_tuple(trt_version) < SUPPORTED[1]:
+        return None
+    return f"TensorRT {trt_version} is not supported: this project uses TensorRT 10.0 to 11.x"
+
+
+def unchecked_release(trt_version: str) -> str | None:
+    """A warning when ``trt_version`` is supported but newer than :data:`CHECKED_THROUGH`, else None."""
+    if unsupported_release(trt_version) or version_tuple(trt_version) <= CHECKED_THROUGH:
+        return None
+    last = ".".join(map(str, CHECKED_THROUGH))
+    return (
+        f"TensorRT {trt_version} is newer than {last}, the newest release whose Python bindings this "
+        f"project's TensorRT calls are checked against: used anyway (serve.validate checks the engine)"
+    )
 
 
 def unsupported_gpu(trt_version: str, cc: tuple[int, int], gpu_name: str) -> str | None:
@@ -109,6 +131,9 @@ class TrtBackend:
                 f"(serve the .onnx or .pt2 export on this machine)"
             )
         self.path = path
+        why = unsupported_release(str(trt.__version__))
+        if why:
+            raise EngineError(f"{path}: {why}")
         cc = torch.cuda.get_device_capability(0)
         why = unsupported_gpu(str(trt.__version__), (int(cc[0]), int(cc[1])), torch.cuda.get_device_name(0))
         if why:

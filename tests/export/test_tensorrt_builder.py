@@ -2,7 +2,8 @@
 
 ``trt_surface/tensorrt_surface.json`` records, for each TensorRT tag from 10.0 to 11.x, the enum members
 and IBuilderConfig properties NVIDIA's bindings define (``python/src/infer/pyCore.cpp`` at that
-tag; ``trt_surface/record_tensorrt_surface.py`` regenerates it). Each test builds a plain namespace with
+tag), each member with its value from the C++ enum (``include/NvInfer.h``; releases renumber them);
+``trt_surface/record_tensorrt_surface.py`` regenerates it. Each test builds a plain namespace with
 exactly those names and runs :func:`export.tensorrt_engine.build_options` on it. This checks our
 dispatch logic (which names it looks up, what it does when one is missing); it does not run, and
 does not pretend to be, TensorRT: building real engines is tests/export's ``tensorrt``-marked test.
@@ -27,9 +28,9 @@ SURFACES = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_surface
 
 
 def _fake(tag: str) -> SimpleNamespace:
-    """A namespace with the names the bindings at ``tag`` define (enum members as their index)."""
+    """A namespace with the names the bindings at ``tag`` define (enum members with their values)."""
     s = SURFACES[tag]
-    enums = {name: SimpleNamespace(**{m: i for i, m in enumerate(members)}) for name, members in s["enums"].items()}
+    enums = {name: SimpleNamespace(**members) for name, members in s["enums"].items()}
     return SimpleNamespace(__version__=s["version"], **enums)
 
 
@@ -49,6 +50,7 @@ def test_the_recorded_surfaces_cover_every_claimed_release() -> None:
             "NetworkDefinitionCreationFlag",
             "MemoryPoolType",
         }, tag
+        assert all(isinstance(v, int) for members in s["enums"].values() for v in members.values()), tag
         # the config properties _build sets exist in every release
         assert set(s["builder_config_properties"]) == {"builder_optimization_level", "hardware_compatibility_level"}
 
@@ -68,12 +70,16 @@ def test_dispatch_on_each_release(tag: str, precision: str) -> None:
             continue
         o = te.build_options(trt, precision, compat)
         assert o.version == SURFACES[tag]["version"]
-        assert o.hardware_compatibility_level == s["HardwareCompatibilityLevel"].index(member)
-        # strongly typed: precision comes from the ONNX, on every release
-        assert o.network_flags == 1 << s["NetworkDefinitionCreationFlag"].index("STRONGLY_TYPED")
-        assert o.workspace_pool == s["MemoryPoolType"].index("WORKSPACE")
+        assert o.hardware_compatibility_level == s["HardwareCompatibilityLevel"][member]
+        # strongly typed: precision comes from the ONNX, on every release; 11.x networks always
+        # are, and there STRONGLY_TYPED (now 0) is deprecated and ignored, so no flag is passed
+        if _v(tag) >= (11, 0):
+            assert o.network_flags == 0
+        else:
+            assert o.network_flags == 1 << s["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"]
+        assert o.workspace_pool == s["MemoryPoolType"]["WORKSPACE"]
         if precision == "fp32":  # TF32 off, so an fp32 plan meets the fp32 parity bound
-            assert o.clear_flags == (s["BuilderFlag"].index("TF32"),) and o.tf32 is False
+            assert o.clear_flags == (s["BuilderFlag"]["TF32"],) and o.tf32 is False
         else:
             assert o.clear_flags == () and o.tf32 is True
 
@@ -96,6 +102,49 @@ def test_unclaimed_releases_are_refused(version: str) -> None:
     trt.__version__ = version
     with pytest.raises(EngineError, match=r"TensorRT .* is not supported: .*10\.0 to 11\.x"):
         te.build_options(trt, "fp16", "none")
+
+
+def test_releases_after_the_newest_recorded_one_are_used_with_a_warning() -> None:
+    """CHECKED_THROUGH is the newest recorded release: a re-recording with a new tag must move it,
+    and only a supported release newer than it gets the warning."""
+    from rn50.backends.tensorrt import CHECKED_THROUGH, unchecked_release
+
+    assert CHECKED_THROUGH == max(_v(t) for t in SURFACES)
+    for tag in SURFACES:
+        assert unchecked_release(SURFACES[tag]["version"]) is None, tag
+    last = ".".join(map(str, CHECKED_THROUGH))
+    newer = f"{CHECKED_THROUGH[0]}.{CHECKED_THROUGH[1] + 1}.0"
+    why = unchecked_release(newer)
+    assert why is not None and why.startswith(f"TensorRT {newer} is newer than {last}")
+    assert unchecked_release("12.0.0") is None and unchecked_release("9.3.0") is None  # refused instead
+    trt = _fake(max(SURFACES, key=_v))
+    trt.__version__ = newer
+    assert te.build_options(trt, "int8", "none").network_flags == 0
+
+
+def test_the_recorder_reads_cpp_enum_values() -> None:
+    """Explicit, implicit and aliased values, deprecation macros and comments (NvInfer.h's forms)."""
+    from tests.export.trt_surface.record_tensorrt_surface import cpp_enum
+
+    header = """
+    enum class BuilderFlag : int32_t;
+    enum class BuilderFlag : int32_t
+    {
+        //! a comment, with = 9 in it
+        kDEBUG = 2,
+        kREFIT,  /* implicit */
+        kSTRIP_PLAN TRT_DEPRECATED_ENUM = 18,
+        kWEIGHTLESS TRT_DEPRECATED_ENUM = kSTRIP_PLAN,
+        kNEXT
+    };
+    """
+    assert cpp_enum(header, "BuilderFlag") == {
+        "kDEBUG": 2,
+        "kREFIT": 3,
+        "kSTRIP_PLAN": 18,
+        "kWEIGHTLESS": 18,
+        "kNEXT": 19,
+    }
 
 
 @pytest.mark.parametrize("tag", sorted(SURFACES))

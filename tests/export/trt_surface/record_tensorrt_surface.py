@@ -4,7 +4,10 @@ Reads NVIDIA's bindings source at each v10.x / v11.x tag of a local clone of
 github.com/NVIDIA/TensorRT and writes beside this file:
 
 * ``tensorrt_surface.json``: for each tag, the members of the enums export/tensorrt_engine.py
-  looks up and the IBuilderConfig properties it sets (``python/src/infer/pyCore.cpp``);
+  looks up, each with the integer value the Python enum holds, and the IBuilderConfig properties
+  it sets: member names from ``python/src/infer/pyCore.cpp`` (``.value("TF32", BuilderFlag::kTF32``),
+  values from the C++ enum in ``include/NvInfer.h`` (``kTF32 = 6``), since releases renumber them
+  (11.0 dropped ``kEXPLICIT_BATCH = 0``, so ``kSTRONGLY_TYPED`` went from 1 to 0);
 * ``tensorrt_api_names.json``: which of the attribute names the TensorRT code uses (:func:`used_names`
   of :data:`CODE`) each tag's bindings define (``BINDINGS``: every method, property, enum value,
   class and enum name bound there), so a test can refuse a name that some claimed release lacks.
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 PATH = "python/src/infer/pyCore.cpp"
+HEADER = "include/NvInfer.h"  # where the C++ enums those members stand for are defined
 BINDINGS = (
     PATH,
     "python/src/infer/pyFoundationalTypes.cpp",
@@ -38,11 +42,36 @@ ENUMS = ("BuilderFlag", "HardwareCompatibilityLevel", "NetworkDefinitionCreation
 PROPERTIES = ("builder_optimization_level", "hardware_compatibility_level")
 
 
-def surface(source: str) -> dict[str, object]:
+def cpp_enum(header: str, name: str) -> dict[str, int]:
+    """The enumerators of ``enum class name : int32_t { ... };`` in ``header`` with their values
+    (explicit ``= N`` or ``= kOTHER``, else one more than the previous; deprecation macros dropped)."""
+    m = re.search(rf"enum class {name}\s*:\s*\w+\s*\{{(.*?)\}};", header, re.S)
+    if m is None:
+        raise SystemExit(f"no definition of enum class {name} in {HEADER}")
+    body = re.sub(r"//[^\n]*|/\*.*?\*/", "", m.group(1), flags=re.S)
+    values: dict[str, int] = {}
+    nxt = 0
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        e = re.fullmatch(r"(k\w+)(?:\s+TRT_DEPRECATED\w*)*(?:\s*=\s*(-?\d+|k\w+))?", item)
+        if e is None:
+            raise SystemExit(f"cannot read the enumerator {item!r} of {name} in {HEADER}")
+        if e.group(2) is not None:
+            nxt = values[e.group(2)] if e.group(2).startswith("k") else int(e.group(2))
+        values[e.group(1)] = nxt
+        nxt += 1
+    return values
+
+
+def surface(source: str, header: str) -> dict[str, object]:
+    """The members the bindings ``source`` give each of :data:`ENUMS`, with their C++ values."""
     enums = {}
     for m in re.finditer(r"py::enum_<(\w+)>\((.*?);", source, re.S):
         if m.group(1) in ENUMS:
-            enums[m.group(1)] = re.findall(r'\.value\(\s*"(\w+)"', m.group(2))
+            cpp = cpp_enum(header, m.group(1))
+            pairs = re.findall(rf'\.value\(\s*"(\w+)",\s*{m.group(1)}::(k\w+)', m.group(2))
+            if len(pairs) != len(re.findall(r"\.value\(", m.group(2))):
+                raise SystemExit(f"cannot pair every Python member of {m.group(1)} with its C++ enumerator")
+            enums[m.group(1)] = {py: cpp[c] for py, c in pairs}
     props = sorted(set(re.findall(r'def_property(?:_readonly)?\(\s*"(\w+)"', source)) & set(PROPERTIES))
     return {"enums": enums, "builder_config_properties": props}
 
@@ -83,7 +112,8 @@ def main(git_dir: str) -> None:
         out[t] = {
             "version": t[1:],
             "source": f"github.com/NVIDIA/TensorRT {t}:{PATH}",
-            **surface(show(git_dir, t, PATH)),
+            "values_from": f"github.com/NVIDIA/TensorRT {t}:{HEADER}",
+            **surface(show(git_dir, t, PATH), show(git_dir, t, HEADER)),
         }
         bound = set().union(*(bound_names(show(git_dir, t, path)) for path in BINDINGS))
         present[t] = sorted(set(used) & bound)
