@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rn50.flags import AT_LEAST_1, Range, flag_problem
+
 SUFFIXES = (".onnx", ".plan", ".pt2")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -111,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Every numeric flag (rn50/flags.py): checked before the checkpoint is read.
+FLAG_RANGES = {
+    "--batch-min": AT_LEAST_1,
+    "--batch-opt": AT_LEAST_1,
+    "--batch-max": AT_LEAST_1,
+    "--workspace": Range(lo=1, why="MiB"),
+    "--opt-level": Range(lo=0, hi=5, why="TensorRT's builder optimisation levels"),
+    "--calib-size": AT_LEAST_1,
+    "--gate-images": AT_LEAST_1,
+    "--max-top1-drop": Range(lo=0, hi=100, why="top-1 points"),
+    "--parity-images": AT_LEAST_1,
+}
+
+
 def _check_args(args: argparse.Namespace) -> str:
     """The output's suffix (lower case), after the checks argparse's ``choices`` cannot make."""
     out: Path = args.output
@@ -127,16 +143,14 @@ def _check_args(args: argparse.Namespace) -> str:
             f"--precision {args.precision} is not available for .pt2 (AOTInductor packages are fp32 "
             f"here); use .onnx or .plan for {args.precision}"
         )
-    if not 1 <= args.batch_min <= args.batch_opt <= args.batch_max:
+    why = flag_problem(args, FLAG_RANGES)
+    if why:
+        raise UsageError(why)
+    if not args.batch_min <= args.batch_opt <= args.batch_max:
         raise UsageError(
             f"batch profile {args.batch_min}/{args.batch_opt}/{args.batch_max} must satisfy "
             f"1 <= --batch-min <= --batch-opt <= --batch-max"
         )
-    if not 0 <= args.opt_level <= 5:
-        raise UsageError(f"--opt-level {args.opt_level} is outside 0-5")
-    for name in ("calib_size", "parity_images", "gate_images", "workspace"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if out.is_dir():
         raise UsageError(f"--output {out} is a folder; give a file name such as {out}/rn50.{args.precision}{suffix}")
     # the nearest existing ancestor must be a writable folder (atomic_path creates the rest)

@@ -47,8 +47,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from rn50.flags import AT_LEAST_1, flag_problem
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
+
+
+# Every numeric flag (rn50/flags.py): checked before any image is read.
+FLAG_RANGES = {"--batch-size": AT_LEAST_1, "--topk": AT_LEAST_1, "--max-pixels": AT_LEAST_1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,11 +219,9 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from .cli import check_outputs, env_threads, pick_device, pt_options
     from .pipeline import MAX_PIXELS, BatchStream
 
-    if args.batch_size < 1 or args.topk < 1:
-        err("--batch-size and --topk must be at least 1")
-        return EXIT_USAGE
-    if args.max_pixels is not None and args.max_pixels < 1:
-        err("--max-pixels must be at least 1")
+    why = flag_problem(args, FLAG_RANGES)
+    if why:
+        err(why)
         return EXIT_USAGE
     bad_output = check_outputs(output=args.output, summary=args.summary)  # before any work, not after it
     if bad_output:

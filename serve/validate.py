@@ -48,7 +48,13 @@ from typing import Any
 
 import numpy as np
 
+from rn50.flags import AT_LEAST_1, flag_problem
+
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+# Every numeric flag (rn50/flags.py): checked before the engine loads.
+FLAG_RANGES = {"--limit": AT_LEAST_1, "--batch-size": AT_LEAST_1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,10 +276,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
-    if args.limit is not None and args.limit < 1:
-        return err("--limit must be at least 1")
-    if args.batch_size < 1:
-        return err("--batch-size must be at least 1")
+    why = flag_problem(args, FLAG_RANGES)
+    if why:
+        return err(why)
     prefix = args.report or f"{args.engine}.validate"
     if args.report and (args.report.endswith(("/", os.sep)) or Path(args.report).is_dir()):
         return err(

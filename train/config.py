@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rn50.errors import CheckpointError, DataError, PipelineError
+from rn50.flags import AT_LEAST_1, Range, flag_problem
 from rn50.preprocess import MIN_IMAGE_SIZE
 
 from .recipe import BASE_LR, FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARMUP_FRACTION, PRESETS
@@ -74,57 +74,14 @@ class ConfigError(PipelineError):
     """Flags that contradict each other or cannot apply to this run."""
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric flag accepts: ``lo`` and ``hi`` (None: unbounded), each included
-    unless ``lo_open``/``hi_open``; NaN and infinities never. ``why``: said after the range;
-    ``message``: said instead of it."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    why: str = ""
-    message: str = ""
-
-    def problem(self, v: float) -> str | None:
-        """None if ``v`` is in the range, else what the error line says after the flag."""
-        try:
-            finite = math.isfinite(v)
-        except OverflowError:  # an int too large for a float is outside every range here
-            finite = False
-        ok = finite and (
-            (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
-        )
-        if ok:
-            return None
-        if self.message:
-            return self.message
-        parts = []
-        if self.lo is not None:
-            parts.append(f"{'above' if self.lo_open else 'at least'} {_num(self.lo)}")
-        if self.hi is not None:
-            parts.append(f"{'below' if self.hi_open else 'at most'} {_num(self.hi)}")
-        bounds = " and ".join(parts)
-        return f"must be {'' if finite else 'a finite number '}{bounds}" + (f" ({self.why})" if self.why else "")
-
-
-def _num(v: float) -> str:
-    if isinstance(v, int):  # as given, however large (float() of a huge int overflows)
-        return str(v)
-    return str(int(v)) if v.is_integer() else f"{v:g}"
-
-
 # Every numeric flag of python -m train, by its option string: checked when given (a default is in
 # range), before any work, so that a value the code downstream would divide by, loop over or hand
 # to DALI fails as one error line naming the flag rather than as a traceback mid-run or, worse, a
 # run that silently trains something else (an lr of 0, a NaN checkpoint accuracy from 0 validation
 # images). Values that are legal but surprising (0 workers, no momentum, a whole-image crop, more
-# warmup than epochs) stay legal. tests/train/test_flags.py checks that every int/float flag of the
-# parser has a row here.
+# warmup than epochs) stay legal (rn50/flags.py).
 FLAG_RANGES: dict[str, Range] = {
-    "--epochs": Range(lo=1),
+    "--epochs": AT_LEAST_1,
     "--batch-size": Range(lo=2, why="batch normalisation trains on batch statistics, which one image lacks"),
     "--lr": Range(lo=0, lo_open=True),
     "--momentum": Range(lo=0, hi=1, hi_open=True),
@@ -136,22 +93,20 @@ FLAG_RANGES: dict[str, Range] = {
     "--min-crop-scale": Range(lo=0, hi=1, lo_open=True, why="a fraction of the image's area"),
     "--workers": Range(lo=0),
     "--seed": Range(lo=0, hi=2**32 - 1, why="NumPy's seed range"),
-    "--limit-train": Range(lo=1),
-    "--limit-val": Range(lo=1),
-    "--synthetic-steps": Range(lo=1),
+    "--limit-train": AT_LEAST_1,
+    "--limit-val": AT_LEAST_1,
+    "--synthetic-steps": AT_LEAST_1,
     "--num-classes": Range(lo=2, why="a classifier tells at least two classes apart"),
     "--backbone-lr-scale": Range(lo=0),
-    "--stop-after": Range(lo=1),
+    "--stop-after": AT_LEAST_1,
 }
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """ConfigError ``--flag VALUE: must be ...`` for the first numeric flag outside its range."""
-    for flag, rng in FLAG_RANGES.items():
-        v = getattr(args, flag[2:].replace("-", "_"))
-        why = rng.problem(v) if v is not None else None
-        if why:
-            raise ConfigError(f"{flag} {_num(v)}: {why}")
+    why = flag_problem(args, FLAG_RANGES)
+    if why:
+        raise ConfigError(why)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import argparse
 import sys
 from typing import Any
 
+from rn50.flags import AT_LEAST_1, PORT, Range, flag_problem
+
 EXIT_OK, EXIT_USAGE = 0, 2
 FALLBACK_MAX_BATCH = (
     64  # for an engine that bounds its batch nowhere (a .pt, a dynamic ONNX without a manifest max_batch)
@@ -36,6 +38,20 @@ def serving_max_batch(backend: Any, requested: int | None) -> int:
     if requested:
         return int(requested)
     return int(backend.max_batch if backend.max_batch_declared else min(backend.max_batch, FALLBACK_MAX_BATCH))
+
+
+# Every numeric flag (rn50/flags.py): checked before the engine loads or a port is bound.
+FLAG_RANGES = {
+    "--http-port": PORT,
+    "--grpc-port": PORT,
+    "--metrics-port": PORT,
+    "--max-batch": AT_LEAST_1,
+    "--queue-delay-us": Range(lo=0),
+    "--topk": AT_LEAST_1,
+    "--max-request-bytes": AT_LEAST_1,
+    "--max-pixels": AT_LEAST_1,
+    "--model-version": AT_LEAST_1,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rn50.errors import PipelineError
 
-    for flag in ("max_batch", "topk", "max_request_bytes", "max_pixels", "model_version"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            err(f"--{flag.replace('_', '-')} must be at least 1")
-            return EXIT_USAGE
-    if args.queue_delay_us < 0:
-        err("--queue-delay-us must be 0 or more")
+    why = flag_problem(args, FLAG_RANGES)
+    if why:
+        err(why)
         return EXIT_USAGE
     if args.write_repo:
         if args.pt_precision or args.pt_compile:

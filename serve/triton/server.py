@@ -152,14 +152,13 @@ def serve(
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
-    """EngineError naming the flag of a port that cannot be bound on ``host`` (in use, or not
-    allowed), before Triton is started: Triton itself would only time out."""
+    """EngineError naming the flag of a port that cannot be bound on ``host`` (in use, not allowed,
+    or given to two endpoints), before Triton is started: Triton itself would only time out.
+    The range (1-65535) is checked with the other flags (``serve.triton.FLAG_RANGES``)."""
     import socket
 
     seen: dict[int, str] = {}
     for flag, port in ports.items():
-        if not 1 <= port <= 65535:
-            raise EngineError(f"{flag} {port}: a port is a number from 1 to 65535")
         if port in seen:
             raise EngineError(f"{flag} {port}: {seen[port]} is {port} too; the three endpoints need three ports")
         seen[port] = flag

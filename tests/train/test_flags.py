@@ -4,7 +4,6 @@ the values at the edges of each range are accepted."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -112,18 +111,6 @@ def test_edges_of_the_ranges_are_accepted(capsys):
 def test_epochs_not_given_is_the_profiles(capsys):
     assert _dry(capsys)["epochs"] == 2
     assert _dry(capsys, "--epochs", "1")["epochs"] == 1
-
-
-def test_every_numeric_flag_has_a_range():
-    """A numeric flag added to the parser without a range would take any value again."""
-    from train.config import FLAG_RANGES
-
-    numeric = {
-        a.option_strings[0]
-        for a in build_parser()._actions
-        if isinstance(a, argparse._StoreAction) and a.type in (int, float)
-    }
-    assert numeric == set(FLAG_RANGES), numeric ^ set(FLAG_RANGES)
 
 
 def test_help_states_the_defaults():
