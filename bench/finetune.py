@@ -168,4 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rn50.interrupt import run_command
+
+    # the runs call train.main in this process: its checkpoints are kept as python -m train keeps them
+    sys.exit(run_command(main, "each finished run's checkpoint is kept; no results table was written"))
