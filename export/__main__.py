@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rn50.atomic import unwritable_reason
 from rn50.flags import AT_LEAST_1, Range, flag_problem
 
 SUFFIXES = (".onnx", ".plan", ".pt2")
@@ -153,13 +154,9 @@ def _check_args(args: argparse.Namespace) -> str:
         )
     if out.is_dir():
         raise UsageError(f"--output {out} is a folder; give a file name such as {out}/rn50.{args.precision}{suffix}")
-    # the nearest existing ancestor must be a writable folder (atomic_path creates the rest)
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {out}: folder {probe} is not writable")
+    why = unwritable_reason(out)  # before the checkpoint is read, not after the export
+    if why:
+        raise UsageError(f"--output {out}: {why}")
     return suffix
 
 

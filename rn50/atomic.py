@@ -1,7 +1,11 @@
 """Write-to-temp-then-rename, so that a crash never leaves a half-written artifact.
 
 The temporary file lives in the destination folder (``os.replace`` is only atomic on one
-file system) and is removed if the body raises.
+file system) and is removed if the body raises. A destination that is a symbolic link is written
+through it, as ``cp`` and shell redirection do: the link's target is replaced and the link stays
+(renaming onto the link would replace the link itself with a plain file). Only regular files are
+written: a device, pipe or socket (``/dev/null``, ``/dev/stdout``) is refused, since renaming onto
+one would replace it, as root, with a plain file.
 """
 
 from __future__ import annotations
@@ -21,10 +25,28 @@ def _umask() -> int:
     return mask
 
 
+def _target(dest: Path) -> Path:
+    """The file a write to ``dest`` replaces: the end of its chain of links (which may not exist yet)."""
+    return Path(os.path.realpath(dest)) if dest.is_symlink() else dest
+
+
+def _not_a_file(dest: Path) -> str | None:
+    """Why ``dest`` (a link already followed) is something other than a regular file or nothing."""
+    if dest.is_dir():
+        return "is a directory (give a file name)"
+    if dest.exists() and not dest.is_file():
+        return "is a device, pipe or socket, not a file (give a file path)"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; rename it onto ``dest`` if the body succeeds."""
-    dest = Path(dest)
+    """Yield a temporary path next to ``dest`` (the target of a link); rename it onto ``dest`` if
+    the body succeeds."""
+    dest = _target(Path(dest))
+    why = _not_a_file(dest)
+    if why:
+        raise IsADirectoryError(f"{dest}: {why}")
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
@@ -62,13 +84,14 @@ def unwritable_reason(dest: str | os.PathLike[str]) -> str | None:
     """Why :func:`atomic_path` could not put a file at ``dest``, or None if it can.
 
     Checked before a long job starts, so that a bad output path fails in a second instead of
-    after the work: ``dest`` is a directory, a parent is a file, or the folder (or, when it does
-    not exist yet, the nearest existing folder above it, where it would be created) is not
-    writable.
+    after the work: ``dest`` is a directory, a device or a pipe, a parent is a file, or the folder
+    (or, when it does not exist yet, the nearest existing folder above it, where it would be
+    created) is not writable. A link is judged by its target, where the file will go.
     """
-    dest = Path(dest)
-    if dest.is_dir():
-        return "is a directory (give a file name)"
+    dest = _target(Path(dest))
+    why = _not_a_file(dest)
+    if why:
+        return why
     folder = dest.parent if str(dest.parent) else Path(".")
     while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
         folder = folder.parent

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +263,36 @@ def test_a_data_root_given_for_a_split_is_named_as_such(tmp_path):
     want = rf"looks like a data root: give its split folder, {re.escape(str(tmp_path / 'val'))}"
     with pytest.raises(DataError, match=want):
         scan_split(tmp_path, ["bag", "coat"])
+
+
+def test_a_write_through_a_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    """Renaming onto a link would replace the link with a plain file and leave its target stale."""
+    from rn50.atomic import unwritable_reason, write_text
+
+    (tmp_path / "v1.onnx").write_text("old")
+    link = tmp_path / "current.onnx"
+    link.symlink_to("v1.onnx")
+    assert unwritable_reason(link) is None
+    write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == "v1.onnx"
+    assert (tmp_path / "v1.onnx").read_text() == "new"
+    dangling = tmp_path / "next.onnx"
+    dangling.symlink_to("sub/v2.onnx")  # a link to a file not written yet: created where it points
+    write_text(dangling, "v2")
+    assert dangling.is_symlink() and (tmp_path / "sub" / "v2.onnx").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "next.onnx", "sub", "v1.onnx"]
+
+
+def test_devices_and_pipes_are_refused_not_replaced(tmp_path):
+    """As root, renaming onto /dev/null would replace the device with a plain file."""
+    from rn50.atomic import atomic_path, unwritable_reason
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for dest in (Path(os.devnull), fifo):
+        assert unwritable_reason(dest) == "is a device, pipe or socket, not a file (give a file path)"
+        with pytest.raises(OSError, match="is a device, pipe or socket"):
+            with atomic_path(dest):
+                raise AssertionError("the body ran")
+    assert Path(os.devnull).is_char_device() and fifo.is_fifo()
+    assert [p.name for p in tmp_path.iterdir()] == ["fifo"]

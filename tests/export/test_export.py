@@ -434,7 +434,9 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     blocker = tmp_path / "out" / "file"
     blocker.parent.mkdir()
     blocker.write_text("a file, not a folder")
-    _bad(tmp_path, capsys, _args(tiny_ckpt, "fp32", blocker / "m.onnx"), "not writable")
+    _bad(tmp_path, capsys, _args(tiny_ckpt, "fp32", blocker / "m.onnx"), "is not a folder")
+    os.mkfifo(blocker.parent / "pipe.onnx")  # renamed onto, a pipe (or, as root, /dev/null) is replaced
+    _bad(tmp_path, capsys, _args(tiny_ckpt, "fp32", blocker.parent / "pipe.onnx"), "is a device, pipe or socket")
     if os.geteuid() != 0:  # root writes anywhere; the permission case only means something for users
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)

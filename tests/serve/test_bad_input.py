@@ -250,6 +250,7 @@ OUTPUT_CASES = {  # how to make the bad path, and the reason its error line must
         "is not a folder",
     ),
     "read_only_folder": (lambda t: _readonly_folder(t) / "out.jsonl", "is not writable"),
+    "a_device": (lambda t: Path(os.devnull), "is a device, pipe or socket"),
 }
 
 
