@@ -22,9 +22,25 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+THREADS_ENV = "RN50_DALI_THREADS"
+
+
+def env_problem() -> str | None:
+    """Why ``RN50_DALI_THREADS`` is unusable (checked with the flags, before any work), else None."""
+    v = os.environ.get(THREADS_ENV)
+    if not v:
+        return None
+    try:
+        if int(v) >= 1:
+            return None
+    except ValueError:
+        pass
+    return f"{THREADS_ENV}={v!r}: must be a whole number of DALI CPU threads, at least 1 (or unset: DALI's default)"
+
+
 def env_threads() -> int | None:
-    """DALI's CPU threads from ``RN50_DALI_THREADS``, else None (DALI's default)."""
-    v = os.environ.get("RN50_DALI_THREADS")
+    """DALI's CPU threads from ``RN50_DALI_THREADS`` (checked by :func:`env_problem`), else None."""
+    v = os.environ.get(THREADS_ENV)
     return int(v) if v else None
 
 

@@ -216,10 +216,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.manifest import preprocessing_of
     from rn50.metrics import percentiles
 
-    from .cli import check_outputs, env_threads, pick_device, pt_options
+    from .cli import check_outputs, env_problem, env_threads, pick_device, pt_options
     from .pipeline import MAX_PIXELS, BatchStream
 
-    why = flag_problem(args, FLAG_RANGES)
+    why = flag_problem(args, FLAG_RANGES) or env_problem()
     if why:
         err(why)
         return EXIT_USAGE

@@ -269,14 +269,14 @@ def _run(args: argparse.Namespace) -> int:
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
-    from .cli import check_outputs, env_threads, pick_device, pt_options
+    from .cli import check_outputs, env_problem, env_threads, pick_device, pt_options
     from .pipeline import BatchStream
 
     def err(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
-    why = flag_problem(args, FLAG_RANGES)
+    why = flag_problem(args, FLAG_RANGES) or env_problem()
     if why:
         return err(why)
     prefix = args.report or f"{args.engine}.validate"

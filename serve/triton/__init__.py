@@ -123,8 +123,9 @@ def err(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rn50.errors import PipelineError
+    from serve.cli import env_problem
 
-    why = flag_problem(args, FLAG_RANGES)
+    why = flag_problem(args, FLAG_RANGES) or env_problem()
     if why:
         err(why)
         return EXIT_USAGE

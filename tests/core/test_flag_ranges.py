@@ -88,3 +88,18 @@ def test_each_command_refuses_a_value_out_of_range_with_one_line(capsys, tmp_pat
         assert main(argv) == 2, argv
         assert error_line(capsys.readouterr().err) == f"error: {line}"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["four", "0", "-2", "1.5"])
+def test_a_bad_thread_count_in_the_environment_is_one_line(value, capsys, tmp_path, monkeypatch) -> None:
+    from serve import infer, triton, validate
+
+    monkeypatch.setenv("RN50_DALI_THREADS", value)
+    missing = str(tmp_path / "missing")
+    for main, argv in (
+        (infer.main, ["--engine", missing, missing]),
+        (validate.main, ["--engine", missing, "--checkpoint", missing, missing]),
+        (triton.main, ["--engine", missing]),
+    ):
+        assert main(argv) == 2, argv
+        assert error_line(capsys.readouterr().err).startswith(f"error: RN50_DALI_THREADS={value!r}: must be a whole")
