@@ -167,7 +167,14 @@ def _data_root(args: argparse.Namespace, manifest: dict[str, Any]) -> Path:
         return Path(args.data)
     cfg = manifest.get("train_config") or {}
     if cfg.get("data"):
-        return Path(cfg["data"])
+        data = Path(cfg["data"]).absolute()  # older checkpoints recorded the path as given
+        if not data.is_dir():
+            raise DataError(
+                f"{data}: the training data folder recorded in {args.checkpoint}'s manifest is not there "
+                f"(moved, or trained on another machine): pass --data ROOT (ImageNet layout with train/ and val/)"
+            )
+        log(f"data: {data} (the checkpoint's training data; --data to use another)")
+        return data
     raise DataError(
         f"{args.checkpoint}: its manifest records no training data folder; pass --data ROOT "
         f"(ImageNet layout with train/ and val/; needed for the parity check and INT8 calibration)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,10 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
         warmup = float(default_warmup(PRESETS[int(preset)][1], global_batch) or prof.get("warmup_epochs", 0))
     return RunConfig(
         profile=profile,
-        data=str(args.data) if args.data is not None else (None if backend == "synthetic" else DEFAULT_DATA),
+        # absolute: the checkpoint's manifest records it, and export reads it from any folder
+        data=os.path.abspath(args.data if args.data is not None else DEFAULT_DATA)
+        if args.data is not None or backend != "synthetic"
+        else None,
         data_backend=backend,
         preset=preset,
         epochs=epochs,

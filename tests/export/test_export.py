@@ -498,3 +498,21 @@ def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_help() -> None:
     assert export.main(["--help"]) == 0
+
+
+def test_the_recorded_data_folder_is_named_when_it_is_gone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Older checkpoints recorded the data folder as given (relative to where train ran): export
+    run elsewhere says where the path came from instead of a bare "not found"."""
+    ck = save_checkpoint(
+        tmp_path / "ck.pt",
+        build_model(10).state_dict(),
+        new_manifest(
+            "checkpoint",
+            classes=CLASSES,
+            preprocessing=Preprocessing.for_image_size(32),
+            precision="fp32",
+            train_config={"data": "data/moved-away"},
+        ),
+    )
+    (tmp_path / "out").mkdir()
+    _bad(tmp_path, capsys, _args(ck, "fp32", tmp_path / "out" / "m.onnx"), f"recorded in {ck}'s manifest is not there")

@@ -125,3 +125,12 @@ def test_help_states_the_defaults():
         assert s in text, s
     memory_format = next(a for a in build_parser()._actions if a.dest == "memory_format")
     assert memory_format.help
+
+
+def test_the_data_folder_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch):
+    """The checkpoint's manifest carries it to export, which may run from another folder."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    assert _dry(capsys, "--data", "some/data")["data"] == os.path.join(tmp_path, "some", "data")
+    assert _dry(capsys, "--data-backend", "synthetic")["data"] is None
