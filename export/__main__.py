@@ -467,6 +467,19 @@ def _export_plan(job: _Job) -> int:
     return 0
 
 
+def _coarse_gate(n: int, asked: int, max_drop: float) -> str | None:
+    """A warning when one image of the gate's sample is more than the allowed top-1 drop: the gate
+    then judges single images, not the quantization (a small validation split shrinks the sample
+    below --gate-images)."""
+    if 100.0 / n <= max_drop:
+        return None
+    fewer = f"the {n} validation images there are (--gate-images {asked})" if n < asked else f"{n} images"
+    return (
+        f"the INT8 gate runs on {fewer}: one image is {100.0 / n:.2g} points of top-1, more than the "
+        f"{max_drop:g} allowed, so a single image that INT8 classifies differently fails it"
+    )
+
+
 def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     """FP32 ONNX -> calibrated Q/DQ ONNX at ``dest`` (a temp path), gated against FP32."""
     from calibration.dataset import calibration_set
@@ -485,6 +498,8 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
         lambda: onnx_export.export_fp32(job.model, p.image_size, fp32),
     )
     files = calibration_set(job.train.files, job.train.labels, args.calib_size)
+    if len(files) < args.calib_size:
+        log(f"warning: calibrating on all {len(files)} training images, fewer than --calib-size {args.calib_size}")
     log(
         f"calibration: {len(files)} class-balanced training images, method {args.calib_method}, "
         f"flavour {flavour}, cache {cache_dir}"
@@ -496,6 +511,9 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     if q["cache_hit"]:
         log(f"calibration: cache hit ({q['cache_key']}), not recalibrated")
     g_files, g_labels = balanced_subset(job.val.files, job.val.labels, args.gate_images)
+    coarse = _coarse_gate(len(g_files), args.gate_images, args.max_top1_drop)
+    if coarse:
+        log(f"warning: {coarse}")
     g = _timed(
         f"INT8 gate: INT8 vs FP32 top-1 with ONNX Runtime on {len(g_files)} validation images",
         lambda: gate(fp32, dest, g_files, g_labels, p, max_drop=args.max_top1_drop, classes=job.val.classes),
@@ -514,7 +532,8 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
                 f"{lost_most_text(g)}"
             )
         if not args.force:
-            raise GateError(f"{msg}; nothing written (try --calib-method, a larger --calib-size, or --force)")
+            hint = "a larger validation split, --max-top1-drop" if coarse else "--calib-method, a larger --calib-size"
+            raise GateError(f"{msg}; nothing written (try {hint}, or --force)")
         log(f"warning: {msg} (written anyway: --force)")
     return {"quantization": q, "manifest": {"int8": {**q, "gate": g}, "int8_flavour": flavour}}
 

@@ -516,3 +516,16 @@ def test_the_recorded_data_folder_is_named_when_it_is_gone(tmp_path: Path, capsy
     )
     (tmp_path / "out").mkdir()
     _bad(tmp_path, capsys, _args(ck, "fp32", tmp_path / "out" / "m.onnx"), f"recorded in {ck}'s manifest is not there")
+
+
+def test_a_gate_too_coarse_for_its_bound_is_warned_about() -> None:
+    """On a small validation split the gate shrinks to what there is; when one image is more than
+    the allowed drop, the gate judges single images, and the warning (and the refusal's hint) say so."""
+    from export.__main__ import _coarse_gate
+
+    small = _coarse_gate(15, 2000, 0.5)
+    assert small is not None and small.startswith("the INT8 gate runs on the 15 validation images there are")
+    assert "one image is 6.7 points of top-1, more than the 0.5 allowed" in small
+    assert _coarse_gate(100, 100, 0.5) is not None  # asked for: still coarse
+    assert _coarse_gate(500, 2000, 0.5) is None  # 0.2 points an image: fine
+    assert _coarse_gate(200, 200, 0.5) is None  # exactly the bound
