@@ -57,6 +57,17 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose
 FLAG_RANGES = {"--batch-size": AT_LEAST_1, "--topk": AT_LEAST_1, "--max-pixels": AT_LEAST_1}
 
 
+def read_list(source: str) -> list[str]:
+    """The paths listed in ``source`` (a file, or ``-`` for standard input), one per line; empty
+    lines are skipped, and nothing else is stripped (a name may begin or end with a space). Names
+    that are not valid UTF-8 survive as the file system's bytes (surrogate escapes)."""
+    if source == "-":
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+    else:
+        text = Path(source).read_bytes().decode("utf-8", "surrogateescape")
+    return [ln.removesuffix("\r") for ln in text.split("\n") if ln.removesuffix("\r")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli import add_batch_size, add_device, add_engine, add_max_pixels, add_pt_options, add_topk, new_parser
 
@@ -76,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with its .manifest.json beside it",
     )
     ap.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    ap.add_argument(
+        "--files-from",
+        metavar="LIST",
+        help="also take the inputs listed in the text file LIST, one path per line ('-': standard input), "
+        "for more files than a command line holds: find imgs/ -name '*.jpg' | python -m serve.infer "
+        "--engine X --files-from -",
+    )
     add_batch_size(ap, 32, "images per batch (default 32; clipped to the engine's maximum)")
     add_topk(ap, "classes reported per image (default 5; clipped to the number of classes)")
     ap.add_argument(
@@ -239,16 +257,27 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         device = "cpu"  # the engine runs on the CPU (e.g. a CPU AOTInductor package): decode there too
     if args.decode_on == "cpu":
         device = "cpu"  # every backend takes a host batch and copies it to its own device
-    if not args.inputs:
-        err("no input images given (pass image files and/or folders)")
+    inputs = list(args.inputs)
+    if args.files_from:
+        try:
+            inputs += read_list(args.files_from)
+        except OSError as e:
+            err(f"--files-from {args.files_from}: cannot read it ({e.strerror or e})")
+            return EXIT_USAGE
+    if not inputs:
+        err(
+            "no input images given (pass image files and/or folders, or --files-from LIST)"
+            if not args.files_from
+            else f"--files-from {args.files_from}: lists no paths"
+        )
         return EXIT_USAGE
-    missing = [i for i in args.inputs if not Path(i).exists() and not Path(i).is_symlink()]
-    if missing and len(missing) == len(args.inputs):
-        err(f"no such file or folder: {', '.join(missing)}")
+    missing = [i for i in inputs if not Path(i).exists() and not Path(i).is_symlink()]
+    if missing and len(missing) == len(inputs):
+        err(f"no such file or folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         return EXIT_USAGE
-    paths = [str(x) for x in iter_inputs(args.inputs)]
+    paths = [str(x) for x in iter_inputs(inputs)]
     if not paths:
-        err(f"no image files found in {', '.join(args.inputs)}")
+        err(f"no image files found in {', '.join(inputs[:5])}{' ...' if len(inputs) > 5 else ''}")
         return EXIT_USAGE
     if world > 1:
         paths = rank_share(paths, rank, world)  # empty for some ranks when there are fewer files than ranks

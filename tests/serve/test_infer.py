@@ -463,3 +463,27 @@ def test_plan_without_tensorrt_is_a_clear_error(capsys, tmp_path, engine_fp32_on
     rc = infer.main(["--engine", str(plan), str(fmnist_small)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and ("TensorRT" in err or "GPU" in err), err
+
+
+def test_files_from_a_list_or_stdin(capsys, tmp_path, monkeypatch, engine_fp32_onnx, fmnist_small):
+    """For more files than a command line holds (find ... | serve.infer --files-from -)."""
+    import io
+    import sys
+
+    imgs = good_images(fmnist_small, 3)
+    spaced = tmp_path / " a name with spaces .jpg"
+    shutil.copy(imgs[2], spaced)
+    listing = f"{imgs[0]}\n\n{imgs[1]}\r\n{spaced}\n"
+    (tmp_path / "list.txt").write_text(listing)
+    rc, lines, _ = run_infer(capsys, engine_fp32_onnx, [imgs[2]], "--files-from", str(tmp_path / "list.txt"))
+    assert rc == 0 and [ln["path"] for ln in lines] == [str(imgs[2]), str(imgs[0]), str(imgs[1]), str(spaced)]
+    assert lines[0]["topk"] == lines[3]["topk"]  # the same image under a name with spaces
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(listing.encode())))
+    rc, lines, _ = run_infer(capsys, engine_fp32_onnx, [], "--files-from", "-")
+    assert rc == 0 and [ln["path"] for ln in lines] == [str(imgs[0]), str(imgs[1]), str(spaced)]
+    for source, why in ((tmp_path / "nope.txt", "cannot read it"), (tmp_path / "empty.txt", "lists no paths")):
+        (tmp_path / "empty.txt").write_text("\n")
+        assert infer.main(["--engine", str(engine_fp32_onnx), "--files-from", str(source)]) == 2
+        assert error_line(capsys.readouterr().err) == f"error: --files-from {source}: " + (
+            "cannot read it (No such file or directory)" if why == "cannot read it" else why
+        )
