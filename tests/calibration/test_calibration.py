@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from pathlib import Path
 
@@ -258,7 +259,9 @@ def test_s8s8_rules_hold_when_convolutions_share_weights(fmnist_tiny: Path, tmp_
     _check_tensorrt_rules(q)
 
 
-def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_hit_and_gate_refusal(
+    s8s8: Path, trained_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = s8s8.parent
     base = s8s8_args(trained_run)
     # 1. same inputs: the cached calibration is reused (no calibration pass)
@@ -268,16 +271,21 @@ def test_cache_hit_and_gate_refusal(s8s8: Path, trained_run: Path, capsys: pytes
     assert "cache hit" in err and "calibrating" not in err, err
     assert read_manifest(again)["int8"]["cache_hit"] is True
     assert again.read_bytes() == s8s8.read_bytes()
-    # 2. an impossible bound: refused, exit 3, nothing written
+    # 2. a bound no model meets (an agreement floor above 100 %; --max-top1-drop takes 0-100
+    # only): refused, exit 3, nothing written
+    from rn50 import compare
+
+    monkeypatch.setitem(compare.BOUNDS, "int8", dataclasses.replace(compare.BOUNDS["int8"], min_top1_agreement=100.5))
     refused = folder / "refused.onnx"
     before = set(os.listdir(folder))
-    assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100"]) == 3
+    assert export.main(base + ["--output", str(refused)]) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: INT8 loses") and "nothing written" in last
+    assert last.startswith(("error: INT8 loses", "error: INT8 fails the accuracy gate")), last
+    assert "nothing written" in last
     assert "class that lost most: " in last or "no class lost top-1" in last, last
     assert set(os.listdir(folder)) == before
     # 3. the same with --force: written, and the manifest says it failed the gate
-    assert export.main(base + ["--output", str(refused), "--max-top1-drop", "-100", "--force"]) == 0
+    assert export.main(base + ["--output", str(refused), "--force"]) == 0
     assert read_manifest(refused)["int8"]["gate"]["passed"] is False
     # one calibration served all four runs
     assert len(list((folder / ".calib-cache").glob("*.onnx"))) == 1
