@@ -7,7 +7,9 @@ normalises an image, so drift between training and serving cannot happen by cons
 
 Contract (NVIDIA's ResNet50 v1.5 recipe, scaled with the image size):
 
-* decode to RGB (grayscale is replicated, CMYK converted), EXIF orientation applied;
+* decode to RGB (grayscale is replicated, CMYK converted), EXIF orientation applied; samples
+  wider than 8 bits are scaled to 0-255 as DALI's decoder does: 16-bit v to round(v * 255 / 65535),
+  float f to round(f * 255) clamped (see :func:`_to_8bit` for what PIL can and cannot match);
 * train: random resized crop to ``image_size`` (area 8%-100%, aspect 3/4-4/3), horizontal
   flip with p=0.5;
 * val/serve: resize the shorter side to ``resize_size`` (about image_size * 256 / 224, with an
@@ -141,7 +143,8 @@ def _problem(p: Preprocessing) -> str | None:
 
 def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
     """Open an image file (or its ``data``, already read) as an RGB PIL image, EXIF orientation
-    applied; DataError naming ``path`` and PIL's cause on failure."""
+    applied; DataError naming ``path`` and PIL's cause on failure. Single-channel samples wider
+    than 8 bits are brought to 8 bits the way DALI's decoder does (:func:`_to_8bit`)."""
     import io
 
     from PIL import Image, ImageOps
@@ -150,10 +153,41 @@ def load_rgb(path: str | os.PathLike[str], data: bytes | None = None):
 
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
+            fmt = im.format  # exif_transpose returns a copy without it
             im = ImageOps.exif_transpose(im) if im.getexif() else im
-            return im.convert("RGB")
+            return _to_8bit(im, fmt).convert("RGB")
     except Exception as e:  # PIL raises many types
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def _to_8bit(im, fmt: str | None):
+    """``im`` as an 8-bit ``L`` image when PIL keeps it wider than 8 bits and DALI decodes it, else
+    ``im`` unchanged. PIL's ``convert("RGB")`` clips such samples to 0-255 (a 16-bit 1000 becomes
+    255, a float 0.5 becomes 0), while DALI's decoder (2.4, measured on the CPU) scales them to uint8:
+
+    * 16-bit unsigned (PNG, TIFF, JPEG 2000 ``I;16*``; 16-bit PGM, ``I`` in PIL): round(v * 255 / 65535);
+    * 32-bit float TIFF (``F``): round(f * 255) of the float32 product, half away from zero,
+      clamped to 0-255, NaN to 0.
+
+    Both equal DALI's decoded pixels for all 65536 16-bit values and for float products at
+    k + 0.5 (``tests/serve/test_infer.py`` checks photographs in each of these formats). Images
+    DALI refuses (32-bit integer or signed 16-bit TIFF; ``I`` or ``F`` from formats it does not
+    read) keep PIL's clipping. 16-bit RGB, RGBA and gray + alpha images need nothing here: PIL
+    opens them as 8-bit, keeping each sample's high byte (v >> 8), which is at most 1 level below
+    DALI's rounding. Not matched either: a PGM/PPM whose maxval is not 255 or 65535, which PIL
+    rescales to the full range and DALI does not."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N") or (im.mode == "I" and fmt in ("PNG", "PPM")):
+        v = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+    if im.mode == "F" and fmt == "TIFF":
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (np.asarray(im, dtype=np.float32) * np.float32(255)).astype(np.float64)
+            x = np.floor(np.clip(np.nan_to_num(x, nan=0.0), 0, 255) + 0.5)
+        return Image.fromarray(x.astype(np.uint8))
+    return im
 
 
 def undecodable(files: Sequence[str]) -> list[str]:

@@ -133,6 +133,84 @@ def test_dali_matches_pil_reference_on_photos(photos):
     assert np.abs(exif - np.rot90(upright, 1, axes=(1, 2))).mean() > 0.3
 
 
+def _png16(a: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``a`` (H x W x 2, 3 or 4: gray + alpha, RGB, RGBA), written by hand: PIL
+    writes 16-bit PNGs of one channel only."""
+    import struct
+    import zlib
+
+    a = np.asarray(a, dtype=">u2")
+    h, w, c = a.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(h))  # filter 0 on every row
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_dali_matches_pil_reference_on_high_bit_depth(tmp_path):
+    """16-bit PNG (gray, gray + alpha, RGB, RGBA), 16-bit TIFF (both byte orders), 16-bit PGM and
+    float TIFF: load_rgb decodes them to the pixels DALI's decoder gives (equal for one channel;
+    within 1 level for several, which PIL opens as 8-bit keeping the high byte), so the PIL
+    reference and the pytorch training backend preprocess them as serving does. PIL's own
+    convert("RGB") clips one-channel 16-bit samples to 255 and float ones to 0 or 1."""
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image
+    from skimage import data
+
+    from rn50.batches import Preprocessor
+    from rn50.layout import read_encoded
+    from rn50.preprocess import Preprocessing, dali_decode, load_rgb, torchvision_val
+
+    rng = np.random.default_rng(0)
+    # photographs widened to 16 bits with a random low byte, so that rounding and truncation differ
+    gray = data.camera()[::2, ::2].astype(np.uint32) * 257 + rng.integers(0, 257, (256, 256))
+    rgb = data.astronaut()[::2, ::2].astype(np.uint32) * 257 + rng.integers(0, 257, (256, 256, 3))
+    alpha = rng.integers(0, 65536, (256, 256, 1))
+    files, several = {}, set()
+
+    def save(name: str, im: Image.Image, **kw) -> None:
+        files[name] = tmp_path / name
+        im.save(files[name], **kw)
+
+    save("gray16.png", Image.fromarray(gray.astype(np.uint16)))
+    save("gray16.tif", Image.fromarray(gray.astype(np.uint16)))
+    save("gray16_big_endian.tif", Image.fromarray(gray.astype(">u2")))
+    save("float.tif", Image.fromarray((gray / 65535 * 1.2 - 0.1).astype(np.float32)))  # some below 0, above 1
+    files["gray16.pgm"] = tmp_path / "gray16.pgm"
+    files["gray16.pgm"].write_bytes(b"P5 256 256 65535\n" + gray.astype(">u2").tobytes())
+    for name, a in (
+        ("gray16_alpha.png", np.concatenate([gray[..., None], alpha], 2)),
+        ("rgb16.png", rgb),
+        ("rgba16.png", np.concatenate([rgb, alpha], 2)),
+    ):
+        files[name] = tmp_path / name
+        files[name].write_bytes(_png16(a))
+        several.add(name)
+    modes = {name: Image.open(f).mode for name, f in files.items()}
+    assert {modes[n] for n in files if n not in several} >= {"I;16", "I;16B", "I", "F"}, modes
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
+    def decode_only():
+        return dali_decode(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1))
+
+    p = Preprocessing.for_image_size(64)
+    pre = Preprocessor(p, 1)
+    tv = torchvision_val(p)
+    for name, f in files.items():
+        dec = decode_only()
+        dec.build()
+        dec.feed_input("encoded", [read_encoded(f)])
+        decoded = np.array(dec.run()[0].as_tensor())[0].astype(int)
+        pil = np.asarray(load_rgb(f)).astype(int)
+        assert np.abs(decoded - pil).max() <= (1 if name in several else 0), name
+        d = pre([read_encoded(f)])[0]
+        r = tv(load_rgb(f)).numpy()
+        assert np.abs(d - r).mean() < 0.08, name  # normalised units, as for the 8-bit photos above
+
+
 def test_summary_and_topk_clipping(capsys, engine_fp32_onnx, fmnist_small):
     rc = infer.main(
         [
