@@ -20,7 +20,6 @@ from .errors import DataError
 if TYPE_CHECKING:
     from .preprocess import Preprocessing
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
 # What DALI's image decoder reads, by PIL's format names (PPM is PIL's name for the PNM family;
 # MPO is a multi-picture JPEG whose first frame DALI decodes). Anything else (GIF, ICO, PSD, ...)
@@ -35,6 +34,23 @@ DALI_FORMATS = {
     "JPEG2000": "JPEG 2000",
     "PPM": "PNM",
 }
+# The file-name suffixes a folder scan takes (case-insensitive), for each of DALI_FORMATS: the
+# suffixes PIL registers for those formats, less ``.pfm`` (PIL's float PNM, which DALI does not
+# read). Files named explicitly are tried whatever their suffix; their content decides the format.
+FORMAT_SUFFIXES = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "MPO": (".mpo",),
+    "PNG": (".png", ".apng"),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "JPEG2000": (".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx"),
+    "PPM": (".pnm", ".pbm", ".pgm", ".ppm"),
+}
+assert FORMAT_SUFFIXES.keys() == DALI_FORMATS.keys()
+IMG_EXTENSIONS = tuple(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+_SUFFIX_FORMAT = {s: DALI_FORMATS[f] for f, suffixes in FORMAT_SUFFIXES.items() for s in suffixes}
+
 # Formats whose DALI decoders (libtiff, OpenJPEG through OpenCV) report corrupt data only on
 # stderr and still return pixels: PIL decodes these in full first, so a corrupt one is refused
 # instead of classified. WebP and PNM are decoded too (their errors do raise in DALI today, but
@@ -56,7 +72,13 @@ class Split:
 
 
 def is_image_name(name: str) -> bool:
+    """Whether a folder scan takes a file of this name: an image suffix (:data:`FORMAT_SUFFIXES`), any case."""
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def suffix_format(name: str) -> str | None:
+    """The DALI format (a value of :data:`DALI_FORMATS`) that ``name``'s suffix names, or None."""
+    return _SUFFIX_FORMAT.get(os.path.splitext(name)[1].lower())
 
 
 def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -> Split:

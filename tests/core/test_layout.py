@@ -1,0 +1,83 @@
+"""The data-set layout rules (``rn50.layout``): which files a folder scan takes, and what the header
+check refuses before DALI sees a file. Every image here is a tiny real file written by PIL."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rn50.layout import DALI_FORMATS, IMG_EXTENSIONS, iter_inputs, scan_split
+
+# every suffix PIL registers for a format DALI decodes (less .pfm, float PNM, which DALI does not
+# read), some in upper case: a folder of them is scanned as a folder of .jpg files is
+SUFFIXES = [
+    ".jpg", ".JPEG", ".jpe", ".jfif", ".JFIF", ".mpo", ".png", ".apng", ".bmp", ".tif", ".TIFF",
+    ".webp", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm", ".PPM",
+]  # fmt: skip
+
+
+def _image(suffix: str, size: tuple[int, int] = (24, 20)) -> bytes:
+    """A small image in the format ``suffix`` names (PIL's registry), as a file's bytes."""
+    Image.init()
+    fmt = Image.registered_extensions()[suffix.lower()]
+    rng = np.random.default_rng(len(suffix))
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    kw: dict = {}
+    if suffix.lower() == ".pbm":
+        im = im.convert("1")
+    elif suffix.lower() == ".pgm":
+        im = im.convert("L")
+    elif fmt == "MPO":
+        kw = {"save_all": True, "append_images": [im]}
+    elif fmt == "JPEG2000":
+        kw = {"no_jp2": suffix.lower() in (".j2k", ".j2c", ".jpc")}  # a bare codestream
+    b = io.BytesIO()
+    im.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dali_decodes():
+    """``dali_decodes(data)``: whether DALI 2.4's CPU decoder (the validation pipeline that serving,
+    export and calibration use) decodes ``data``."""
+    from rn50.batches import Preprocessor
+    from rn50.preprocess import Preprocessing
+
+    pre = Preprocessor(Preprocessing.for_image_size(32), batch_size=1, device="cpu", num_threads=1)
+
+    def decodes(data: bytes) -> bool:
+        try:
+            pre([np.frombuffer(data, np.uint8)])
+            return True
+        except RuntimeError:
+            pre.rebuild()
+            return False
+
+    return decodes
+
+
+# --------------------------------------------------------------------------- which files a scan takes
+
+
+def test_suffixes_are_those_pil_registers_for_dali_formats():
+    Image.init()
+    want = {s for s, f in Image.registered_extensions().items() if f in DALI_FORMATS} - {".pfm"}
+    assert set(IMG_EXTENSIONS) == want
+
+
+def test_a_folder_of_every_dali_suffix_is_scanned_whole(tmp_path, dali_decodes):
+    """.jfif, .jpe, .pgm, .jp2, ... in any case: a folder scan takes each file (as naming them
+    does), and DALI decodes each one."""
+    named = []
+    for i, suffix in enumerate(SUFFIXES):
+        f = tmp_path / "val" / "a" / f"{i:02d}{suffix}"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(_image(suffix))
+        named.append(str(f))
+    split = scan_split(tmp_path / "val")
+    assert split.files == named
+    assert [str(p) for p in iter_inputs([tmp_path / "val"])] == named
+    assert [f for f in named if not dali_decodes(open(f, "rb").read())] == []
