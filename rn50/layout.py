@@ -81,6 +81,34 @@ def suffix_format(name: str) -> str | None:
     return _SUFFIX_FORMAT.get(os.path.splitext(name)[1].lower())
 
 
+def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """The image files (:func:`is_image_name`) under ``folder``, recursively, in a stable order:
+    each folder's files sorted, then its subfolders, sorted.
+
+    Symlinked folders are followed, and each real folder is entered once: a link to an ancestor (a
+    loop) or a second way to a folder already taken is not entered again.
+    """
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return
+    seen = {(st.st_dev, st.st_ino)}
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirnames[:] = keep  # os.walk enters only these, in this order
+        for n in sorted(names):
+            if is_image_name(n):
+                yield os.path.join(dirpath, n)
+
+
 def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -> Split:
     """Index one split folder. With ``classes`` given, the folder's classes must be the same."""
     root = Path(root)
@@ -104,11 +132,9 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     empty: list[str] = []
     for idx, name in enumerate(found):
         n_before = len(files)
-        for dirpath, _, names in os.walk(root / name):
-            for n in sorted(names):
-                if is_image_name(n):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(idx)
+        for f in walk_images(root / name):
+            files.append(f)
+            labels.append(idx)
         if len(files) == n_before:
             empty.append(str(root / name))
     if not files:
@@ -138,16 +164,14 @@ def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Expand files and folders (recursively, sorted) into image paths, in a stable order.
 
     Files given explicitly are yielded whatever their suffix, so a bad file the user named is
-    reported rather than silently skipped; inside folders only image suffixes are taken.
+    reported rather than silently skipped; inside folders only image suffixes are taken, and
+    symlinked folders are followed (:func:`walk_images`).
     """
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for dirpath, dirnames, names in os.walk(p):
-                dirnames.sort()
-                for n in sorted(names):
-                    if is_image_name(n):
-                        yield Path(dirpath) / n
+            for f in walk_images(p):
+                yield Path(f)
         else:
             yield p
 

@@ -81,3 +81,40 @@ def test_a_folder_of_every_dali_suffix_is_scanned_whole(tmp_path, dali_decodes):
     assert split.files == named
     assert [str(p) for p in iter_inputs([tmp_path / "val"])] == named
     assert [f for f in named if not dali_decodes(open(f, "rb").read())] == []
+
+
+def _png(path, size: tuple[int, int] = (8, 6)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 120, 30)).save(path)
+    return str(path)
+
+
+def _linked_tree(tmp_path):
+    """val/a with a symlinked subfolder (twice), links back to its own folders (loops), and a
+    symlinked class folder val/c; returns the files a scan of val/a must take, in order."""
+    ext = tmp_path / "ext"
+    _png(ext / "more" / "x.png"), _png(ext / "more" / "y.png"), _png(ext / "cls" / "c.png")
+    a = tmp_path / "val" / "a"
+    want = [_png(a / "1.png")]
+    (a / "again").symlink_to("../../ext/more")  # taken (first in sorted order) ...
+    (a / "linked").symlink_to("../../ext/more")  # ... so this second way to ext/more is not
+    want += [str(a / "again" / "x.png"), str(a / "again" / "y.png")]
+    want.append(_png(a / "sub" / "2.png"))
+    (a / "sub" / "loop").symlink_to("..")  # the class folder itself: not entered again
+    (a / "sub" / "self").symlink_to(".")
+    (tmp_path / "val" / "c").symlink_to("../ext/cls")
+    return want
+
+
+def test_symlinked_subfolders_are_followed_once_in_a_split(tmp_path):
+    want = _linked_tree(tmp_path)
+    split = scan_split(tmp_path / "val")
+    assert split.classes == ["a", "c"]
+    assert split.files == [*want, str(tmp_path / "val" / "c" / "c.png")]
+    assert split.labels == [0] * len(want) + [1]
+
+
+def test_symlinked_subfolders_are_followed_once_in_an_input_folder(tmp_path):
+    want = _linked_tree(tmp_path)
+    (tmp_path / "val" / "a" / "top").symlink_to(".")
+    assert [str(p) for p in iter_inputs([tmp_path / "val" / "a"])] == want
