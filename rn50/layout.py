@@ -72,8 +72,9 @@ class Split:
 
 
 def is_image_name(name: str) -> bool:
-    """Whether a folder scan takes a file of this name: an image suffix (:data:`FORMAT_SUFFIXES`), any case."""
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """Whether a folder scan takes a file of this name: an image suffix (:data:`FORMAT_SUFFIXES`,
+    any case) and not hidden (a name starting with ".", as macOS's ``._x.jpg`` metadata files)."""
+    return not os.path.basename(name).startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
 def suffix_format(name: str) -> str | None:
@@ -86,7 +87,8 @@ def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
     each folder's files sorted, then its subfolders, sorted.
 
     Symlinked folders are followed, and each real folder is entered once: a link to an ancestor (a
-    loop) or a second way to a folder already taken is not entered again.
+    loop) or a second way to a folder already taken is not entered again. Hidden names (starting
+    with ".") are skipped at every level, files and folders alike, as class folders are.
     """
     try:
         st = os.stat(folder)
@@ -96,6 +98,8 @@ def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
     for dirpath, dirnames, names in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
             try:
                 st = os.stat(os.path.join(dirpath, d))
             except OSError:
@@ -164,8 +168,8 @@ def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Expand files and folders (recursively, sorted) into image paths, in a stable order.
 
     Files given explicitly are yielded whatever their suffix, so a bad file the user named is
-    reported rather than silently skipped; inside folders only image suffixes are taken, and
-    symlinked folders are followed (:func:`walk_images`).
+    reported rather than silently skipped; inside folders only image suffixes are taken, hidden
+    names are skipped and symlinked folders are followed (:func:`walk_images`).
     """
     for item in inputs:
         p = Path(item)

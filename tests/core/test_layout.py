@@ -118,3 +118,21 @@ def test_symlinked_subfolders_are_followed_once_in_an_input_folder(tmp_path):
     want = _linked_tree(tmp_path)
     (tmp_path / "val" / "a" / "top").symlink_to(".")
     assert [str(p) for p in iter_inputs([tmp_path / "val" / "a"])] == want
+
+
+def test_hidden_files_and_folders_are_skipped_at_every_level(tmp_path):
+    """``val/b/.cache/thumb.jpg`` is no class-b image, nor is macOS's AppleDouble ``._x.jpg`` (a
+    metadata file, not an image); hidden class folders were already skipped."""
+    val = tmp_path / "val"
+    want = [_png(val / "a" / "x.png"), _png(val / "b" / "y.png"), _png(val / "b" / "sub" / "z.png")]
+    _png(val / "b" / ".cache" / "thumb.png")
+    _png(val / "b" / "sub" / ".hidden" / "deep.png")
+    _png(val / ".trash" / "t.png")
+    (val / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07AppleDouble metadata, not an image")
+    (val / "b" / "sub" / ".y.png").write_bytes(_image(".png"))
+    (val / "b" / "sub" / ".git").symlink_to("..")
+    split = scan_split(val)
+    assert (split.classes, split.files, split.labels) == (["a", "b"], want, [0, 1, 1])
+    assert [str(p) for p in iter_inputs([val])] == want
+    # a hidden file named explicitly is still tried (and reported if it is no image)
+    assert list(iter_inputs([val / "a" / "._x.png"])) == [val / "a" / "._x.png"]
