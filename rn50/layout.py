@@ -8,7 +8,9 @@ manifest so later stages never re-derive it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,7 +202,7 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, corrupt-EXIF and TIFF tag notes
-            with Image.open(io.BytesIO(data)) as im:
+            with _project_pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 fmt = im.format or "unknown"
                 if fmt not in DALI_FORMATS:
@@ -214,7 +216,7 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                     except Exception as e:
                         return f"corrupt {DALI_FORMATS[fmt]} image ({type(e).__name__}: {e})"
     except Image.DecompressionBombError as e:
-        return f"image too large: {e} (limit {max_pixels:,} pixels)"
+        return str(e)  # raised with the project's limit and message (_project_pixel_limit)
     except UnidentifiedImageError:
         fmt = _signature_format(data)
         if fmt:
@@ -223,10 +225,7 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     except Exception as e:
         return f"unreadable image header ({type(e).__name__}: {e})"
     if w * h > max_pixels:
-        return (
-            f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-            f"pixels (possible decompression bomb)"
-        )
+        return _too_large(w, h, max_pixels)
     if w < 1 or h < 1:
         return f"bad image size {w}x{h} in the {fmt} header"
     if resize_shorter is not None:
@@ -239,6 +238,61 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
             )
     return None
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+        f"pixels (possible decompression bomb)"
+    )
+
+
+# PIL guards against decompression bombs itself: ``Image.open`` (and the WebP, TIFF, GIF, ...
+# plugins, for canvases and tiles) calls ``Image._decompression_bomb_check(size)``, which refuses
+# more than 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels), a process-wide setting. Inside
+# check_header the project's ``max_pixels`` must apply instead, larger or smaller, with its own
+# message. Changing the global for the header read would change it for every thread of the
+# process meanwhile (serve's reader thread and Triton's threads call check_header while others
+# decode), so the check is wrapped once instead: in a thread that is inside check_header it applies
+# that call's ``max_pixels``; everywhere else PIL's own check runs, unchanged.
+_limit = threading.local()  # .max_pixels: the limit of the check_header running in this thread
+_wrap_lock = threading.Lock()
+_wrapper: Callable[..., None] | None = None
+
+
+def _wrap_bomb_check() -> None:
+    global _wrapper
+    from PIL import Image
+
+    with _wrap_lock:
+        pil_check = Image._decompression_bomb_check
+        if pil_check is _wrapper:
+            return
+
+        def bomb_check(size: tuple[int, int], *args: object, **kwargs: object) -> None:
+            max_pixels = getattr(_limit, "max_pixels", None)
+            if max_pixels is None:
+                return pil_check(size, *args, **kwargs)
+            w, h = size
+            if max(1, w) * max(1, h) > max_pixels:
+                raise Image.DecompressionBombError(_too_large(w, h, max_pixels))
+
+        _wrapper = Image._decompression_bomb_check = bomb_check
+
+
+@contextmanager
+def _project_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb check applies ``max_pixels`` in this thread while inside."""
+    from PIL import Image
+
+    if Image._decompression_bomb_check is not _wrapper:
+        _wrap_bomb_check()
+    outer = getattr(_limit, "max_pixels", None)
+    _limit.max_pixels = max_pixels
+    try:
+        yield
+    finally:
+        _limit.max_pixels = outer
 
 
 def _signature_format(data: bytes) -> str | None:

@@ -136,3 +136,72 @@ def test_hidden_files_and_folders_are_skipped_at_every_level(tmp_path):
     assert [str(p) for p in iter_inputs([val])] == want
     # a hidden file named explicitly is still tried (and reported if it is no image)
     assert list(iter_inputs([val / "a" / "._x.png"])) == [val / "a" / "._x.png"]
+
+
+# --------------------------------------------------------------------------- the header check
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A tiny PNG whose IHDR (with a valid CRC) declares w x h: a decompression bomb's header."""
+    import zlib
+
+    png = _image(".png", (8, 8))
+    ihdr = bytearray(png[12:29])  # b"IHDR" + 13 bytes of fields
+    ihdr[4:12] = w.to_bytes(4, "big") + h.to_bytes(4, "big")
+    return png[:12] + bytes(ihdr) + zlib.crc32(bytes(ihdr)).to_bytes(4, "big") + png[33:]
+
+
+def test_max_pixels_applies_exactly_above_pils_own_limit():
+    """PIL refuses more than 2 x Image.MAX_IMAGE_PIXELS (about 179 M pixels) in Image.open; the
+    project's --max-pixels must apply instead, above it too, with its own numbers."""
+    from rn50.layout import check_header
+
+    assert 2 * Image.MAX_IMAGE_PIXELS < 20_000 * 10_000
+    assert check_header(_png_claiming(20_000, 10_000), max_pixels=500_000_000) is None
+    cause = check_header(_png_claiming(30_000, 20_000), max_pixels=500_000_000)
+    assert cause == (
+        "image too large: 30000x20000 = 600,000,000 pixels exceeds the limit of 500,000,000 pixels "
+        "(possible decompression bomb)"
+    )
+    assert "too large: 30000x20000" in check_header(_png_claiming(30_000, 20_000))  # the default, 100 M
+
+
+def test_max_pixels_applies_to_the_full_decode_and_only_in_the_checking_thread(monkeypatch):
+    """A TIFF (decoded in full by the check) larger than PIL's limit but within max_pixels passes;
+    meanwhile, PIL's own limit still holds for another thread, and afterwards for this one. PIL's
+    limit is lowered here (to 100: refused above 200 pixels) so that a 30 x 20 image is "large"."""
+    import threading
+
+    from PIL import TiffImagePlugin
+
+    from rn50.layout import check_header
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    tiff = _image(".tif", (30, 20))
+    inside, release = threading.Event(), threading.Event()
+    load = TiffImagePlugin.TiffImageFile.load
+
+    def held_load(self):
+        inside.set()
+        assert release.wait(10)
+        return load(self)
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", held_load)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(check_header(tiff, max_pixels=1_000)))
+    t.start()
+    while t.is_alive() and not inside.wait(0.01):
+        pass
+    try:
+        assert inside.is_set(), f"check_header did not reach the full decode: {result}"
+        with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 200 pixels"):
+            Image.open(io.BytesIO(tiff))  # another thread, meanwhile: PIL's own limit
+        assert Image.MAX_IMAGE_PIXELS == 100
+    finally:
+        release.set()
+        t.join(10)
+    assert result == [None]
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", load)
+    assert "exceeds the limit of 500 pixels" in check_header(tiff, max_pixels=500)
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 200 pixels"):
+        Image.open(io.BytesIO(tiff))  # this thread, afterwards
