@@ -187,6 +187,10 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
 
     Only the header is parsed (PIL's lazy open), except for :data:`PIL_VERIFIED_FORMATS`, which
     PIL decodes in full because DALI would return pixels from a corrupt file of those formats.
+    Files PIL reads but DALI does not are refused by name: a WebP whose EXIF chunk DALI's parser
+    misses, by its chunk headers (:func:`_dali_webp_cause`).
+    ``max_pixels`` is the only pixel limit applied here, PIL's own one included (its
+    ``Image.MAX_IMAGE_PIXELS`` does not apply in the checking thread, :func:`_project_pixel_limit`).
     DALI's decoders can crash the process on some non-image inputs instead of raising, which is
     why nothing reaches them unchecked. ``resize_shorter``: the size the shorter side is resized
     to (the validation resize); the resized image must also stay under ``max_pixels``, so a very
@@ -206,10 +210,9 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 w, h = im.size
                 fmt = im.format or "unknown"
                 if fmt not in DALI_FORMATS:
-                    return (
-                        f"unsupported image format {fmt} (the decoder reads "
-                        f"{', '.join(sorted(set(DALI_FORMATS.values())))})"
-                    )
+                    return f"unsupported image format {fmt} (the decoder reads {_dali_format_list()})"
+                if fmt == "WEBP" and (cause := _dali_webp_cause(data)):
+                    return cause
                 if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
                     try:
                         im.load()
@@ -238,6 +241,50 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
             )
     return None
+
+
+def _dali_format_list() -> str:
+    return ", ".join(sorted(set(DALI_FORMATS.values())))
+
+
+def _dali_webp_cause(data: bytes) -> str | None:
+    """Why DALI cannot read this WebP file that PIL reads, or None; from the chunk headers only.
+
+    An extended WebP (a VP8X chunk first) whose flags announce EXIF metadata sends DALI 2.4's WebP
+    parser (nvImageCodec's ``src/parsers/webp.cpp``) looking for the EXIF chunk, for the
+    orientation. It steps from chunk to chunk by the size in each header but leaves out the pad
+    byte that RIFF puts after an odd-sized chunk, so past one (a lossless VP8L image chunk has an
+    odd size half the time; libwebp pads lossy VP8 data to an even size) it reads a header one byte
+    off, runs off the end of the file and fails the whole batch. The same walk is done here: where
+    it finds the EXIF chunk DALI does too.
+    """
+    if len(data) < 21 or data[12:16] != b"VP8X" or not data[20] & 0x08:  # no EXIF flag
+        return None
+    pos = 20 + int.from_bytes(data[16:20], "little")  # the end of VP8X's data, as DALI steps
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"EXIF":
+            if pos + 8 + size <= len(data):
+                return None
+            break
+        pos += 8 + size
+    # what is wrong, from the chunks as RIFF lays them out (pad bytes included)
+    tags, pos = [], 12
+    while pos + 8 <= len(data) and data[pos : pos + 4] != b"EXIF":
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        tags.append((data[pos : pos + 4].decode("latin-1").strip(), size))
+        pos += 8 + size + (size & 1)
+    odd = next((tag for tag, size in tags if size & 1), None)
+    missed = "its parser does not skip RIFF pad bytes and misses the EXIF chunk"
+    if pos + 8 > len(data):
+        what, why = "WebP whose header announces EXIF metadata that it does not hold", "its parser looks for it"
+    elif odd == "VP8L":
+        what, why = "lossless WebP with EXIF metadata (after odd-sized VP8L image data)", missed
+    elif odd:
+        what, why = f"WebP with EXIF metadata after an odd-sized {odd} chunk", missed
+    else:
+        what, why = "WebP with EXIF metadata", "its parser cannot find the EXIF chunk"
+    return f"{what}: DALI 2.4's WebP decoder cannot read it ({why}); re-save it without EXIF, or as lossy WebP or PNG"
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> str:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from rn50.layout import DALI_FORMATS, IMG_EXTENSIONS, iter_inputs, scan_split
+from tests.webps import chunks, lossless_with_exif, riff, webp
 
 # every suffix PIL registers for a format DALI decodes (less .pfm, float PNM, which DALI does not
 # read), some in upper case: a folder of them is scanned as a folder of .jpg files is
@@ -205,3 +206,58 @@ def test_max_pixels_applies_to_the_full_decode_and_only_in_the_checking_thread(m
     assert "exceeds the limit of 500 pixels" in check_header(tiff, max_pixels=500)
     with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 200 pixels"):
         Image.open(io.BytesIO(tiff))  # this thread, afterwards
+
+
+def _webp_variants() -> dict[str, tuple[bytes, str | None]]:
+    """WebP files: (bytes, the cause check_header must give, None where DALI decodes the file)."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    ex, xmp = exif.tobytes(), b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+    frames = [Image.new("RGB", (24, 16), c) for c in ("red", "blue")]
+    anim = io.BytesIO()
+    frames[0].save(anim, "WEBP", save_all=True, append_images=frames[1:], lossless=True, exif=ex)
+    lossy, lossless = webp(quality=80), webp(1, lossless=True)
+
+    def vp8x(image: bytes) -> tuple[bytes, bytes]:  # a VP8X chunk (EXIF flag set) for that image
+        w, h = Image.open(io.BytesIO(image)).size
+        return b"VP8X", bytes([0x08, 0, 0, 0]) + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+
+    lossless_exif = "lossless WebP with EXIF metadata"
+    return {
+        "lossless": (webp(1, lossless=True), None),
+        "lossy": (webp(quality=80), None),
+        "lossless_exif_odd_image": (lossless_with_exif(), lossless_exif),
+        "lossless_exif_xmp_odd_image": (webp(1, lossless=True, exif=ex, xmp=xmp), lossless_exif),
+        "lossless_exif_even_image": (webp(0, lossless=True, exif=ex), None),
+        "lossless_xmp_odd_image": (webp(1, lossless=True, xmp=xmp), None),
+        "lossy_exif": (webp(quality=80, exif=ex), None),
+        "lossy_xmp": (webp(quality=80, xmp=xmp), None),
+        "animated_exif": (anim.getvalue(), None),
+        "odd_chunk_before_lossy_exif": (
+            riff([vp8x(lossy), chunks(lossy)[0], (b"ABCD", b"odd"), (b"EXIF", ex[6:])]),
+            "WebP with EXIF metadata after an odd-sized ABCD chunk",
+        ),
+        "exif_flag_without_exif": (
+            riff([vp8x(lossy), chunks(lossy)[0]]),
+            "announces EXIF metadata that it does not hold",
+        ),
+        "exif_before_odd_image": (riff([vp8x(lossless), (b"EXIF", ex[6:]), chunks(lossless)[0]]), None),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_webp_variants()))
+def test_webp_refused_exactly_where_dali_fails(variant, dali_decodes):
+    """A lossless WebP with EXIF passed the header check and then failed DALI's decoder (serving:
+    "DALI's WebP decoder rejects it"; training: a batch failed mid-epoch). check_header refuses
+    exactly the files DALI cannot read, named, with what to do; DALI decodes the others."""
+    from rn50.layout import check_header
+
+    data, want = _webp_variants()[variant]
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # PIL reads each one
+    cause = check_header(data)
+    assert dali_decodes(data) == (want is None), "the expectation no longer matches DALI's decoder"
+    if want is None:
+        assert cause is None
+    else:
+        assert cause is not None and want in cause and "re-save it without EXIF" in cause, cause
