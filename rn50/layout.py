@@ -187,8 +187,8 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
 
     Only the header is parsed (PIL's lazy open), except for :data:`PIL_VERIFIED_FORMATS`, which
     PIL decodes in full because DALI would return pixels from a corrupt file of those formats.
-    Files PIL reads but DALI does not are refused by name: a WebP whose EXIF chunk DALI's parser
-    misses, by its chunk headers (:func:`_dali_webp_cause`).
+    Files PIL reads but DALI does not are refused by name: a PFM (float PNM) by its magic number,
+    a WebP whose EXIF chunk DALI's parser misses by its chunk headers (:func:`_dali_webp_cause`).
     ``max_pixels`` is the only pixel limit applied here, PIL's own one included (its
     ``Image.MAX_IMAGE_PIXELS`` does not apply in the checking thread, :func:`_project_pixel_limit`).
     DALI's decoders can crash the process on some non-image inputs instead of raising, which is
@@ -213,6 +213,9 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                     return f"unsupported image format {fmt} (the decoder reads {_dali_format_list()})"
                 if fmt == "WEBP" and (cause := _dali_webp_cause(data)):
                     return cause
+                if fmt == "PPM" and data[:2] not in _PNM_MAGIC:  # PIL's float PNM (PFM) and own variants
+                    name = "PFM" if data[:2] == b"Pf" else f"PNM variant {data[:6]!r}"
+                    return f"unsupported image format {name} (the decoder reads {_dali_format_list()})"
                 if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
                     try:
                         im.load()
@@ -241,6 +244,9 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
             )
     return None
+
+
+_PNM_MAGIC = frozenset({b"P1", b"P2", b"P3", b"P4", b"P5", b"P6"})  # the PNM files DALI decodes
 
 
 def _dali_format_list() -> str:

@@ -261,3 +261,14 @@ def test_webp_refused_exactly_where_dali_fails(variant, dali_decodes):
         assert cause is None
     else:
         assert cause is not None and want in cause and "re-save it without EXIF" in cause, cause
+
+
+def test_float_pnm_is_refused_as_unsupported(dali_decodes):
+    """PIL reads PFM (a floating-point PNM, format "PPM" to PIL); DALI does not."""
+    from rn50.layout import check_header
+
+    b = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 20 * 24, dtype=np.float32).reshape(20, 24)).save(b, "PPM")
+    assert b.getvalue().startswith(b"Pf") and not dali_decodes(b.getvalue())
+    assert check_header(b.getvalue()).startswith("unsupported image format PFM")
+    assert check_header(_image(".pgm")) is None and dali_decodes(_image(".pgm"))

@@ -148,6 +148,12 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
     ("pnm_truncated", "truncated.ppm", lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "PPM")), "corrupt PNM image"),
     # --- files PIL reads and DALI's decoder does not: refused, named
     ("webp_lossless_exif", "exif.webp", lossless_with_exif, "lossless WebP with EXIF metadata"),
+    (
+        "pfm_float_pnm",
+        "float.pfm",
+        lambda a: _encode(Image.fromarray(a[..., 0].astype(np.float32) / 255), "PPM"),
+        "unsupported image format PFM",
+    ),
     # --- formats DALI does not decode: named
     ("gif", "anim.gif", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),
     ("gif_named_jpg", "gif-in-disguise.jpg", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),
