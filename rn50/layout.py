@@ -8,7 +8,9 @@ manifest so later stages never re-derive it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +22,6 @@ from .errors import DataError
 if TYPE_CHECKING:
     from .preprocess import Preprocessing
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
 # What DALI's image decoder reads, by PIL's format names (PPM is PIL's name for the PNM family;
 # MPO is a multi-picture JPEG whose first frame DALI decodes). Anything else (GIF, ICO, PSD, ...)
@@ -35,6 +36,23 @@ DALI_FORMATS = {
     "JPEG2000": "JPEG 2000",
     "PPM": "PNM",
 }
+# The file-name suffixes a folder scan takes (case-insensitive), for each of DALI_FORMATS: the
+# suffixes PIL registers for those formats, less ``.pfm`` (PIL's float PNM, which DALI does not
+# read). Files named explicitly are tried whatever their suffix; their content decides the format.
+FORMAT_SUFFIXES = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "MPO": (".mpo",),
+    "PNG": (".png", ".apng"),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "JPEG2000": (".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx"),
+    "PPM": (".pnm", ".pbm", ".pgm", ".ppm"),
+}
+assert FORMAT_SUFFIXES.keys() == DALI_FORMATS.keys()
+IMG_EXTENSIONS = tuple(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+_SUFFIX_FORMAT = {s: DALI_FORMATS[f] for f, suffixes in FORMAT_SUFFIXES.items() for s in suffixes}
+
 # Formats whose DALI decoders (libtiff, OpenJPEG through OpenCV) report corrupt data only on
 # stderr and still return pixels: PIL decodes these in full first, so a corrupt one is refused
 # instead of classified. WebP and PNM are decoded too (their errors do raise in DALI today, but
@@ -56,7 +74,45 @@ class Split:
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """Whether a folder scan takes a file of this name: an image suffix (:data:`FORMAT_SUFFIXES`,
+    any case) and not hidden (a name starting with ".", as macOS's ``._x.jpg`` metadata files)."""
+    return not os.path.basename(name).startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def suffix_format(name: str) -> str | None:
+    """The DALI format (a value of :data:`DALI_FORMATS`) that ``name``'s suffix names, or None."""
+    return _SUFFIX_FORMAT.get(os.path.splitext(name)[1].lower())
+
+
+def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """The image files (:func:`is_image_name`) under ``folder``, recursively, in a stable order:
+    each folder's files sorted, then its subfolders, sorted.
+
+    Symlinked folders are followed, and each real folder is entered once: a link to an ancestor (a
+    loop) or a second way to a folder already taken is not entered again. Hidden names (starting
+    with ".") are skipped at every level, files and folders alike, as class folders are.
+    """
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return
+    seen = {(st.st_dev, st.st_ino)}
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirnames[:] = keep  # os.walk enters only these, in this order
+        for n in sorted(names):
+            if is_image_name(n):
+                yield os.path.join(dirpath, n)
 
 
 def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -> Split:
@@ -82,11 +138,9 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     empty: list[str] = []
     for idx, name in enumerate(found):
         n_before = len(files)
-        for dirpath, _, names in os.walk(root / name):
-            for n in sorted(names):
-                if is_image_name(n):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(idx)
+        for f in walk_images(root / name):
+            files.append(f)
+            labels.append(idx)
         if len(files) == n_before:
             empty.append(str(root / name))
     if not files:
@@ -116,16 +170,14 @@ def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Expand files and folders (recursively, sorted) into image paths, in a stable order.
 
     Files given explicitly are yielded whatever their suffix, so a bad file the user named is
-    reported rather than silently skipped; inside folders only image suffixes are taken.
+    reported rather than silently skipped; inside folders only image suffixes are taken, hidden
+    names are skipped and symlinked folders are followed (:func:`walk_images`).
     """
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for dirpath, dirnames, names in os.walk(p):
-                dirnames.sort()
-                for n in sorted(names):
-                    if is_image_name(n):
-                        yield Path(dirpath) / n
+            for f in walk_images(p):
+                yield Path(f)
         else:
             yield p
 
@@ -135,6 +187,10 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
 
     Only the header is parsed (PIL's lazy open), except for :data:`PIL_VERIFIED_FORMATS`, which
     PIL decodes in full because DALI would return pixels from a corrupt file of those formats.
+    Files PIL reads but DALI does not are refused by name: a PFM (float PNM) by its magic number,
+    a WebP whose EXIF chunk DALI's parser misses by its chunk headers (:func:`_dali_webp_cause`).
+    ``max_pixels`` is the only pixel limit applied here, PIL's own one included (its
+    ``Image.MAX_IMAGE_PIXELS`` does not apply in the checking thread, :func:`_project_pixel_limit`).
     DALI's decoders can crash the process on some non-image inputs instead of raising, which is
     why nothing reaches them unchecked. ``resize_shorter``: the size the shorter side is resized
     to (the validation resize); the resized image must also stay under ``max_pixels``, so a very
@@ -150,21 +206,23 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, corrupt-EXIF and TIFF tag notes
-            with Image.open(io.BytesIO(data)) as im:
+            with _project_pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 fmt = im.format or "unknown"
                 if fmt not in DALI_FORMATS:
-                    return (
-                        f"unsupported image format {fmt} (the decoder reads "
-                        f"{', '.join(sorted(set(DALI_FORMATS.values())))})"
-                    )
+                    return f"unsupported image format {fmt} (the decoder reads {_dali_format_list()})"
+                if fmt == "WEBP" and (cause := _dali_webp_cause(data)):
+                    return cause
+                if fmt == "PPM" and data[:2] not in _PNM_MAGIC:  # PIL's float PNM (PFM) and own variants
+                    name = "PFM" if data[:2] == b"Pf" else f"PNM variant {data[:6]!r}"
+                    return f"unsupported image format {name} (the decoder reads {_dali_format_list()})"
                 if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
                     try:
                         im.load()
                     except Exception as e:
                         return f"corrupt {DALI_FORMATS[fmt]} image ({type(e).__name__}: {e})"
     except Image.DecompressionBombError as e:
-        return f"image too large: {e} (limit {max_pixels:,} pixels)"
+        return str(e)  # raised with the project's limit and message (_project_pixel_limit)
     except UnidentifiedImageError:
         fmt = _signature_format(data)
         if fmt:
@@ -173,10 +231,7 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
     except Exception as e:
         return f"unreadable image header ({type(e).__name__}: {e})"
     if w * h > max_pixels:
-        return (
-            f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-            f"pixels (possible decompression bomb)"
-        )
+        return _too_large(w, h, max_pixels)
     if w < 1 or h < 1:
         return f"bad image size {w}x{h} in the {fmt} header"
     if resize_shorter is not None:
@@ -189,6 +244,108 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
             )
     return None
+
+
+_PNM_MAGIC = frozenset({b"P1", b"P2", b"P3", b"P4", b"P5", b"P6"})  # the PNM files DALI decodes
+
+
+def _dali_format_list() -> str:
+    return ", ".join(sorted(set(DALI_FORMATS.values())))
+
+
+def _dali_webp_cause(data: bytes) -> str | None:
+    """Why DALI cannot read this WebP file that PIL reads, or None; from the chunk headers only.
+
+    An extended WebP (a VP8X chunk first) whose flags announce EXIF metadata sends DALI 2.4's WebP
+    parser (nvImageCodec's ``src/parsers/webp.cpp``) looking for the EXIF chunk, for the
+    orientation. It steps from chunk to chunk by the size in each header but leaves out the pad
+    byte that RIFF puts after an odd-sized chunk, so past one (a lossless VP8L image chunk has an
+    odd size half the time; libwebp pads lossy VP8 data to an even size) it reads a header one byte
+    off, runs off the end of the file and fails the whole batch. The same walk is done here: where
+    it finds the EXIF chunk DALI does too.
+    """
+    if len(data) < 21 or data[12:16] != b"VP8X" or not data[20] & 0x08:  # no EXIF flag
+        return None
+    pos = 20 + int.from_bytes(data[16:20], "little")  # the end of VP8X's data, as DALI steps
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"EXIF":
+            if pos + 8 + size <= len(data):
+                return None
+            break
+        pos += 8 + size
+    # what is wrong, from the chunks as RIFF lays them out (pad bytes included)
+    tags, pos = [], 12
+    while pos + 8 <= len(data) and data[pos : pos + 4] != b"EXIF":
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        tags.append((data[pos : pos + 4].decode("latin-1").strip(), size))
+        pos += 8 + size + (size & 1)
+    odd = next((tag for tag, size in tags if size & 1), None)
+    missed = "its parser does not skip RIFF pad bytes and misses the EXIF chunk"
+    if pos + 8 > len(data):
+        what, why = "WebP whose header announces EXIF metadata that it does not hold", "its parser looks for it"
+    elif odd == "VP8L":
+        what, why = "lossless WebP with EXIF metadata (after odd-sized VP8L image data)", missed
+    elif odd:
+        what, why = f"WebP with EXIF metadata after an odd-sized {odd} chunk", missed
+    else:
+        what, why = "WebP with EXIF metadata", "its parser cannot find the EXIF chunk"
+    return f"{what}: DALI 2.4's WebP decoder cannot read it ({why}); re-save it without EXIF, or as lossy WebP or PNG"
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+        f"pixels (possible decompression bomb)"
+    )
+
+
+# PIL guards against decompression bombs itself: ``Image.open`` (and the WebP, TIFF, GIF, ...
+# plugins, for canvases and tiles) calls ``Image._decompression_bomb_check(size)``, which refuses
+# more than 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels), a process-wide setting. Inside
+# check_header the project's ``max_pixels`` must apply instead, larger or smaller, with its own
+# message. Changing the global for the header read would change it for every thread of the
+# process meanwhile (serve's reader thread and Triton's threads call check_header while others
+# decode), so the check is wrapped once instead: in a thread that is inside check_header it applies
+# that call's ``max_pixels``; everywhere else PIL's own check runs, unchanged.
+_limit = threading.local()  # .max_pixels: the limit of the check_header running in this thread
+_wrap_lock = threading.Lock()
+_wrapper: Callable[..., None] | None = None
+
+
+def _wrap_bomb_check() -> None:
+    global _wrapper
+    from PIL import Image
+
+    with _wrap_lock:
+        pil_check = Image._decompression_bomb_check
+        if pil_check is _wrapper:
+            return
+
+        def bomb_check(size: tuple[int, int], *args: object, **kwargs: object) -> None:
+            max_pixels = getattr(_limit, "max_pixels", None)
+            if max_pixels is None:
+                return pil_check(size, *args, **kwargs)
+            w, h = size
+            if max(1, w) * max(1, h) > max_pixels:
+                raise Image.DecompressionBombError(_too_large(w, h, max_pixels))
+
+        _wrapper = Image._decompression_bomb_check = bomb_check
+
+
+@contextmanager
+def _project_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb check applies ``max_pixels`` in this thread while inside."""
+    from PIL import Image
+
+    if Image._decompression_bomb_check is not _wrapper:
+        _wrap_bomb_check()
+    outer = getattr(_limit, "max_pixels", None)
+    _limit.max_pixels = max_pixels
+    try:
+        yield
+    finally:
+        _limit.max_pixels = outer
 
 
 def _signature_format(data: bytes) -> str | None:

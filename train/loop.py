@@ -18,7 +18,7 @@ from torch import nn
 from rn50.atomic import remove_stale_temporaries, write_json, write_text
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
-from rn50.layout import balanced_subset, check_files, load_dataset, scan_split
+from rn50.layout import balanced_subset, check_files, load_dataset, scan_split, suffix_format
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
 from rn50.model import build_model
@@ -146,7 +146,7 @@ class Trainer:
                 check_files(
                     everything
                     if should_check_images(cfg.check_images, len(everything))
-                    else [f for f in everything if not f.lower().endswith((".jpg", ".jpeg", ".png"))],
+                    else [f for f in everything if suffix_format(f) not in ("JPEG", "PNG")],
                     progress=d.main,
                     resize_shorter=self.p.resize_size,
                 )

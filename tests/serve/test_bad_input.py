@@ -30,6 +30,7 @@ from PIL import Image
 from serve import infer
 from tests.serve_cli import run_validate
 from tests.stderr import error_line
+from tests.webps import lossless_with_exif
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIED = None  # expectation: a prediction line
@@ -145,6 +146,14 @@ ROWS: list[tuple[str, str, Maker | Callable[[Path], None], str | None]] = [
         "corrupt WebP image",
     ),
     ("pnm_truncated", "truncated.ppm", lambda a: (lambda p: p[: len(p) // 2])(_encode(a, "PPM")), "corrupt PNM image"),
+    # --- files PIL reads and DALI's decoder does not: refused, named
+    ("webp_lossless_exif", "exif.webp", lossless_with_exif, "lossless WebP with EXIF metadata"),
+    (
+        "pfm_float_pnm",
+        "float.pfm",
+        lambda a: _encode(Image.fromarray(a[..., 0].astype(np.float32) / 255), "PPM"),
+        "unsupported image format PFM",
+    ),
     # --- formats DALI does not decode: named
     ("gif", "anim.gif", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),
     ("gif_named_jpg", "gif-in-disguise.jpg", lambda a: _encode(a, "GIF"), "unsupported image format GIF"),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests import train_cli
 from tests.stderr import error_line
+from tests.webps import lossless_with_exif
 from train.loop import Trainer
 
 
@@ -71,6 +72,25 @@ def test_corrupt_tiff_stops_training(check, fmnist_tiny, tmp_path, capsys, no_ep
     assert run(d, tmp_path / "o") == 2
     line = error_line(capsys.readouterr().err)
     assert str(bad) in line and "corrupt TIFF image" in line, line
+
+
+@pytest.mark.parametrize("check", ["auto", "off-for-jpeg"])
+def test_webp_dali_cannot_read_stops_training_before_an_epoch(
+    check, fmnist_tiny, tmp_path, capsys, no_epochs, monkeypatch
+):
+    """A lossless WebP with EXIF metadata passes PIL but fails DALI 2.4's decoder: it stopped a run
+    mid-epoch without naming the file; the header check names it before the first epoch."""
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    bad = d / "train" / "coat" / "scan.webp"
+    bad.write_bytes(lossless_with_exif())
+    if check == "off-for-jpeg":
+        import train.config
+
+        monkeypatch.setattr(train.config, "CHECK_IMAGES_AUTO_MAX", 10)
+    assert run(d, tmp_path / "o") == 2
+    line = error_line(capsys.readouterr().err)
+    assert str(bad) in line and "lossless WebP with EXIF metadata" in line, line
 
 
 def _scan_start(jpeg: bytes) -> int:

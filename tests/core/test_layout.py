@@ -1,0 +1,274 @@
+"""The data-set layout rules (``rn50.layout``): which files a folder scan takes, and what the header
+check refuses before DALI sees a file. Every image here is a tiny real file written by PIL."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rn50.layout import DALI_FORMATS, IMG_EXTENSIONS, iter_inputs, scan_split
+from tests.webps import chunks, lossless_with_exif, riff, webp
+
+# every suffix PIL registers for a format DALI decodes (less .pfm, float PNM, which DALI does not
+# read), some in upper case: a folder of them is scanned as a folder of .jpg files is
+SUFFIXES = [
+    ".jpg", ".JPEG", ".jpe", ".jfif", ".JFIF", ".mpo", ".png", ".apng", ".bmp", ".tif", ".TIFF",
+    ".webp", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm", ".PPM",
+]  # fmt: skip
+
+
+def _image(suffix: str, size: tuple[int, int] = (24, 20)) -> bytes:
+    """A small image in the format ``suffix`` names (PIL's registry), as a file's bytes."""
+    Image.init()
+    fmt = Image.registered_extensions()[suffix.lower()]
+    rng = np.random.default_rng(len(suffix))
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    kw: dict = {}
+    if suffix.lower() == ".pbm":
+        im = im.convert("1")
+    elif suffix.lower() == ".pgm":
+        im = im.convert("L")
+    elif fmt == "MPO":
+        kw = {"save_all": True, "append_images": [im]}
+    elif fmt == "JPEG2000":
+        kw = {"no_jp2": suffix.lower() in (".j2k", ".j2c", ".jpc")}  # a bare codestream
+    b = io.BytesIO()
+    im.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dali_decodes():
+    """``dali_decodes(data)``: whether DALI 2.4's CPU decoder (the validation pipeline that serving,
+    export and calibration use) decodes ``data``."""
+    from rn50.batches import Preprocessor
+    from rn50.preprocess import Preprocessing
+
+    pre = Preprocessor(Preprocessing.for_image_size(32), batch_size=1, device="cpu", num_threads=1)
+
+    def decodes(data: bytes) -> bool:
+        try:
+            pre([np.frombuffer(data, np.uint8)])
+            return True
+        except RuntimeError:
+            pre.rebuild()
+            return False
+
+    return decodes
+
+
+# --------------------------------------------------------------------------- which files a scan takes
+
+
+def test_suffixes_are_those_pil_registers_for_dali_formats():
+    Image.init()
+    want = {s for s, f in Image.registered_extensions().items() if f in DALI_FORMATS} - {".pfm"}
+    assert set(IMG_EXTENSIONS) == want
+
+
+def test_a_folder_of_every_dali_suffix_is_scanned_whole(tmp_path, dali_decodes):
+    """.jfif, .jpe, .pgm, .jp2, ... in any case: a folder scan takes each file (as naming them
+    does), and DALI decodes each one."""
+    named = []
+    for i, suffix in enumerate(SUFFIXES):
+        f = tmp_path / "val" / "a" / f"{i:02d}{suffix}"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(_image(suffix))
+        named.append(str(f))
+    split = scan_split(tmp_path / "val")
+    assert split.files == named
+    assert [str(p) for p in iter_inputs([tmp_path / "val"])] == named
+    assert [f for f in named if not dali_decodes(open(f, "rb").read())] == []
+
+
+def _png(path, size: tuple[int, int] = (8, 6)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 120, 30)).save(path)
+    return str(path)
+
+
+def _linked_tree(tmp_path):
+    """val/a with a symlinked subfolder (twice), links back to its own folders (loops), and a
+    symlinked class folder val/c; returns the files a scan of val/a must take, in order."""
+    ext = tmp_path / "ext"
+    _png(ext / "more" / "x.png"), _png(ext / "more" / "y.png"), _png(ext / "cls" / "c.png")
+    a = tmp_path / "val" / "a"
+    want = [_png(a / "1.png")]
+    (a / "again").symlink_to("../../ext/more")  # taken (first in sorted order) ...
+    (a / "linked").symlink_to("../../ext/more")  # ... so this second way to ext/more is not
+    want += [str(a / "again" / "x.png"), str(a / "again" / "y.png")]
+    want.append(_png(a / "sub" / "2.png"))
+    (a / "sub" / "loop").symlink_to("..")  # the class folder itself: not entered again
+    (a / "sub" / "self").symlink_to(".")
+    (tmp_path / "val" / "c").symlink_to("../ext/cls")
+    return want
+
+
+def test_symlinked_subfolders_are_followed_once_in_a_split(tmp_path):
+    want = _linked_tree(tmp_path)
+    split = scan_split(tmp_path / "val")
+    assert split.classes == ["a", "c"]
+    assert split.files == [*want, str(tmp_path / "val" / "c" / "c.png")]
+    assert split.labels == [0] * len(want) + [1]
+
+
+def test_symlinked_subfolders_are_followed_once_in_an_input_folder(tmp_path):
+    want = _linked_tree(tmp_path)
+    (tmp_path / "val" / "a" / "top").symlink_to(".")
+    assert [str(p) for p in iter_inputs([tmp_path / "val" / "a"])] == want
+
+
+def test_hidden_files_and_folders_are_skipped_at_every_level(tmp_path):
+    """``val/b/.cache/thumb.jpg`` is no class-b image, nor is macOS's AppleDouble ``._x.jpg`` (a
+    metadata file, not an image); hidden class folders were already skipped."""
+    val = tmp_path / "val"
+    want = [_png(val / "a" / "x.png"), _png(val / "b" / "y.png"), _png(val / "b" / "sub" / "z.png")]
+    _png(val / "b" / ".cache" / "thumb.png")
+    _png(val / "b" / "sub" / ".hidden" / "deep.png")
+    _png(val / ".trash" / "t.png")
+    (val / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07AppleDouble metadata, not an image")
+    (val / "b" / "sub" / ".y.png").write_bytes(_image(".png"))
+    (val / "b" / "sub" / ".git").symlink_to("..")
+    split = scan_split(val)
+    assert (split.classes, split.files, split.labels) == (["a", "b"], want, [0, 1, 1])
+    assert [str(p) for p in iter_inputs([val])] == want
+    # a hidden file named explicitly is still tried (and reported if it is no image)
+    assert list(iter_inputs([val / "a" / "._x.png"])) == [val / "a" / "._x.png"]
+
+
+# --------------------------------------------------------------------------- the header check
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A tiny PNG whose IHDR (with a valid CRC) declares w x h: a decompression bomb's header."""
+    import zlib
+
+    png = _image(".png", (8, 8))
+    ihdr = bytearray(png[12:29])  # b"IHDR" + 13 bytes of fields
+    ihdr[4:12] = w.to_bytes(4, "big") + h.to_bytes(4, "big")
+    return png[:12] + bytes(ihdr) + zlib.crc32(bytes(ihdr)).to_bytes(4, "big") + png[33:]
+
+
+def test_max_pixels_applies_exactly_above_pils_own_limit():
+    """PIL refuses more than 2 x Image.MAX_IMAGE_PIXELS (about 179 M pixels) in Image.open; the
+    project's --max-pixels must apply instead, above it too, with its own numbers."""
+    from rn50.layout import check_header
+
+    assert 2 * Image.MAX_IMAGE_PIXELS < 20_000 * 10_000
+    assert check_header(_png_claiming(20_000, 10_000), max_pixels=500_000_000) is None
+    cause = check_header(_png_claiming(30_000, 20_000), max_pixels=500_000_000)
+    assert cause == (
+        "image too large: 30000x20000 = 600,000,000 pixels exceeds the limit of 500,000,000 pixels "
+        "(possible decompression bomb)"
+    )
+    assert "too large: 30000x20000" in check_header(_png_claiming(30_000, 20_000))  # the default, 100 M
+
+
+def test_max_pixels_applies_to_the_full_decode_and_only_in_the_checking_thread(monkeypatch):
+    """A TIFF (decoded in full by the check) larger than PIL's limit but within max_pixels passes;
+    meanwhile, PIL's own limit still holds for another thread, and afterwards for this one. PIL's
+    limit is lowered here (to 100: refused above 200 pixels) so that a 30 x 20 image is "large"."""
+    import threading
+
+    from PIL import TiffImagePlugin
+
+    from rn50.layout import check_header
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    tiff = _image(".tif", (30, 20))
+    inside, release = threading.Event(), threading.Event()
+    load = TiffImagePlugin.TiffImageFile.load
+
+    def held_load(self):
+        inside.set()
+        assert release.wait(10)
+        return load(self)
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", held_load)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(check_header(tiff, max_pixels=1_000)))
+    t.start()
+    while t.is_alive() and not inside.wait(0.01):
+        pass
+    try:
+        assert inside.is_set(), f"check_header did not reach the full decode: {result}"
+        with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 200 pixels"):
+            Image.open(io.BytesIO(tiff))  # another thread, meanwhile: PIL's own limit
+        assert Image.MAX_IMAGE_PIXELS == 100
+    finally:
+        release.set()
+        t.join(10)
+    assert result == [None]
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", load)
+    assert "exceeds the limit of 500 pixels" in check_header(tiff, max_pixels=500)
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 200 pixels"):
+        Image.open(io.BytesIO(tiff))  # this thread, afterwards
+
+
+def _webp_variants() -> dict[str, tuple[bytes, str | None]]:
+    """WebP files: (bytes, the cause check_header must give, None where DALI decodes the file)."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    ex, xmp = exif.tobytes(), b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+    frames = [Image.new("RGB", (24, 16), c) for c in ("red", "blue")]
+    anim = io.BytesIO()
+    frames[0].save(anim, "WEBP", save_all=True, append_images=frames[1:], lossless=True, exif=ex)
+    lossy, lossless = webp(quality=80), webp(1, lossless=True)
+
+    def vp8x(image: bytes) -> tuple[bytes, bytes]:  # a VP8X chunk (EXIF flag set) for that image
+        w, h = Image.open(io.BytesIO(image)).size
+        return b"VP8X", bytes([0x08, 0, 0, 0]) + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+
+    lossless_exif = "lossless WebP with EXIF metadata"
+    return {
+        "lossless": (webp(1, lossless=True), None),
+        "lossy": (webp(quality=80), None),
+        "lossless_exif_odd_image": (lossless_with_exif(), lossless_exif),
+        "lossless_exif_xmp_odd_image": (webp(1, lossless=True, exif=ex, xmp=xmp), lossless_exif),
+        "lossless_exif_even_image": (webp(0, lossless=True, exif=ex), None),
+        "lossless_xmp_odd_image": (webp(1, lossless=True, xmp=xmp), None),
+        "lossy_exif": (webp(quality=80, exif=ex), None),
+        "lossy_xmp": (webp(quality=80, xmp=xmp), None),
+        "animated_exif": (anim.getvalue(), None),
+        "odd_chunk_before_lossy_exif": (
+            riff([vp8x(lossy), chunks(lossy)[0], (b"ABCD", b"odd"), (b"EXIF", ex[6:])]),
+            "WebP with EXIF metadata after an odd-sized ABCD chunk",
+        ),
+        "exif_flag_without_exif": (
+            riff([vp8x(lossy), chunks(lossy)[0]]),
+            "announces EXIF metadata that it does not hold",
+        ),
+        "exif_before_odd_image": (riff([vp8x(lossless), (b"EXIF", ex[6:]), chunks(lossless)[0]]), None),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_webp_variants()))
+def test_webp_refused_exactly_where_dali_fails(variant, dali_decodes):
+    """A lossless WebP with EXIF passed the header check and then failed DALI's decoder (serving:
+    "DALI's WebP decoder rejects it"; training: a batch failed mid-epoch). check_header refuses
+    exactly the files DALI cannot read, named, with what to do; DALI decodes the others."""
+    from rn50.layout import check_header
+
+    data, want = _webp_variants()[variant]
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # PIL reads each one
+    cause = check_header(data)
+    assert dali_decodes(data) == (want is None), "the expectation no longer matches DALI's decoder"
+    if want is None:
+        assert cause is None
+    else:
+        assert cause is not None and want in cause and "re-save it without EXIF" in cause, cause
+
+
+def test_float_pnm_is_refused_as_unsupported(dali_decodes):
+    """PIL reads PFM (a floating-point PNM, format "PPM" to PIL); DALI does not."""
+    from rn50.layout import check_header
+
+    b = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 20 * 24, dtype=np.float32).reshape(20, 24)).save(b, "PPM")
+    assert b.getvalue().startswith(b"Pf") and not dali_decodes(b.getvalue())
+    assert check_header(b.getvalue()).startswith("unsupported image format PFM")
+    assert check_header(_image(".pgm")) is None and dali_decodes(_image(".pgm"))
