@@ -318,9 +318,9 @@ def _wrap_bomb_check() -> None:
     from PIL import Image
 
     with _wrap_lock:
-        pil_check = Image._decompression_bomb_check
-        if pil_check is _wrapper:
-            return
+        pil_check = getattr(Image, "_decompression_bomb_check", None)
+        if pil_check is None or pil_check is _wrapper:
+            return  # a PIL without this private hook: its own limit applies (above ~179 M pixels)
 
         def bomb_check(size: tuple[int, int], *args: object, **kwargs: object) -> None:
             max_pixels = getattr(_limit, "max_pixels", None)
@@ -338,7 +338,7 @@ def _project_pixel_limit(max_pixels: int) -> Iterator[None]:
     """PIL's decompression-bomb check applies ``max_pixels`` in this thread while inside."""
     from PIL import Image
 
-    if Image._decompression_bomb_check is not _wrapper:
+    if getattr(Image, "_decompression_bomb_check", None) is not _wrapper:
         _wrap_bomb_check()
     outer = getattr(_limit, "max_pixels", None)
     _limit.max_pixels = max_pixels
