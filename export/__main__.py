@@ -521,7 +521,8 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
     log(gate_summary(g))
     if not g["passed"]:
         n = g["int8"]["images"]
-        if g["top1_drop"] > g["max_top1_drop"]:
+        dropped = g["top1_drop"] > g["max_top1_drop"]
+        if dropped:
             msg = (
                 f"INT8 loses {g['top1_drop']:.2f} points of top-1 against FP32 (more than {g['max_top1_drop']}) "
                 f"on {n} validation images; {lost_most_text(g)}"
@@ -532,7 +533,10 @@ def _int8(job: _Job, dest: Path, scratch: Path, kind: str) -> dict[str, Any]:
                 f"{lost_most_text(g)}"
             )
         if not args.force:
-            hint = "a larger validation split, --max-top1-drop" if coarse else "--calib-method, a larger --calib-size"
+            hint = "--calib-method, a larger --calib-size"
+            if coarse and dropped:  # one image decided it: a finer sample, or a looser bound
+                more = "a larger validation split" if len(g_files) < args.gate_images else "a larger --gate-images"
+                hint = f"{more}, --max-top1-drop, {hint}"
             raise GateError(f"{msg}; nothing written (try {hint}, or --force)")
         log(f"warning: {msg} (written anyway: --force)")
     return {"quantization": q, "manifest": {"int8": {**q, "gate": g}, "int8_flavour": flavour}}

@@ -46,7 +46,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = _target(Path(dest))
     why = _not_a_file(dest)
     if why:
-        raise IsADirectoryError(f"{dest}: {why}")
+        raise (IsADirectoryError if dest.is_dir() else OSError)(f"{dest}: {why}")
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +111,16 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]{8}\.tmp")
+    names = list(names)
+    # a name that is a link was written in its target's folder, under the target's name
+    places = {(folder, n) for n in names} | {(t.parent, t.name) for t in (_target(folder / n) for n in names)}
     removed = []
-    for f in folder.iterdir():
-        if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-                removed.append(f)
+    for where in sorted({p for p, _ in places}):
+        own = [n for p, n in places if p == where]
+        pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in own) + r")\.[A-Za-z0-9_]{8}\.tmp")
+        for f in where.iterdir() if where.is_dir() else ():
+            if pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed.append(f)
     return removed

@@ -88,15 +88,24 @@ def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
     """The image files (:func:`is_image_name`) under ``folder``, recursively, in a stable order:
     each folder's files sorted, then its subfolders, sorted.
 
-    Symlinked folders are followed, and each real folder is entered once: a link to an ancestor (a
-    loop) or a second way to a folder already taken is not entered again. Hidden names (starting
-    with ".") are skipped at every level, files and folders alike, as class folders are.
+    Symlinked folders are followed, and each real folder is entered once: a second way to a folder
+    already taken is not entered again, nor is a link to ``folder`` itself or to any folder above
+    it (a loop, or a way out into a wider tree: in a class folder, ``up -> ..`` would give it every
+    other class's images). Hidden names (starting with ".") are skipped at every level, files and
+    folders alike, as class folders are.
     """
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return
-    seen = {(st.st_dev, st.st_ino)}
+    seen = set()
+    at = os.path.realpath(folder)
+    while True:  # the folder and its ancestors, real paths, up to the root
+        try:
+            st = os.stat(at)
+        except OSError:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        up = os.path.dirname(at)
+        if up == at:
+            break
+        at = up
     for dirpath, dirnames, names in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(dirnames):

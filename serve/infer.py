@@ -224,6 +224,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
                 "each rank writes its own STEM.rankR-of-N.SUFFIX"
             )
             return EXIT_USAGE
+        if args.files_from == "-":
+            # torchrun's processes share one standard input: each would read an unknown part of it
+            err("--files-from -: under torchrun each rank needs the whole list; give a file (--files-from LIST)")
+            return EXIT_USAGE
         pin_local_gpu()
         args.output = rank_file(args.output, rank, world)
         if args.summary:

@@ -256,7 +256,7 @@ class Trainer:
             saved,
             output=cfg.output,
             # the data may have moved since
-            data=str(args.data) if args.data is not None else saved.data,
+            data=cfg.data if args.data is not None else saved.data,  # cfg's: absolute
             epochs=args.epochs if args.epochs is not None else saved.epochs,
         )
         return saved, {**obj, "_path": str(path)}

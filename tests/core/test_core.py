@@ -296,3 +296,19 @@ def test_devices_and_pipes_are_refused_not_replaced(tmp_path):
                 raise AssertionError("the body ran")
     assert Path(os.devnull).is_char_device() and fifo.is_fifo()
     assert [p.name for p in tmp_path.iterdir()] == ["fifo"]
+
+
+def test_stale_temporaries_are_found_beside_a_links_target(tmp_path):
+    """A write through a link leaves its temporary (if killed) in the target's folder, named after
+    the target; only those and the link folder's own are removed, nothing else."""
+    from rn50.atomic import remove_stale_temporaries
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    run.mkdir(), store.mkdir()
+    (run / "last.pt").symlink_to(store / "v7.pt")
+    stale = [run / ".best.pt.abcd1234.tmp", store / ".v7.pt.Zx_9y8w7.tmp"]
+    keep = [store / ".other.pt.abcd1234.tmp", run / ".last.pt.short.tmp", store / "v7.pt"]
+    for f in stale + keep:
+        f.write_text("x")
+    assert sorted(remove_stale_temporaries(run, ["best.pt", "last.pt"])) == sorted(stale)
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)

@@ -103,6 +103,7 @@ def _linked_tree(tmp_path):
     want.append(_png(a / "sub" / "2.png"))
     (a / "sub" / "loop").symlink_to("..")  # the class folder itself: not entered again
     (a / "sub" / "self").symlink_to(".")
+    (a / "sub" / "up").symlink_to("../..")  # val/, above the class folder: its other classes are not a's
     (tmp_path / "val" / "c").symlink_to("../ext/cls")
     return want
 

@@ -86,3 +86,14 @@ def test_torchrun_needs_output(capsys, engine_fp32_onnx, fmnist_small):
     img = next((fmnist_small / "val").rglob("*.jpg"))
     assert infer.classify(["--engine", str(engine_fp32_onnx), "--quiet", str(img)], rank=0, world=2) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def test_torchrun_refuses_a_list_on_stdin(capsys, tmp_path):
+    """torchrun's processes share one standard input: each rank would read part of the list."""
+    from serve import infer
+    from tests.stderr import error_line
+
+    argv = ["--engine", str(tmp_path / "x.onnx"), "--output", str(tmp_path / "p.jsonl"), "--files-from", "-"]
+    assert infer.classify(argv, rank=1, world=2) == 2
+    assert error_line(capsys.readouterr().err).startswith("error: --files-from -: under torchrun each rank needs")
+    assert list(tmp_path.iterdir()) == []

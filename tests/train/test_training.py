@@ -45,7 +45,7 @@ def test_trained_run_learns(trained_run):
     assert any((trained_run / "tb").iterdir())
 
 
-def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
+def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path, monkeypatch):
     assert run(fmnist_tiny, tmp_path / "a", "--epochs", "2") == 0
     assert run(fmnist_tiny, tmp_path / "b", "--epochs", "2", "--stop-after", "1") == 0
     first = load_checkpoint(tmp_path / "b" / "last.pt")
@@ -54,9 +54,13 @@ def test_resume_equals_uninterrupted(fmnist_tiny, tmp_path):
     # time continues from it instead of starting again from zero
     first["history"][-1]["elapsed"] = 3600.0
     torch.save(first, tmp_path / "b" / "last.pt")
-    assert train.main(["--output", str(tmp_path / "b"), "--resume", "--workers", "1"]) == 0
+    # resumed with the data folder given relative to here: recorded absolute, for export run elsewhere
+    monkeypatch.chdir(fmnist_tiny.parent)
+    argv = ["--output", str(tmp_path / "b"), "--resume", "--workers", "1", "--data", fmnist_tiny.name]
+    assert train.main(argv) == 0
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert b["manifest"]["train_config"]["data"] == os.path.abspath(fmnist_tiny)
     assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
