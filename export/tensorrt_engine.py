@@ -110,14 +110,14 @@ def build_options(trt_mod: Any, precision: str, hardware_compat: str) -> BuildOp
         raise EngineError(f"{why} ({INSTALL_HINT})")
     if precision not in ("fp32", "fp16", "int8"):
         raise EngineError(f"unknown precision {precision!r} for a TensorRT plan (fp32, fp16 or int8)")
-    typed = getattr(trt_mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if v >= (11, 0):
         # every network is strongly typed; the flag is deprecated and ignored (NvInfer.h), so not set
         network_flags = 0
-    elif typed is not None:
-        network_flags = 1 << int(typed)
     else:
-        raise EngineError(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+        typed = getattr(trt_mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if typed is None:
+            raise EngineError(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+        network_flags = 1 << int(typed)
     if hardware_compat not in _HARDWARE_LEVELS:
         raise EngineError(f"unknown hardware compatibility {hardware_compat!r} (choose {', '.join(HARDWARE_COMPAT)})")
     member, since = _HARDWARE_LEVELS[hardware_compat]

@@ -275,9 +275,9 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
             else f"--files-from {args.files_from}: lists no paths"
         )
         return EXIT_USAGE
-    missing = [i for i in inputs if not Path(i).exists() and not Path(i).is_symlink()]
-    if missing and len(missing) == len(inputs):
-        err(f"no such file or folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    # stops at the first input that exists: a --files-from list may name millions of files
+    if not any(Path(i).exists() or Path(i).is_symlink() for i in inputs):
+        err(f"no such file or folder: {', '.join(inputs[:5])}{' ...' if len(inputs) > 5 else ''}")
         return EXIT_USAGE
     paths = [str(x) for x in iter_inputs(inputs)]
     if not paths:

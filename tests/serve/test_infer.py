@@ -519,6 +519,10 @@ def test_no_inputs(capsys, tmp_path, engine_fp32_onnx):
     _expect_exit2(capsys, ["--engine", str(engine_fp32_onnx)], "no input images")
     (tmp_path / "empty").mkdir()
     _expect_exit2(capsys, ["--engine", str(engine_fp32_onnx), str(tmp_path / "empty")], "no image files found")
+    gone = [str(tmp_path / f"gone{i}.jpg") for i in range(7)]
+    _expect_exit2(
+        capsys, ["--engine", str(engine_fp32_onnx), *gone], f"no such file or folder: {', '.join(gone[:5])} ..."
+    )
 
 
 def test_plan_without_tensorrt_is_a_clear_error(capsys, tmp_path, engine_fp32_onnx, fmnist_small):
