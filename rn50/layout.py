@@ -84,7 +84,12 @@ def suffix_format(name: str) -> str | None:
     return _SUFFIX_FORMAT.get(os.path.splitext(name)[1].lower())
 
 
-def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
+def walk_images(
+    folder: str | os.PathLike[str],
+    *,
+    unreadable: Callable[[str, OSError], None] | None = None,
+    claimed: dict[tuple[int, int], str] | None = None,
+) -> Iterator[str]:
     """The image files (:func:`is_image_name`) under ``folder``, recursively, in a stable order:
     each folder's files sorted, then its subfolders, sorted.
 
@@ -93,20 +98,53 @@ def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
     it (a loop, or a way out into a wider tree: in a class folder, ``up -> ..`` would give it every
     other class's images). Hidden names (starting with ".") are skipped at every level, files and
     folders alike, as class folders are.
+
+    A folder that cannot be listed (no permission, an I/O error) is never skipped in silence: it
+    is passed to ``unreadable(path, error)``, or, without that, raises DataError naming it.
+    ``claimed`` (real folder -> the walked folder that entered it), shared between the walks of
+    one split's classes: a folder another class's walk already entered raises DataError naming
+    both, since its images would belong to two classes.
     """
-    seen = set()
+
+    def failed(e: OSError) -> None:
+        where = str(e.filename) if e.filename is not None else str(folder)
+        if unreadable is not None:
+            unreadable(where, e)
+        else:
+            raise DataError(f"{where}: cannot list this folder ({e.strerror or e}); its images would be left out")
+
+    def enter(path: str, st: os.stat_result) -> bool:
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        if claimed is not None:
+            owner = claimed.setdefault(key, str(folder))
+            if owner != str(folder):
+                raise DataError(
+                    f"{path}: the same folder (through a link) as one under {owner}: its images would be in two classes"
+                )
+        return True
+
+    seen: set[tuple[int, int]] = set()
     at = os.path.realpath(folder)
-    while True:  # the folder and its ancestors, real paths, up to the root
-        try:
-            st = os.stat(at)
-        except OSError:
-            return
-        seen.add((st.st_dev, st.st_ino))
+    while True:  # the folder's ancestors, real paths, up to the root
         up = os.path.dirname(at)
         if up == at:
             break
         at = up
-    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(at)
+        except OSError:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        failed(e)
+        return
+    enter(str(folder), st)
+    for dirpath, dirnames, names in os.walk(folder, onerror=failed, followlinks=True):
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
@@ -114,9 +152,8 @@ def walk_images(folder: str | os.PathLike[str]) -> Iterator[str]:
             try:
                 st = os.stat(os.path.join(dirpath, d))
             except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
+                continue  # gone since it was listed, or a link loop
+            if enter(os.path.join(dirpath, d), st):
                 keep.append(d)
         dirnames[:] = keep  # os.walk enters only these, in this order
         for n in sorted(names):
@@ -145,9 +182,10 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
+    claimed: dict[tuple[int, int], str] = {}  # a folder two classes reach (a link) is an error
     for idx, name in enumerate(found):
         n_before = len(files)
-        for f in walk_images(root / name):
+        for f in walk_images(root / name, claimed=claimed):
             files.append(f)
             labels.append(idx)
         if len(files) == n_before:
@@ -175,17 +213,20 @@ def load_dataset(data: str | os.PathLike[str]) -> tuple[Split, Split]:
     return train, val
 
 
-def iter_inputs(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+def iter_inputs(
+    inputs: Iterable[str | os.PathLike[str]], unreadable: Callable[[str, OSError], None] | None = None
+) -> Iterator[Path]:
     """Expand files and folders (recursively, sorted) into image paths, in a stable order.
 
     Files given explicitly are yielded whatever their suffix, so a bad file the user named is
     reported rather than silently skipped; inside folders only image suffixes are taken, hidden
-    names are skipped and symlinked folders are followed (:func:`walk_images`).
+    names are skipped and symlinked folders are followed (:func:`walk_images`, which also says
+    what ``unreadable`` gets).
     """
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in walk_images(p):
+            for f in walk_images(p, unreadable=unreadable):
                 yield Path(f)
         else:
             yield p

@@ -19,8 +19,10 @@
   or ``{"path", "error": "<cause>"}`` for an image that could not be classified (unreadable,
   empty, not an image, a format DALI does not decode such as GIF, corrupt or truncated, more than
   --max-pixels pixels, or so thin that its resize would exceed --max-pixels). Bad images never
-  stop the job. With ``--output FILE`` the lines go to a temporary file beside FILE that is
-  renamed onto FILE only when the run completes, so a crash never leaves a partial FILE.
+  stop the job. A folder that cannot be listed (no permission, an I/O error) gets a line
+  ``{"path": folder, "error"}`` of its own, first, and makes the exit status 1. With
+  ``--output FILE`` the lines go to a temporary file beside FILE that is renamed onto FILE only
+  when the run completes, so a crash never leaves a partial FILE.
 * Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, one GPU per rank: ``LOCAL_RANK``) each rank
   takes its contiguous share of the sorted input list and writes ``STEM.rankR-of-N.SUFFIX`` (from
   ``--output FILE``, required there); concatenating those files in rank order gives the lines of
@@ -29,10 +31,11 @@
   p50/p95/p99, backend and provider); ``--quiet`` turns both off. ``--summary FILE`` writes the
   summary as JSON too (what ``bench.gpu_check`` reads).
 
-Exit status: 0 every image classified, 1 some images failed, 2 usage or engine error (missing
-engine, missing or mismatched manifest, plan for another GPU / TensorRT version, no inputs, an
---output or --summary path that cannot be written: checked before any image is read), 141 the
-reader of stdout went away (``| head -1``; quietly, as a command ended by SIGPIPE).
+Exit status: 0 every image classified, 1 some images failed or a folder could not be listed,
+2 usage or engine error (missing engine, missing or mismatched manifest, plan for another GPU /
+TensorRT version, no inputs, an --output or --summary path that cannot be written: checked before
+any image is read), 141 the reader of stdout went away (``| head -1``; quietly, as a command
+ended by SIGPIPE).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve.infer",
         "Classify images with an exported ResNet50 engine (.plan, .onnx, .pt2) or a checkpoint (.pt); "
         "DALI preprocessing from the engine's manifest; one JSON line per image.",
-        'exit status: 0 all images classified; 1 some images failed (each has an "error" line); '
+        "exit status: 0 all images classified; 1 some images failed or a folder could not be listed "
+        '(each has an "error" line); '
         "2 usage or engine error (missing engine or manifest, manifest mismatch, plan built for "
         "another GPU/TensorRT, no input images, an output path that cannot be written); 141 the reader of "
         "stdout closed the pipe (| head).\nSee docs/serving.md.",
@@ -279,10 +283,25 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     if not any(Path(i).exists() or Path(i).is_symlink() for i in inputs):
         err(f"no such file or folder: {', '.join(inputs[:5])}{' ...' if len(inputs) > 5 else ''}")
         return EXIT_USAGE
-    paths = [str(x) for x in iter_inputs(inputs)]
+    # a folder that cannot be listed gets an "error" line of its own, and exit status 1
+    unlisted: list[dict[str, str]] = []
+    paths = [
+        str(x)
+        for x in iter_inputs(
+            inputs,
+            unreadable=lambda d, e: unlisted.append(
+                {"path": d, "error": f"cannot list this folder ({e.strerror or e}); its images were left out"}
+            ),
+        )
+    ]
     if not paths:
-        err(f"no image files found in {', '.join(inputs[:5])}{' ...' if len(inputs) > 5 else ''}")
+        err(
+            f"no image files found in {', '.join(inputs[:5])}{' ...' if len(inputs) > 5 else ''}"
+            + "".join(f"; {u['path']}: {u['error']}" for u in unlisted[:5])
+        )
         return EXIT_USAGE
+    if rank > 0:
+        unlisted = []  # every rank scanned the same folders: rank 0 reports them
     if world > 1:
         paths = rank_share(paths, rank, world)  # empty for some ranks when there are fewer files than ranks
 
@@ -309,6 +328,8 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
             _sink(args.output) as out,
             tqdm(total=len(paths), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar,
         ):
+            for rec in unlisted:
+                out.write(json.dumps(rec) + "\n")
             for b in stream:
                 recs: list[tuple[int, dict[str, object]]] = [
                     (i, {"path": pth, "error": cause}) for i, pth, cause in b.errors
@@ -361,6 +382,7 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
                 "images": len(paths),
                 "classified": n_ok,
                 "failed": n_bad,
+                "unlisted_folders": [u["path"] for u in unlisted],
                 "seconds": wall,
                 "images_per_s": len(paths) / wall if wall > 0 else 0.0,
                 "first_batch_s": first[0] if first else None,
@@ -380,10 +402,11 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
             f"({len(paths) / wall if wall > 0 else 0:.1f} images/s end to end); batch {bs}, "
             f"{len(lat)} batches, engine latency per batch p50 {pc['p50']:.1f} ms, p95 {pc['p95']:.1f} ms, "
             f"p99 {pc['p99']:.1f} ms; backend {backend.name} ({backend.provider}), DALI on {device}"
+            + (f"; {len(unlisted)} folder(s) could not be listed" if unlisted else "")
             + (f"; predictions in {args.output}" if args.output else ""),
             file=sys.stderr,
         )
-    return EXIT_SOME_FAILED if n_bad else EXIT_OK
+    return EXIT_SOME_FAILED if n_bad or unlisted else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ check refuses before DALI sees a file. Every image here is a tiny real file writ
 from __future__ import annotations
 
 import io
+import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from rn50.errors import DataError
 from rn50.layout import DALI_FORMATS, IMG_EXTENSIONS, iter_inputs, scan_split
 from tests.webps import chunks, lossless_with_exif, riff, webp
 
@@ -273,3 +276,50 @@ def test_float_pnm_is_refused_as_unsupported(dali_decodes):
     assert b.getvalue().startswith(b"Pf") and not dali_decodes(b.getvalue())
     assert check_header(b.getvalue()).startswith("unsupported image format PFM")
     assert check_header(_image(".pgm")) is None and dali_decodes(_image(".pgm"))
+
+
+def _unlistable(monkeypatch, folder) -> None:
+    """Make listing ``folder`` fail as it does without read permission (which root, running the
+    tests here, always has): ``os.walk`` lists folders with ``os.scandir``."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == os.path.abspath(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch):
+    val = tmp_path / "val"
+    _png(val / "a" / "x.png"), _png(val / "b" / "y.png"), _png(val / "b" / "locked" / "z.png")
+    _unlistable(monkeypatch, val / "b" / "locked")
+    # a split would silently lose those images: it stops, naming the folder
+    with pytest.raises(DataError, match=rf"^{re.escape(str(val / 'b' / 'locked'))}: cannot list this folder"):
+        scan_split(val)
+    # an input scan goes on, and hands the folder and its error to the caller
+    unlisted: list[tuple[str, str]] = []
+    got = list(iter_inputs([val], unreadable=lambda d, e: unlisted.append((d, e.strerror))))
+    assert got == [val / "a" / "x.png", val / "b" / "y.png"]
+    assert unlisted == [(str(val / "b" / "locked"), "Permission denied")]
+
+
+@pytest.mark.parametrize("link", ["class_folder", "subfolder"])
+def test_a_folder_reached_from_two_classes_is_refused(tmp_path, link):
+    """Through a link, one folder's images would be labelled with two classes."""
+    val = tmp_path / "val"
+    _png(val / "a" / "x.png"), _png(val / "a" / "sub" / "y.png")
+    if link == "class_folder":
+        (val / "b").symlink_to("a")
+        where = val / "b"
+    else:
+        _png(val / "b" / "z.png")
+        (val / "b" / "more").symlink_to("../a/sub")
+        where = val / "b" / "more"
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(where))}: the same folder .* under {re.escape(str(val / 'a'))}"
+    ):
+        scan_split(val)
+    # one input folder may reach a folder twice; it is taken once, as before
+    assert len(list(iter_inputs([val]))) == 2 + (link == "subfolder")

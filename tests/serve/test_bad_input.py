@@ -376,3 +376,29 @@ def test_infer_malformed_manifest(case, capsys, copy_engine, engine_checkpoint, 
     line = error_line(cap.err)
     assert line.startswith(f"error: {eng}.manifest.json: ") and field in line, line
     assert cap.out == ""
+
+
+def test_a_folder_that_cannot_be_listed_gets_an_error_line(
+    capsys, tmp_path, monkeypatch, engine_checkpoint, fmnist_small
+):
+    """Its images cannot be classified: the run says so, by folder, and exits 1; the rest is classified."""
+    d = tmp_path / "in"
+    (d / "locked").mkdir(parents=True)
+    good = [Path(shutil.copy(g, d / f"good{i}.jpg")) for i, g in enumerate(_good(fmnist_small))]
+    shutil.copy(good[0], d / "locked" / "hidden.jpg")
+    real = os.scandir
+
+    def scandir(path="."):  # as listing fails without read permission (root, here, always has it)
+        if os.path.abspath(path) == str(d / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rc = infer.main(["--engine", str(engine_checkpoint), str(d), "--quiet", "--batch-size", "4"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert rc == 1
+    assert lines[0] == {
+        "path": str(d / "locked"),
+        "error": "cannot list this folder (Permission denied); its images were left out",
+    }
+    assert [ln["path"] for ln in lines[1:]] == list(map(str, good)) and all("topk" in ln for ln in lines[1:])
