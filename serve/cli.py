@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
 from rn50.errors import DataError
+from rn50.flags import Range, flag_problem
 
 
 def pick_device(requested: str) -> str:
@@ -25,23 +27,31 @@ def pick_device(requested: str) -> str:
 THREADS_ENV = "RN50_DALI_THREADS"
 
 
-def env_problem() -> str | None:
-    """Why ``RN50_DALI_THREADS`` is unusable (checked with the flags, before any work), else None."""
+def _threads_env() -> tuple[int | None, str | None]:
+    """``RN50_DALI_THREADS`` read once: (DALI's CPU threads or None for DALI's default, why unusable)."""
     v = os.environ.get(THREADS_ENV)
     if not v:
-        return None
+        return None, None
     try:
         if int(v) >= 1:
-            return None
+            return int(v), None
     except ValueError:
         pass
-    return f"{THREADS_ENV}={v!r}: must be a whole number of DALI CPU threads, at least 1 (or unset: DALI's default)"
+    return (
+        None,
+        f"{THREADS_ENV}={v!r}: must be a whole number of DALI CPU threads, at least 1 (or unset: DALI's default)",
+    )
+
+
+def usage_problem(args: argparse.Namespace, ranges: Mapping[str, Range]) -> str | None:
+    """Why a serve command cannot start, from its flags (``ranges``, :func:`rn50.flags.flag_problem`)
+    or ``RN50_DALI_THREADS``, checked before any work; else None."""
+    return flag_problem(args, ranges) or _threads_env()[1]
 
 
 def env_threads() -> int | None:
-    """DALI's CPU threads from ``RN50_DALI_THREADS`` (checked by :func:`env_problem`), else None."""
-    v = os.environ.get(THREADS_ENV)
-    return int(v) if v else None
+    """DALI's CPU threads from ``RN50_DALI_THREADS`` (checked by :func:`usage_problem`), else None."""
+    return _threads_env()[0]
 
 
 def check_outputs(**paths: str | None) -> str | None:

@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from rn50.flags import AT_LEAST_1, flag_problem
+from rn50.flags import AT_LEAST_1
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
@@ -242,10 +242,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     from rn50.manifest import preprocessing_of
     from rn50.metrics import percentiles
 
-    from .cli import check_outputs, env_problem, env_threads, pick_device, pt_options
+    from .cli import check_outputs, env_threads, pick_device, pt_options, usage_problem
     from .pipeline import MAX_PIXELS, BatchStream
 
-    why = flag_problem(args, FLAG_RANGES) or env_problem()
+    why = usage_problem(args, FLAG_RANGES)
     if why:
         err(why)
         return EXIT_USAGE

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from rn50.flags import AT_LEAST_1, flag_problem
+from rn50.flags import AT_LEAST_1
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -269,14 +269,14 @@ def _run(args: argparse.Namespace) -> int:
     from rn50.layout import scan_split
     from rn50.manifest import preprocessing_of
 
-    from .cli import check_outputs, env_problem, env_threads, pick_device, pt_options
+    from .cli import check_outputs, env_threads, pick_device, pt_options, usage_problem
     from .pipeline import BatchStream
 
     def err(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
-    why = flag_problem(args, FLAG_RANGES) or env_problem()
+    why = usage_problem(args, FLAG_RANGES)
     if why:
         return err(why)
     prefix = args.report or f"{args.engine}.validate"

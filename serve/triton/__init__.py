@@ -23,7 +23,7 @@ import argparse
 import sys
 from typing import Any
 
-from rn50.flags import AT_LEAST_1, PORT, Range, flag_problem
+from rn50.flags import AT_LEAST_1, PORT, Range
 
 EXIT_OK, EXIT_USAGE = 0, 2
 FALLBACK_MAX_BATCH = (
@@ -123,9 +123,9 @@ def err(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rn50.errors import PipelineError
-    from serve.cli import env_problem
+    from serve.cli import usage_problem
 
-    why = flag_problem(args, FLAG_RANGES) or env_problem()
+    why = usage_problem(args, FLAG_RANGES)
     if why:
         err(why)
         return EXIT_USAGE
