@@ -8,7 +8,7 @@ stage's manifest instead of asking the user again.
 
 A manifest and its artifact are two files, renamed into place one after the other, and either
 can be copied over on its own; the ``artifact`` record is what lets a reader
-(:func:`check_artifact`) tell that the pair no longer belongs together. Writers put the manifest
+(:func:`read_manifest`) tell that the pair no longer belongs together. Writers put the manifest
 in place first and the artifact second (:func:`new_manifest` hashes the artifact under its
 temporary name), so a writer killed between the two leaves a new manifest beside the old file,
 which that check refuses, rather than a new file under an old manifest, which an older manifest
@@ -160,7 +160,8 @@ def write_manifest(artifact: str | os.PathLike[str], m: dict[str, Any]) -> Path:
 
 
 def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check the manifest beside ``artifact``; ManifestError says what is wrong."""
+    """Read and check the manifest beside ``artifact``, and that it was written for this very file
+    (:func:`check_artifact`); ManifestError says what is wrong."""
     p = manifest_path(artifact)
     if not p.is_file():
         raise ManifestError(
@@ -172,7 +173,9 @@ def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         m = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{p}: unreadable manifest ({e})") from e
-    return validate(m, str(p))
+    validate(m, str(p))
+    check_artifact(artifact, m)
+    return m
 
 
 def preprocessing_of(m: dict[str, Any]) -> Preprocessing:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rn50.errors import EngineError, ManifestError
-from rn50.manifest import check_artifact, preprocessing_of, read_manifest
+from rn50.manifest import preprocessing_of, read_manifest
 
 SUFFIXES = {".plan": "tensorrt", ".engine": "tensorrt", ".onnx": "onnxruntime", ".pt2": "aoti", ".pt": "pytorch"}
 # the manifest "kind" that export (and train, for a checkpoint) writes for each suffix
@@ -158,7 +158,6 @@ def load_engine(
             f"(expected kind {KINDS[s]!r}); "
             f"is {path.name}{'.manifest.json'} the right manifest?"
         )
-    check_artifact(path, m)
     size = preprocessing_of(m).image_size
     if "image_size" in m and m["image_size"] != size:
         raise ManifestError(

@@ -198,7 +198,7 @@ def write_repo(
     Everything is written to a temporary folder beside ``dest`` and renamed onto it at the end,
     so a failure leaves no half-written repository.
     """
-    from rn50.manifest import check_artifact, preprocessing_of, read_manifest
+    from rn50.manifest import preprocessing_of, read_manifest
 
     engine, dest = Path(engine), Path(dest)
     if engine.suffix.lower() not in (".plan", ".engine", ".onnx"):
@@ -211,7 +211,6 @@ def write_repo(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise EngineError(f"{dest}: exists and is not an empty folder (choose a new folder for the repository)")
     m = read_manifest(engine)
-    check_artifact(engine, m)  # the repository's preprocessing and labels come from this manifest
     p = preprocessing_of(m)
     io = engine_io(engine, m)
     bound = io["max_batch"]
