@@ -266,6 +266,8 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 if fmt == "PPM" and data[:2] not in _PNM_MAGIC:  # PIL's float PNM (PFM) and own variants
                     name = "PFM" if data[:2] == b"Pf" else f"PNM variant {data[:6]!r}"
                     return f"unsupported image format {name} (the decoder reads {_dali_format_list()})"
+                if fmt in ("JPEG", "MPO", "PNG") and (cause := _truncation_cause(fmt, data)):
+                    return cause
                 if fmt in PIL_VERIFIED_FORMATS and w * h <= max_pixels:
                     try:
                         im.load()
@@ -294,6 +296,47 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS, resize_shorter: int 
                 f"{max_pixels:,} pixels (aspect ratio {max(w, h) / min(w, h):,.0f}:1)"
             )
     return None
+
+
+def _truncation_cause(fmt: str, data: bytes) -> str | None:
+    """Why this JPEG (or MPO) or PNG file ends too early, or None; from its structure alone.
+
+    DALI fails the whole batch on a file cut short (an interrupted download or copy), even one
+    that lacks only the closing marker, while PIL's lazy open reads the header and finds nothing
+    wrong. A JPEG must close with an end-of-image marker (FF D9) after its first scan: the marker
+    segments are stepped over by their lengths up to the first start-of-scan (so the end marker of
+    an EXIF thumbnail does not count), and past it no FF D9 can occur but the real end (the
+    entropy-coded data stuffs every FF byte). A PNG must reach its IEND chunk, chunk by chunk.
+    Bytes after the end (camera trailers) are allowed, as DALI allows them.
+    """
+    n = len(data)
+    if fmt == "PNG":
+        pos = 8
+        while pos + 8 <= n:
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            if data[pos + 4 : pos + 8] == b"IEND":
+                return None
+            pos += 12 + size  # length, type, data, CRC
+        return "truncated PNG file (it ends before its IEND chunk)"
+    pos = 2  # after SOI
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:  # stray bytes between segments: libjpeg skips them too, with a warning
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            pos += 2 if marker != 0xFF else 1  # fill byte, or a marker without a length
+            continue
+        if marker == 0xD9:
+            return "truncated JPEG file (it ends before its first scan)"
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            if data.rfind(b"\xff\xd9", pos + 2) >= 0:  # from the end: where the marker is
+                return None
+            break
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return "truncated JPEG file (it ends before its end-of-image marker)"
 
 
 _PNM_MAGIC = frozenset({b"P1", b"P2", b"P3", b"P4", b"P5", b"P6"})  # the PNM files DALI decodes

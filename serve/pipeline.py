@@ -13,9 +13,10 @@ Bad inputs never stop the job. Each one becomes an ``(index, path, cause)`` entr
 2. header sniff with PIL's lazy ``Image.open`` (:func:`rn50.layout.check_header`): not an image,
    a format DALI does not decode (GIF, ...), more than ``max_pixels`` pixels (default 100
    megapixels, a decompression-bomb guard: DALI would otherwise try to allocate the full image),
-   or so thin that resizing its shorter side would exceed ``max_pixels``; TIFF, JPEG 2000, WebP
-   and PNM files are decoded by PIL in full here, since DALI returns pixels from corrupt ones;
-3. DALI: if a batch fails (truncated or corrupt data the header did not reveal), the pipeline is
+   or so thin that resizing its shorter side would exceed ``max_pixels``, a JPEG or PNG cut
+   short (its end marker missing); TIFF, JPEG 2000, WebP and PNM files are decoded by PIL in full
+   here, since DALI returns pixels from corrupt ones;
+3. DALI: if a batch fails (corrupt data the header check did not reveal), the pipeline is
    rebuilt and the batch is retried image by image to find the culprits; the others are kept.
    A culprit's cause comes from decoding it once more with PIL (:func:`decode_cause`), as
    DALI's exception does not say what is wrong with the data.

@@ -171,7 +171,7 @@ class Trainer:
             raise DataError(f"{cfg.data}: not enough training images for one batch of {cfg.batch_size}")
         if self.val_loader is not None and should_check_images(cfg.check_images, len(va_files)):
             # one decoding pass over the validation images now, so that one the header check cannot
-            # fault (a truncated JPEG) stops the run before the first epoch rather than after it
+            # fault (a whole JPEG with corrupt data) stops the run before the first epoch, not after it
             for _ in self.val_loader:
                 pass
 

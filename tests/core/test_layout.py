@@ -278,6 +278,54 @@ def test_float_pnm_is_refused_as_unsupported(dali_decodes):
     assert check_header(_image(".pgm")) is None and dali_decodes(_image(".pgm"))
 
 
+def _truncation_variants() -> dict[str, tuple[bytes, str | None]]:
+    """JPEG and PNG files cut short at several places, or whole with bytes after their end: each
+    with the start of check_header's cause, or None where DALI decodes it."""
+    rng = np.random.default_rng(7)
+    im = Image.fromarray(np.clip(rng.normal(128, 40, (120, 160, 3)), 0, 255).astype(np.uint8))
+
+    def enc(fmt: str, **kw) -> bytes:
+        b = io.BytesIO()
+        im.save(b, fmt, **kw)
+        return b.getvalue()
+
+    jpeg, prog, png = enc("JPEG", quality=90), enc("JPEG", quality=90, progressive=True), enc("PNG")
+    # a whole small JPEG in an APP11 segment, as an EXIF thumbnail is: its end marker comes before
+    # the main image's first scan and must not count as the main image's end
+    thumb = im.resize((16, 12))
+    tb = io.BytesIO()
+    thumb.save(tb, "JPEG")
+    app = b"\xff\xeb" + (len(tb.getvalue()) + 2).to_bytes(2, "big") + tb.getvalue()
+    with_thumb = jpeg[:2] + app + jpeg[2:]
+    cut_jpeg, cut_png = "truncated JPEG file", "truncated PNG file"
+    return {
+        "jpeg": (jpeg, None),
+        "jpeg_without_end_marker": (jpeg[:-2], cut_jpeg),
+        "jpeg_cut_in_its_scan": (jpeg[: len(jpeg) * 6 // 10], cut_jpeg),
+        "jpeg_with_trailing_bytes": (jpeg + b"\xff\xd8 a camera trailer" * 40, None),
+        "progressive": (prog, None),
+        "progressive_cut_between_scans": (prog[: len(prog) * 8 // 10], cut_jpeg),
+        "jpeg_with_thumbnail": (with_thumb, None),
+        "jpeg_with_thumbnail_cut": (with_thumb[: len(with_thumb) * 6 // 10], cut_jpeg),
+        "png": (png, None),
+        "png_without_iend": (png[:-12], cut_png),
+        "png_cut_in_its_data": (png[: len(png) // 2], cut_png),
+        "png_with_trailing_bytes": (png + b"x" * 50, None),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_truncation_variants()))
+def test_truncated_files_refused_exactly_where_dali_fails(variant, dali_decodes):
+    """PIL's lazy open reads a cut-short JPEG or PNG without complaint, and DALI then fails the
+    whole batch on it: check_header names it instead, and passes what DALI decodes."""
+    from rn50.layout import check_header
+
+    data, want = _truncation_variants()[variant]
+    assert dali_decodes(data) == (want is None), "the expectation no longer matches DALI's decoder"
+    cause = check_header(data)
+    assert cause is None if want is None else (cause or "").startswith(want), cause
+
+
 def _unlistable(monkeypatch, folder) -> None:
     """Make listing ``folder`` fail as it does without read permission (which root, running the
     tests here, always has): ``os.walk`` lists folders with ``os.scandir``."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from serve import infer
+from tests.jpegs import bogus_huffman, jpeg_segments
 from tests.serve_cli import image_size_refusal
 from tests.stderr import error_line
 
@@ -325,31 +326,9 @@ def _jpeg_with_size(src: Path, dst: Path, w: int, h: int) -> Path:
     return dst
 
 
-def _jpeg_segments(b: bytes) -> list[tuple[int, int, int]]:
-    """(marker, offset, length) of a JPEG's header segments, up to and including SOS."""
-    out, i = [], 2
-    while i < len(b):
-        assert b[i] == 0xFF
-        marker, seg = b[i + 1], int.from_bytes(b[i + 2 : i + 4], "big")
-        out.append((marker, i, seg))
-        if marker == 0xDA:
-            return out
-        i += 2 + seg
-    raise AssertionError("no SOS segment")
-
-
 def _corrupt_jpeg(src: Path, dst: Path) -> Path:
-    """A real JPEG whose Huffman tables (DHT) are garbage: every one of the 16 code-length counts
-    is 255, i.e. 4,080 codes in a segment of 31 or 181 bytes. The header PIL's lazy open reads
-    (SOI, SOF) is intact, so the file passes the header sniff and reaches DALI, and libjpeg rejects
-    it for certain ("Bogus Huffman table definition", a fatal error, not a warning the decoder can
-    skip, as random bytes in the scan data often are)."""
-    b = bytearray(src.read_bytes())
-    dht = [(i, seg) for marker, i, seg in _jpeg_segments(bytes(b)) if marker == 0xC4]
-    assert dht, "PIL wrote no DHT segment"
-    for i, _ in dht:
-        b[i + 5 : i + 21] = b"\xff" * 16  # after FF C4, the length and the class/id byte
-    dst.write_bytes(bytes(b))
+    """A real JPEG with garbage Huffman tables (:func:`tests.jpegs.bogus_huffman`)."""
+    dst.write_bytes(bogus_huffman(src.read_bytes()))
     return dst
 
 
@@ -367,10 +346,10 @@ def _make_bad(kind: str, d: Path, photos: dict[str, Path]) -> tuple[Path, str]:
     jpg = photos["jpeg"].read_bytes()
     if kind == "truncated":
         # cut inside the entropy-coded data: a third of the file, well past the header
-        assert len(jpg) // 3 > _jpeg_segments(jpg)[-1][1] + 100
+        assert len(jpg) // 3 > jpeg_segments(jpg)[-1][1] + 100
         (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
         _assert_pil_cannot_decode(d / "truncated.jpg")
-        return d / "truncated.jpg", "cannot decode image (OSError: image file is truncated"
+        return d / "truncated.jpg", "truncated JPEG file (it ends before its end-of-image marker)"
     if kind == "corrupt":
         _assert_pil_cannot_decode(_corrupt_jpeg(photos["jpeg"], d / "corrupt.jpg"))
         return d / "corrupt.jpg", "cannot decode image (OSError: broken data stream"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bench.triton import free_ports, server_command
+from tests.jpegs import bogus_huffman
 from tests.stderr import error_line
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (`make setup` installs it)")
@@ -129,12 +130,14 @@ def offline(capsys, engine: Path, paths: list[Path]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
-    """Good images (Fashion-MNIST val + photographs) and bad ones (not an image, truncated, too big,
-    too thin: a few hundred bytes whose resize would be hundreds of millions of pixels)."""
+    """Good images (Fashion-MNIST val + photographs) and bad ones (not an image, truncated, whole but
+    undecodable, too big, too thin: a few hundred bytes whose resize would be hundreds of millions
+    of pixels)."""
     d = tmp_path_factory.mktemp("bad")
     (d / "text.jpg").write_bytes(b"this is not an image\n" * 10)
     data = photos["jpeg"].read_bytes()
     (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (d / "corrupt.jpg").write_bytes(bogus_huffman(data))  # passes the header check, fails the decoder
     from PIL import Image
 
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
@@ -143,7 +146,7 @@ def images(fmnist_small, photos, tmp_path_factory) -> dict[str, list[Path]]:
     Image.new("L", (200_000, 1)).save(d / "thin.png")
     val = sorted((fmnist_small / "val").rglob("*.jpg"))[::25][:20]
     good = val + [photos[k] for k in ("jpeg", "png", "gray", "cmyk", "exif")]
-    return {"good": good, "bad": [d / "text.jpg", d / "truncated.jpg", d / "big.png", d / "thin.png"]}
+    return {"good": good, "bad": [d / f for f in ("text.jpg", "truncated.jpg", "corrupt.jpg", "big.png", "thin.png")]}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +192,7 @@ def test_burst_with_bad_images_loses_no_answer(capsys, server, engine_fp32_onnx,
         [(bad[(c + j) % len(bad)] if (c + j) % 4 == 0 else good[(c * 4 + j) % len(good)]) for j in range(4)]
         for c in range(32)
     ]
+    assert {p for row in plan for p in row if p in bad} == set(bad)  # each kind of bad image is sent
     answers: dict[tuple[int, int], dict[str, np.ndarray] | BaseException] = {}
 
     def client(c: int) -> None:
@@ -206,7 +210,8 @@ def test_burst_with_bad_images_loses_no_answer(capsys, server, engine_fp32_onnx,
     assert len(answers) == 32 * 4
     causes = {
         "text.jpg": "not an image",
-        "truncated.jpg": "cannot decode image",
+        "truncated.jpg": "truncated JPEG file",
+        "corrupt.jpg": "cannot decode image",
         "big.png": "request too large",
         "thin.png": "too thin",
     }

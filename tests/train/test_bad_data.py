@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests import train_cli
+from tests.jpegs import bogus_huffman, jpeg_segments
 from tests.stderr import error_line
 from tests.webps import lossless_with_exif
 from train.loop import Trainer
@@ -87,45 +88,39 @@ def test_a_bad_file_that_is_not_jpeg_or_png_stops_training_before_an_epoch(
     assert str(bad) in line and why in line, line
 
 
-def _scan_start(jpeg: bytes) -> int:
-    """Offset of a JPEG's entropy-coded data (just after its SOS segment)."""
-    i = 2
-    while i < len(jpeg):
-        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2 : i + 4], "big")
-        if marker == 0xDA:
-            return i + 2 + length
-        i += 2 + length
-    raise AssertionError("no SOS segment")
-
-
-def test_truncated_val_image_stops_before_the_first_epoch(fmnist_tiny, tmp_path, capsys, no_epochs):
+@pytest.mark.parametrize("damage", ["truncated", "bogus_huffman"])
+def test_bad_val_jpeg_stops_before_the_first_epoch(damage, fmnist_tiny, tmp_path, capsys, no_epochs):
+    """A JPEG cut short is found by the header check (its end marker is missing); one that is whole
+    but undecodable only by decoding, in the validation pass before the first epoch."""
     d = tmp_path / "d"
     shutil.copytree(fmnist_tiny, d)
     victim = sorted((d / "val" / "dress").iterdir())[2]
     data = victim.read_bytes()
-    scan = _scan_start(data)
-    victim.write_bytes(data[: scan + (len(data) - scan) // 3])  # the header is intact, the scan data is cut
+    if damage == "truncated":
+        scan = jpeg_segments(data)[-1][1]
+        victim.write_bytes(data[: scan + (len(data) - scan) // 3])  # the header is intact, the scan data is cut
+    else:
+        victim.write_bytes(bogus_huffman(data))
     from rn50.layout import check_header
 
-    assert check_header(victim.read_bytes()) is None  # so only decoding finds it
+    assert (check_header(victim.read_bytes()) is None) == (damage == "bogus_huffman")
     assert run(d, tmp_path / "o") == 2
     line = error_line(capsys.readouterr().err)
-    assert victim.name in line and "undecodable" in line, line
+    want = "truncated JPEG file" if damage == "truncated" else "undecodable"
+    assert str(victim) in line and want in line, line
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
-def test_truncated_train_image_stops_in_the_first_epoch(backend, fmnist_tiny, tmp_path, capsys, monkeypatch):
+def test_undecodable_train_image_stops_in_the_first_epoch(backend, fmnist_tiny, tmp_path, capsys, monkeypatch):
     """The header check (on here) does not decode JPEG pixels and only validation
-    images are decoded up front, so a training JPEG with an intact header is found by the loader
-    in the epoch that reads it (docs/serving.md): one error line naming it, exit 2, no checkpoint.
-    The pytorch backend decodes in DataLoader worker processes (--workers 1), whose errors come
-    back wrapped in the worker's traceback: the line is the cause alone."""
+    images are decoded up front, so a whole training JPEG that cannot be decoded is found by the
+    loader in the epoch that reads it (docs/serving.md): one error line naming it, exit 2, no
+    checkpoint. The pytorch backend decodes in DataLoader worker processes (--workers 1), whose
+    errors come back wrapped in the worker's traceback: the line is the cause alone."""
     d = tmp_path / "d"
     shutil.copytree(fmnist_tiny, d)
     victim = sorted((d / "train" / "dress").iterdir())[3]
-    data = victim.read_bytes()
-    scan = _scan_start(data)
-    victim.write_bytes(data[: scan + (len(data) - scan) // 3])
+    victim.write_bytes(bogus_huffman(victim.read_bytes()))
     started = []
     real = Trainer.train_epoch
     monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: started.append(epoch) or real(self, epoch))
