@@ -62,7 +62,9 @@ infer: setup
 validate: setup
 	$(PY) -m serve.validate --engine $(OUTPUT) --checkpoint $(CHECKPOINT) $(DATA)/val
 
-demo: train
+# The demo starts its run afresh (--overwrite): run twice, it replaces its own earlier run.
+demo: data
+	$(PY) -m train --data $(DATA) --output $(RUN) --overwrite $(TRAIN_ARGS)
 	$(MAKE) --no-print-directory export PRECISION=fp32 OUTPUT=artifacts/rn50.fp32.onnx
 	$(MAKE) --no-print-directory export PRECISION=int8 OUTPUT=artifacts/rn50.int8.onnx
 	$(MAKE) --no-print-directory validate OUTPUT=artifacts/rn50.int8.onnx

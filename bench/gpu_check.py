@@ -316,7 +316,7 @@ def _drop_checkpoints(out: Path) -> None:
 
 def stage_train(a: argparse.Namespace, res: Results, cuda: bool) -> None:
     out = res.root / "train"
-    args = ["-m", "train", "--data", a.data, "--output", out]
+    args = ["-m", "train", "--data", a.data, "--output", out, "--overwrite"]  # a rerun replaces its own run
     if a.epochs:
         args += ["--epochs", a.epochs]
     args += shlex.split(a.train_args or "")

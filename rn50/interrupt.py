@@ -26,16 +26,18 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def run_command(main: Callable[[], int], what_is_kept: str) -> int:
+def run_command(main: Callable[[], int], what_is_kept: str | Callable[[], str]) -> int:
     """``main()``'s exit status; SIGINT or SIGTERM during it unwinds (every ``finally`` and
     context manager runs, temporaries are removed), prints ``interrupted (SIG...): what_is_kept``
-    and returns 130 or 143. For a command's ``__main__`` only: signal handlers are the process's."""
+    (a callable: asked then, for what is on disk at that moment) and returns 130 or 143. For a
+    command's ``__main__`` only: signal handlers are the process's."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main()
     except KeyboardInterrupt as e:
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"interrupted ({name}): {what_is_kept}", file=sys.stderr)
+        kept = what_is_kept() if callable(what_is_kept) else what_is_kept
+        print(f"interrupted ({name}): {kept}", file=sys.stderr)
         return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -194,24 +194,56 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     a("--resume", nargs="?", const="", metavar="CKPT", help="continue from CKPT (default: OUTPUT/last.pt) exactly")
     a(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --output folder that holds an earlier run's checkpoints, whose files "
+        "(checkpoints, logs, curves, TensorBoard) are removed as this run starts; without it such a folder "
+        "is refused, so that a command run twice never replaces a trained model by accident",
+    )
+    a(
         "--stop-after",
         type=int,
         metavar="N",
-        help="exit after N epochs of the schedule (for time-limited jobs; continue with --resume)",
+        help="exit after N epochs of this job, counted from where it starts (for time-limited jobs: "
+        "the same command with --resume goes on by N more each time)",
     )
     a(
         "--evaluate",
         metavar="CKPT",
-        help="score CKPT on the validation split and exit (autocast, memory format and batch size as in its training "
-        "run, so it reproduces the accuracy in its manifest; --no-amp scores it in fp32)",
+        help="score CKPT on the validation split and exit (validation subset, autocast, memory format and batch "
+        "size as in its training run, so it reproduces the accuracy in its manifest; --limit-val, --seed, "
+        "--no-amp and the others, when given, override them)",
     )
     a("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--cpu", action="store_true", help="ignore CUDA even if present")
     return ap
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags written on the command line (not those left at a default):
+    what --resume and --evaluate must honour or refuse, since the run they continue or score has
+    settings of its own."""
+    ap = build_parser()
+    for action in ap._actions:  # argparse has no public "was this given": parse again without defaults
+        action.default = argparse.SUPPRESS
+    return set(vars(ap.parse_known_args(argv)[0]))
+
+
+_RUN: dict[str, Path] = {}  # the run folder of this process's run, for the interruption message
+
+
+def what_is_kept() -> str:
+    """What an interrupted run leaves: the checkpoint of its last completed epoch, if one exists."""
+    last = _RUN["output"] / "last.pt" if "output" in _RUN else None
+    if last is not None and last.is_file():
+        return f"the last completed epoch's checkpoint ({last}) is intact (continue with --resume)"
+    return "no epoch of this run was completed, so it wrote no checkpoint"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.given = given_flags(argv)
+    _RUN["output"] = Path(args.output)
     from rn50.errors import PipelineError
 
     try:
@@ -231,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(resolve(args, world, cuda).to_dict(), indent=2))
         return 0
     from . import distributed
-    from .loop import Trainer
+    from .loop import Trainer, earlier_checkpoints
 
     d = distributed.init(cpu=args.cpu)
     try:
@@ -249,6 +281,14 @@ def _run(args: argparse.Namespace) -> int:
             cfg, state = Trainer.load_resume(args, cfg)
         else:
             state = None
+            earlier = earlier_checkpoints(Path(cfg.output))
+            if earlier and not args.overwrite:
+                from .config import ConfigError
+
+                raise ConfigError(
+                    f"{cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with --resume, "
+                    "replace it with --overwrite, or choose another --output"
+                )
         trainer = Trainer(cfg, d, state)
         trainer.fit(stop_after=args.stop_after)
         return 0
@@ -259,4 +299,4 @@ def _run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     from rn50.interrupt import run_command
 
-    sys.exit(run_command(main, "the last completed epoch's checkpoint is intact (continue with --resume)"))
+    sys.exit(run_command(main, what_is_kept))

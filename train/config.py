@@ -263,6 +263,59 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
     )
 
 
+# What --resume may change: how the run is executed, not what it computes (the data backend,
+# threads, compile, the image check, autocast, memory format; a GPU run can go on on a CPU).
+# The flags that need no field are the command's own. Every other flag given with --resume must
+# equal the run's setting: a resumed run keeps its recipe, or it would no longer be the run its
+# checkpoint and manifest describe.
+RESUME_MAY_CHANGE = ("data_backend", "workers", "compile", "check_images", "amp", "memory_format")
+_COMMAND_ONLY = {"output", "data", "epochs", "resume", "stop_after", "cpu", "dry_run", "evaluate", "init_from"}
+_FIELD_OF_FLAG = {"lr": "lr_per_256"}  # --lr is per 256 images
+
+
+def resumed_config(saved: RunConfig, cfg: RunConfig, given: set[str], where: str | os.PathLike[str]) -> RunConfig:
+    """The configuration a resumed run goes on with: ``saved`` (the checkpoint's), with the output
+    folder, the data folder, the epoch count and the settings of :data:`RESUME_MAY_CHANGE` that were
+    ``given`` on the command line taken from ``cfg`` (the command line's, resolved). ConfigError
+    for any other flag given with another value than the run's, and for another process count."""
+    from .recipe import resolve_amp
+
+    cuda = cfg.tf32  # on exactly where CUDA is (resolve)
+    differ = []
+    for dest in sorted(given - _COMMAND_ONLY - set(RESUME_MAY_CHANGE)):
+        name = _FIELD_OF_FLAG.get(dest, dest)
+        if name in RunConfig.__dataclass_fields__ and getattr(cfg, name) != getattr(saved, name):
+            differ.append(f"--{dest.replace('_', '-')} {getattr(cfg, name)} (the run has {getattr(saved, name)})")
+    if differ:
+        may = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE)
+        raise ConfigError(
+            f"{where}: a resumed run keeps the settings it was started with, and these differ: "
+            + "; ".join(differ)
+            + f". Only the output, data folder, epochs and {may} may change; to train with other settings, "
+            "start a new run (--init-from this checkpoint starts from its weights)"
+        )
+    if cfg.world_size != saved.world_size:
+        raise ConfigError(
+            f"{where}: the run trains on {saved.world_size} process(es) (global batch {saved.global_batch_size}) "
+            f"and this is {cfg.world_size}: resume it with as many (torchrun --nproc_per_node), so that its "
+            "batches and learning rate stay the run's"
+        )
+    changes: dict[str, Any] = {f: getattr(cfg, f) for f in RESUME_MAY_CHANGE if f in given}
+    if "data_backend" not in changes and saved.data_backend == "dali-gpu" and not cuda:
+        changes["data_backend"] = "dali-cpu"  # as a profile's dali-gpu does without CUDA
+    if "amp" not in changes:
+        changes["amp"] = resolve_amp(saved.amp, saved.amp_dtype, cuda)  # a CPU has no fp16 autocast
+    return dataclasses.replace(
+        saved,
+        output=cfg.output,
+        # the data may have moved since
+        data=cfg.data if "data" in given else saved.data,  # cfg's: absolute
+        epochs=cfg.epochs if "epochs" in given else saved.epochs,
+        tf32=cuda,
+        **changes,
+    )
+
+
 def _preset(asked: str | None) -> int | str | None:
     if asked is None or asked == "finetune":
         return asked

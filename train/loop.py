@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -26,7 +25,7 @@ from rn50.plots import training_curves
 from rn50.preprocess import Preprocessing
 
 from . import distributed
-from .config import DEFAULT_DATA, RunConfig, should_check_images
+from .config import DEFAULT_DATA, RunConfig, resumed_config, should_check_images
 from .loaders import Shard, make_loader
 from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_statistics, read_weights
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
@@ -107,6 +106,43 @@ class LoaderWaits:
         if stats:
             rec.update(built_ahead=stats[-1]["built_ahead"], build_s=stats[-1]["build_s"])
         return rec
+
+
+# What a run writes in its folder (Trainer._save, StepLogger, TensorBoard), and so what a new run
+# in that folder removes first; anything else there is the user's and stays.
+RUN_FILES = (
+    "last.pt",
+    "last.pt.manifest.json",
+    "best.pt",
+    "best.pt.manifest.json",
+    "metrics.jsonl",
+    "steps.jsonl",
+    "manifest.json",
+    "curves.png",
+    "tb",
+)
+
+
+def earlier_checkpoints(out: Path) -> list[str]:
+    """The checkpoints of an earlier run in the run folder ``out`` (what --overwrite is needed for)."""
+    return [f for f in ("last.pt", "best.pt") if (out / f).exists()]
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """Remove an earlier run's files (:data:`RUN_FILES`) from ``out``; returns the names removed."""
+    import shutil
+
+    removed = []
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 class Trainer:
@@ -210,20 +246,19 @@ class Trainer:
         self.tb = None
         self.steplog: StepLogger | None = None
         if d.main:
-            earlier = [f for f in ("last.pt", "best.pt") if (self.out / f).exists()] if resume is None else []
-            if earlier:
-                print(
-                    f"warning: {self.out} holds an earlier run ({', '.join(earlier)}): this run replaces its "
-                    "checkpoints and logs (to continue that run, use --resume; to keep it, another --output)",
-                    file=sys.stderr,
-                )
+            if resume is None:
+                # a new run in an earlier run's folder (--overwrite, or one that never finished an
+                # epoch) starts from an empty one: none of that run's files outlives this start, so a
+                # run that fails later leaves its own files only, never a mix of two runs
+                removed = remove_run_files(self.out)
+                if removed:
+                    print(f"{self.out}: removed the earlier run's {', '.join(removed)}", file=sys.stderr)
             self.out.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step: a resumed run hides what the interrupted one logged past its checkpoint;
-                # a new run in an earlier run's folder hides all of that run's curves (step 0 on)
-                purge = self.step + 1 if resume is not None else (0 if earlier else None)
+                # purge_step: a resumed run hides what the interrupted one logged past its checkpoint
+                purge = self.step + 1 if resume is not None else None
                 self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
@@ -252,17 +287,19 @@ class Trainer:
                 f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it"
             )
         saved = RunConfig.from_dict(obj["manifest"]["train_config"], f"{path} (embedded manifest)")
-        saved = dataclasses.replace(
-            saved,
-            output=cfg.output,
-            # the data may have moved since
-            data=cfg.data if args.data is not None else saved.data,  # cfg's: absolute
-            epochs=args.epochs if args.epochs is not None else saved.epochs,
-        )
-        return saved, {**obj, "_path": str(path)}
+        return resumed_config(saved, cfg, getattr(args, "given", set()), path), {**obj, "_path": str(path)}
 
     def _restore(self, obj: dict[str, Any]) -> None:
         path = obj.get("_path", "resume checkpoint")
+        was = obj.get("manifest", {}).get("classes")
+        if isinstance(was, list) and len(was) == len(self.classes) and was != self.classes:
+            # the same count under other names: each output would go on under another class's name
+            changed = [f"{a!r} -> {b!r}" for a, b in zip(was, self.classes) if a != b]
+            raise CheckpointError(
+                f"{path}: the run was trained on other classes than {self.cfg.data} holds "
+                f"(output by output: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                "resume on the run's data, or start a new run (--init-from a checkpoint keeps its weights)"
+            )
         fc = obj["model"].get("fc.weight")
         n = int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None
         if n is not None and n != len(self.classes):
@@ -287,7 +324,8 @@ class Trainer:
                         f"buffer has shape {tuple(buf.shape)} for a parameter of shape "
                         f"{tuple(prm.shape)}"
                     )
-        self.scaler.load_state_dict(obj["scaler"])
+        if obj["scaler"]:  # empty from a run without fp16 loss scaling (which a resume may add: --amp)
+            self.scaler.load_state_dict(obj["scaler"])
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
@@ -309,7 +347,15 @@ class Trainer:
                 f"device {d.device}, amp {cfg.amp and cfg.amp_dtype}, compile {cfg.compile}",
                 file=sys.stderr,
             )
-        end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+        if self.start_epoch >= cfg.epochs and d.main:
+            print(
+                f"nothing to train: the run in {self.out} has done all {cfg.epochs} epochs of its schedule "
+                "(--epochs N with --resume lengthens it)",
+                file=sys.stderr,
+            )
+        # --stop-after counts the epochs of this job, so that the same command, repeated with
+        # --resume (a chain of time-limited jobs), goes on by N epochs each time
+        end = cfg.epochs if stop_after is None else min(cfg.epochs, self.start_epoch + stop_after)
         try:
             for epoch in range(self.start_epoch, end):
                 self._fit_epoch(epoch)
@@ -394,10 +440,15 @@ class Trainer:
             if d.device.type == "cpu" or i % 50 == 0:
                 v = loss.item()
                 if not math.isfinite(v):
+                    last = self.out / "last.pt"
                     raise TrainingError(
                         f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
-                        f"(lower --lr, or check the data); the last good checkpoint "
-                        f"({self.out / 'last.pt'}) is untouched"
+                        "(lower --lr, or check the data); "
+                        + (
+                            f"the last good checkpoint ({last}) is untouched"
+                            if last.is_file()
+                            else "no checkpoint had been written yet"
+                        )
                     )
                 bar.set_postfix(loss=f"{v:.3f}", lr=f"{lr:.3g}", refresh=False)
         mean = float(total) / max(count, 1)
@@ -505,7 +556,12 @@ class Trainer:
                 f"{args.evaluate}: its {len(man['classes'])} classes do not match the data: {e}"
             ) from None
         p = Preprocessing.from_dict(man["preprocessing"])
-        files, labels = balanced_subset(val.files, val.labels, args.limit_val, args.seed)
+        # the run's validation subset (its --limit-val and --seed) unless given here: the manifest's
+        # accuracy was measured on that subset
+        given = getattr(args, "given", set())
+        limit_val = args.limit_val if saved is None or "limit_val" in given else saved.limit_val
+        seed = args.seed if saved is None or "seed" in given else saved.seed
+        files, labels = balanced_subset(val.files, val.labels, limit_val, seed)
         backend = args.data_backend or ("dali-gpu" if d.device.type == "cuda" else "dali-cpu")
         # score it the way its training run did (autocast, memory format, batch size), so the result
         # reproduces the accuracy in its manifest; --amp/--no-amp, --memory-format, --batch-size override
@@ -526,7 +582,7 @@ class Trainer:
             train=False,
             device=d.device,
             shard=Shard(d.rank, d.world),
-            seed=args.seed,
+            seed=seed,
             workers=args.workers if args.workers is not None else 2,  # 0 is a choice (one thread / in-process)
         )
         if memory_format == "channels_last":

@@ -11,6 +11,7 @@ import pytest
 import train
 from rn50.checkpoint import load_checkpoint
 from tests.pngs import check_png
+from tests.stderr import error_line
 from tests.train_cli import run
 from train.recipe import WarmupCosine
 from train.steplog import log_interval, read_steps
@@ -67,10 +68,17 @@ def test_resume_keeps_one_record_per_step(fmnist_tiny, tmp_path):
     steps_file = tmp_path / "b" / "steps.jsonl"
     with steps_file.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in later) + '{"step": ')
+    before = set((tmp_path / "b" / "tb").iterdir())
     tb = SummaryWriter(str(tmp_path / "b" / "tb"))
     for r in later:
         tb.add_scalar("step/loss", 99.0, r["step"])
     tb.close()
+    # dated a minute back, as a killed job's file is: TensorBoard reads event files in name order
+    # (events.out.tfevents.<seconds>.<host>.<pid>.<counter>), and two writers of one process in
+    # one second differ only by the counter, which does not sort as a number (.10 before .9)
+    (fake,) = set((tmp_path / "b" / "tb").iterdir()) - before
+    secs = fake.name.split(".")[3]
+    fake.rename(fake.with_name(fake.name.replace(f".{secs}.", f".{int(secs) - 60}.", 1)))
 
     assert train.main(["--output", str(tmp_path / "b"), "--resume", "--workers", "1"]) == 0
     b = read_steps(steps_file)
@@ -116,17 +124,25 @@ def test_damaged_step_records_are_named(tmp_path):
         read_steps(path)
 
 
-def test_a_new_run_in_an_earlier_runs_folder_warns_and_replaces_its_curves(fmnist_tiny, tmp_path, capsys):
-    """Not --resume into a folder holding a run: one warning line, and TensorBoard shows the new
-    run's steps only (the earlier, longer run's later steps would otherwise stay on its curves)."""
+def test_a_new_run_in_an_earlier_runs_folder_is_refused_or_replaces_it(fmnist_tiny, tmp_path, capsys):
+    """Not --resume into a folder holding a run: refused, naming the way on, before any work and
+    with nothing touched; with --overwrite the earlier run's files go as the new run starts, so
+    TensorBoard and the logs show the new run's steps only (the earlier, longer run's later steps
+    would otherwise stay on its curves) and a user file in the folder stays."""
     assert run(fmnist_tiny, tmp_path / "r", "--epochs", "2") == 0
-    assert "warning:" not in capsys.readouterr().err
-    assert run(fmnist_tiny, tmp_path / "r", "--epochs", "1", "--seed", "7") == 0
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
-    assert warnings == [
-        f"warning: {tmp_path / 'r'} holds an earlier run (last.pt, best.pt): this run replaces its checkpoints "
-        "and logs (to continue that run, use --resume; to keep it, another --output)"
-    ]
+    capsys.readouterr()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r").iterdir()}
+    assert run(fmnist_tiny, tmp_path / "r", "--epochs", "1", "--seed", "7") == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: {tmp_path / 'r'} holds an earlier run (last.pt, best.pt): continue it with --resume, "
+        "replace it with --overwrite, or choose another --output"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r").iterdir()} == before
+    assert run(fmnist_tiny, tmp_path / "r", "--epochs", "1", "--seed", "7", "--overwrite") == 0
+    assert f"{tmp_path / 'r'}: removed the earlier run's last.pt," in capsys.readouterr().err
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1  # the new run's one epoch
     recs = read_steps(tmp_path / "r" / "steps.jsonl")
     shown = tb_scalars(tmp_path / "r" / "tb", "step/loss")
     assert [s for s, _ in shown] == [r["step"] for r in recs]

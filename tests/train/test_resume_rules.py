@@ -1,0 +1,118 @@
+"""What --resume keeps and what it may change, --stop-after per job, and what an interrupted run
+says it left: a resumed run is the run its checkpoint describes, or it is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import train
+from rn50.checkpoint import load_checkpoint
+from tests.stderr import error_line
+from tests.train_cli import run
+from train.__main__ import build_parser, given_flags
+from train.config import ConfigError, resolve, resumed_config
+
+
+def _cfg(argv: list[str], cuda: bool = False):
+    args = build_parser().parse_args(argv)
+    return resolve(args, 1, cuda), given_flags(argv)
+
+
+def test_resume_refuses_recipe_changes_and_takes_how_it_runs():
+    saved, _ = _cfg(["--profile", "cpu", "--output", "o"])
+    # how the run executes may change, and does
+    cfg, given = _cfg(["--profile", "cpu", "--output", "o", "--data-backend", "pytorch", "--workers", "3", "--compile"])
+    got = resumed_config(saved, cfg, given, "o/last.pt")
+    assert (got.data_backend, got.workers, got.compile) == ("pytorch", 3, True)
+    assert dataclasses.replace(got, data_backend=saved.data_backend, workers=saved.workers, compile=False) == saved
+    # what it computes may not: each differing flag is named with the run's value
+    cfg, given = _cfg(["--output", "o", "--profile", "cpu", "--lr", "1.0", "--batch-size", "8", "--image-size", "64"])
+    with pytest.raises(ConfigError) as e:
+        resumed_config(saved, cfg, given, "o/last.pt")
+    msg = str(e.value)
+    assert msg.startswith("o/last.pt: a resumed run keeps the settings it was started with, and these differ: ")
+    for part in ("--batch-size 8 (the run has 64)", "--image-size 64 (the run has 32)", "--lr 1.0 (the run has 0.256)"):
+        assert part in msg, msg
+    # the same values given again are no change
+    cfg, given = _cfg(["--output", "o", "--profile", "cpu", "--batch-size", "64", "--seed", "0"])
+    assert resumed_config(saved, cfg, given, "o/last.pt") == saved
+
+
+def test_a_gpu_run_resumes_on_a_cpu():
+    """dali-gpu becomes dali-cpu and fp16 autocast goes off, as they do for a new run on a CPU."""
+    saved, _ = _cfg(["--profile", "gpu", "--output", "o"], cuda=True)
+    assert (saved.data_backend, saved.amp, saved.amp_dtype, saved.tf32) == ("dali-gpu", True, "fp16", True)
+    cfg, given = _cfg(["--output", "o"])
+    got = resumed_config(saved, cfg, given, "o/last.pt")
+    assert (got.data_backend, got.amp, got.tf32) == ("dali-cpu", False, False)
+    assert (got.batch_size, got.image_size, got.lr) == (saved.batch_size, saved.image_size, saved.lr)
+    # and another process count is refused: the global batch and learning rate would change
+    cfg = dataclasses.replace(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="trains on 1 process"):
+        resumed_config(dataclasses.replace(saved, world_size=1), cfg, given, "o/last.pt")
+
+
+@pytest.fixture
+def one_epoch(fmnist_tiny, tmp_path):
+    """A run of a 3-epoch schedule stopped after its first epoch."""
+    out = tmp_path / "o"
+    assert run(fmnist_tiny, out, "--epochs", "3", "--stop-after", "1") == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    return out
+
+
+def test_resume_applies_flags_refuses_others_and_stop_after_counts_this_job(one_epoch, fmnist_tiny, capsys):
+    out = one_epoch
+    before = (out / "last.pt").read_bytes()
+    assert run(fmnist_tiny, out, "--resume", "--lr", "1.0") == 2
+    assert "--lr 1.0 (the run has 0.256)" in error_line(capsys.readouterr().err)
+    assert (out / "last.pt").read_bytes() == before
+    # the same command again goes on by one epoch each time, and says when the schedule is done
+    for epoch in (1, 2):
+        assert run(fmnist_tiny, out, "--resume", "--stop-after", "1", "--data-backend", "pytorch") == 0
+        ck = load_checkpoint(out / "last.pt")
+        assert ck["epoch"] == epoch and ck["manifest"]["train_config"]["data_backend"] == "pytorch"
+    capsys.readouterr()
+    assert run(fmnist_tiny, out, "--resume", "--stop-after", "1") == 0
+    assert "nothing to train: the run in" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_resume_on_renamed_classes_is_refused(one_epoch, fmnist_tiny, tmp_path, capsys):
+    """Same class count, another name: output 1 would go on under another class's name."""
+    d = tmp_path / "renamed"
+    shutil.copytree(fmnist_tiny, d)
+    for split in ("train", "val"):
+        (d / split / "coat").rename(d / split / "zebra")
+    before = (one_epoch / "last.pt").read_bytes()
+    assert run(d, one_epoch, "--resume") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "the run was trained on other classes than" in line and "'coat' -> 'dress'" in line, line
+    assert (one_epoch / "last.pt").read_bytes() == before
+
+
+def test_the_interruption_message_says_what_is_on_disk(tmp_path, monkeypatch):
+    from train import __main__ as cli
+
+    monkeypatch.setitem(cli._RUN, "output", tmp_path)
+    assert cli.what_is_kept() == "no epoch of this run was completed, so it wrote no checkpoint"
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert cli.what_is_kept().startswith(f"the last completed epoch's checkpoint ({tmp_path / 'last.pt'}) is intact")
+
+
+def test_evaluate_scores_the_runs_validation_subset(fmnist_tiny, tmp_path, capsys):
+    """--evaluate reproduces the manifest's accuracy: the run's --limit-val subset, unless given."""
+    out = tmp_path / "o"
+    assert run(fmnist_tiny, out, "--epochs", "1", "--limit-val", "20", "--seed", "3") == 0
+    man = load_checkpoint(out / "best.pt")["manifest"]
+    capsys.readouterr()
+    assert train.main(["--evaluate", str(out / "best.pt"), "--workers", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["images"] == man["accuracy"]["images"] == 20
+    assert got["top1"] == pytest.approx(man["accuracy"]["top1"], abs=1e-6)
+    assert train.main(["--evaluate", str(out / "best.pt"), "--workers", "1", "--limit-val", "30"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 30
