@@ -355,7 +355,7 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
             "lr_scheduler": lr_scheduler,
             "epoch": 3,
             "args": _tv_reference_args(),
-            "model_ema": {**{"module." + k: v for k, v in list(sd.items())[:3]}, "n_averaged": torch.tensor(7)},
+            "model_ema": {**{"module." + k: v for k, v in sd.items()}, "n_averaged": torch.tensor(7)},
         },
         "dle-checkpoint.pth.tar": {
             "epoch": 90,
