@@ -10,8 +10,10 @@
    scratch does not lose only because the fine-tune rate is low for it.
 
 Each is validated on ``--val-per-class`` test images of its own classes; the report gives the
-last epoch's top-1 of every run, the wall time and the machine. The converted images live in a
-temporary folder (``--work`` keeps them and the runs).
+images each stage trained on (counted as the trainer selects them), the last epoch's top-1 of
+every run, the wall time and the machine. The converted images live in a temporary folder
+(``--work`` keeps them and the runs; a rerun with the same ``--work`` reuses the images and
+replaces the runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -26,17 +29,31 @@ from pathlib import Path
 from typing import Any
 
 from rn50.fashion_mnist import CLASSES, DEFAULT_SOURCE, convert
+from rn50.layout import balanced_subset, load_dataset
 
 PRETRAIN_CLASSES, TARGET_CLASSES = CLASSES[:5], CLASSES[5:]
 
 
 def subset_root(full: Path, classes: list[str], out: Path) -> Path:
-    """An ImageNet-layout folder holding only ``classes`` of ``full`` (symlinked class folders)."""
+    """An ImageNet-layout folder holding only ``classes`` of ``full`` (symlinked class folders).
+    Built anew each time: it holds nothing but these links, and an earlier build's may point at
+    other classes or at a converted folder since replaced."""
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)  # unlinks the class-folder links, never what they point at
     for split in ("train", "val"):
-        (out / split).mkdir(parents=True, exist_ok=True)
+        (out / split).mkdir(parents=True)
         for c in classes:
             (out / split / c).symlink_to((full / split / c).resolve(), target_is_directory=True)
     return out
+
+
+def train_images(data: Path, limit: int | None) -> int:
+    """How many images ``python -m train --data DATA --limit-train LIMIT`` trains on: the same
+    selection the trainer makes, which can be fewer than the limit asks for."""
+    train, _ = load_dataset(data)
+    return len(balanced_subset(train.files, train.labels, limit)[0])
 
 
 def run_train(args: list[str]) -> dict[str, Any]:
@@ -88,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         "the CPU profile's 0.1 epoch is a handful of steps on so few images)",
     )
     ap.add_argument("--workers", type=int, default=1, help="data threads per run")
-    ap.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        help="keep the data and runs here; a rerun reuses the images and replaces the runs "
+        "(default: a temporary folder)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
 
@@ -96,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = a.work or Path(tmp)
-        full = convert(
-            work / "fm", a.source, per_class_train=a.pretrain_per_class, per_class_val=a.val_per_class, progress=False
-        )
+        # one conversion holds enough of every class for both stages; each stage then trains on a
+        # class-balanced --limit-train of its classes (the pretraining on all of them when the
+        # conversion holds no more than it asks for)
+        per_class = max(a.pretrain_per_class, a.target_per_class)
+        full = convert(work / "fm", a.source, per_class_train=per_class, per_class_val=a.val_per_class, progress=False)
         pre_data = subset_root(full, PRETRAIN_CLASSES, work / "pretrain-classes")
         tgt_data = subset_root(full, TARGET_CLASSES, work / "target-classes")
+        pre_limit = 5 * a.pretrain_per_class if per_class > a.pretrain_per_class else None
+        tgt_limit = 5 * a.target_per_class
         common = ["--profile", "cpu", "--workers", str(a.workers), "--batch-size", str(a.batch_size)]
         t0 = time.time()
         pre = run_train(
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(a.pretrain_epochs),
                 "--warmup-epochs",
                 str(a.warmup_epochs),
+                *(["--limit-train", str(pre_limit)] if pre_limit is not None else []),
             ]
         )
         target = [
@@ -121,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "--data",
             str(tgt_data),
             "--limit-train",
-            str(5 * a.target_per_class),
+            str(tgt_limit),
             "--epochs",
             str(a.epochs),
         ]
@@ -142,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "date": dt.date.today().isoformat(),
             "wall_s": round(time.time() - t0, 1),
-            "pretrain": {"classes": PRETRAIN_CLASSES, "images": 5 * a.pretrain_per_class, **pre},
-            "target": {"classes": TARGET_CLASSES, "images": 5 * a.target_per_class},
+            "pretrain": {"classes": PRETRAIN_CLASSES, "images": train_images(pre_data, pre_limit), **pre},
+            "target": {"classes": TARGET_CLASSES, "images": train_images(tgt_data, tgt_limit)},
             "finetune": ft,
             "scratch_same_schedule": scratch,
             "scratch_recipe_lr": scratch_recipe,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,6 +162,32 @@ def walk_images(
                 yield os.path.join(dirpath, n)
 
 
+def _form(name: str) -> str:
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, name):
+            return form
+    return "neither NFC nor NFD"
+
+
+def _normalisation_hint(missing: list[str], extra: list[str]) -> str:
+    """Where a training class and a folder here differ only in Unicode normalisation (the same
+    letters, composed in one and decomposed in the other, e.g. names copied from macOS), which look
+    identical when printed: say so, with the code points that differ. Labels go by name, so they
+    are still other classes; the training classes are fixed (a checkpoint records them), so the
+    folders here are the ones to rename."""
+    here = {unicodedata.normalize("NFC", e): e for e in extra}
+    pairs = [(m, here[unicodedata.normalize("NFC", m)]) for m in missing if unicodedata.normalize("NFC", m) in here]
+    if not pairs:
+        return ""
+    m, e = pairs[0]
+    more = f" (and {len(pairs) - 1} more such pairs)" if len(pairs) > 1 else ""
+    return (
+        f"; {m!r} differs only in Unicode normalisation: the training class is {_form(m)} ({ascii(m)}), "
+        f"this folder's {_form(e)} ({ascii(e)}){more}, and labels go by the exact name: rename the class "
+        f"folders here to the training classes' form"
+    )
+
+
 def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -> Split:
     """Index one split folder. With ``classes`` given, the folder's classes must be the same."""
     root = Path(root)
@@ -172,7 +199,7 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     if classes is not None and found != list(classes):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
-        hint = ""
+        hint = _normalisation_hint(missing, extra)
         if {"train", "val"} <= set(found) and not set(found) & set(classes):
             hint = f"; {root} looks like a data root: give its split folder, {root / 'val'}"
         raise DataError(

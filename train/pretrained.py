@@ -11,7 +11,8 @@ Layouts understood, all ResNet50 v1.5 (stride 2 on the 3x3 convolution of downsa
   the stages as one ``nn.Sequential`` (``layers.0`` ... ``layers.3`` for ``layer1`` ... ``layer4``;
   the NGC 20.06 files already use ``layer1`` ...);
 * training checkpoints that wrap the state dict under ``"state_dict"`` (timm's, DLE's) or
-  ``"model"`` (torchvision's reference scripts);
+  ``"model"`` (torchvision's reference scripts), next to their optimizer and scheduler states and
+  the command line as an ``argparse.Namespace`` (``"args"``);
 * this project's own ``best.pt`` / ``last.pt``.
 
 Every tensor but the classifier must be there with this model's shape (BatchNorm's
@@ -22,9 +23,12 @@ the data's and replaced by a freshly initialised one otherwise.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import pickle
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,13 @@ from rn50.model import HEAD, build_model, is_head
 
 FEATURES = 2048  # ResNet50's pooled feature width: the classifier's input
 _DLE_STAGE = re.compile(r"^layers\.(\d+)\.")
+# The one class loaded beyond tensors and plain containers: training scripts (torchvision's
+# references/classification, timm's train.py) pickle their parsed command line with the weights.
+# The weights-only unpickler rebuilds it by filling its __dict__ (no code from the file runs) and
+# holds its fields to the same rules as the rest of the file, so a field of any other class is
+# still refused.
+ALLOWED_CLASSES = [argparse.Namespace]
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 @dataclass(frozen=True)
@@ -79,15 +90,31 @@ def _load_file(path: Path) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(e)}") from e
     try:
-        return torch_load(path, "weights file")
+        with torch.serialization.safe_globals(ALLOWED_CLASSES):
+            return torch_load(path, "weights file")
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a refused class: garbage or a truncated file
             raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?)") from e
+        m = _REFUSED_GLOBAL.search(str(e))
         raise CheckpointError(
-            f"{path}: holds more than tensors and plain containers, which are loaded without "
-            f"running code (weights_only) only: save its state dict alone "
-            f"(torch.save(model.state_dict(), ...)) and pass that"
+            f"{path}: pickles {m.group(1) if m else 'an object'}, which is not loaded: weights files are "
+            f"read without running code from them (weights_only), so only tensors, plain containers and "
+            f"argparse.Namespace. If you trust the file, save its state dict alone (then --init-from "
+            f"weights.pth) with: {extract_command(path)}"
         ) from e
+
+
+def extract_command(path: Path) -> str:
+    """A shell command that writes ``weights.pth``, the state dict alone, from a file that pickles
+    more than this loader reads: a training checkpoint (state dict under ``"state_dict"`` or
+    ``"model"``), a bare state dict or a whole pickled model. It runs the file's code (full
+    unpickling), so it is for files the user trusts, which only they can judge."""
+    code = (
+        f'import torch; ck = torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False); '
+        'sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else ck; '
+        'torch.save(sd.state_dict() if hasattr(sd, "state_dict") else sd, "weights.pth")'
+    )
+    return f"python -c {shlex.quote(code)}"
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:

@@ -371,3 +371,31 @@ def test_a_folder_reached_from_two_classes_is_refused(tmp_path, link):
         scan_split(val)
     # one input folder may reach a folder twice; it is taken once, as before
     assert len(list(iter_inputs([val]))) == 2 + (link == "subfolder")
+
+
+@pytest.mark.parametrize("train_form, val_form", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_class_names_that_differ_only_in_unicode_normalisation(tmp_path, train_form, val_form):
+    """Composed and decomposed accents print alike: the refusal says what differs and what to do."""
+    import unicodedata
+
+    from rn50.layout import load_dataset
+
+    name = "sac à dos"
+    for split, form in (("train", train_form), ("val", val_form)):
+        _png(tmp_path / split / "coat" / "x.png")
+        _png(tmp_path / split / unicodedata.normalize(form, name) / "x.png")
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path)
+    msg = str(e.value)
+    composed, decomposed = r"'sac \xe0 dos'", r"'sac a\u0300 dos'"
+    train_shown, val_shown = (composed, decomposed) if train_form == "NFC" else (decomposed, composed)
+    assert msg.startswith(f"{tmp_path / 'val'}: class folders differ from the training classes"), msg
+    assert f"differs only in Unicode normalisation: the training class is {train_form} ({train_shown})" in msg
+    assert f"this folder's {val_form} ({val_shown})" in msg
+    assert msg.endswith("rename the class folders here to the training classes' form"), msg
+    # names that differ otherwise get no such note
+    (tmp_path / "val" / unicodedata.normalize(val_form, name)).rename(tmp_path / "val" / "sac")
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path)
+    assert f"missing: {[unicodedata.normalize(train_form, name)]}" in str(e.value)
+    assert "normalisation" not in str(e.value)

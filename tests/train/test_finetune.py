@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -214,11 +216,147 @@ def _dle_key(k: str) -> str:
     return ("layers." + str(int(k[5]) - 1) + k[6:]) if k.startswith("layer") else k
 
 
+def _training_states() -> tuple[dict, dict]:
+    """An optimizer and LR scheduler state as training scripts save them: SGD with momentum
+    buffers after one step over ResNet50's 161 parameters (one element each, to stay small) and
+    torchvision's warmup-then-cosine schedule."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    params = [torch.nn.Parameter(torch.ones(1)) for _ in range(161)]
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=2e-5)
+    sched = SequentialLR(opt, [LinearLR(opt, 0.01, total_iters=5), CosineAnnealingLR(opt, T_max=595)], [5])
+    for p in params:
+        p.grad = torch.ones(1)
+    opt.step()
+    sched.step()
+    return opt.state_dict(), sched.state_dict()
+
+
+def _tv_reference_args() -> argparse.Namespace:
+    """references/classification/train.py's arguments for its ResNet50 v2 recipe, with the fields
+    utils.init_distributed_mode adds."""
+    return argparse.Namespace(
+        data_path="/datasets01/imagenet_full_size/061417/",
+        model="resnet50",
+        device="cuda",
+        batch_size=128,
+        epochs=600,
+        workers=16,
+        opt="sgd",
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=2e-05,
+        norm_weight_decay=0.0,
+        bias_weight_decay=None,
+        transformer_embedding_decay=None,
+        label_smoothing=0.1,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        lr_scheduler="cosineannealinglr",
+        lr_warmup_epochs=5,
+        lr_warmup_method="linear",
+        lr_warmup_decay=0.01,
+        lr_step_size=30,
+        lr_gamma=0.1,
+        lr_min=0.0,
+        print_freq=10,
+        output_dir=".",
+        resume="",
+        start_epoch=0,
+        cache_dataset=False,
+        sync_bn=False,
+        test_only=False,
+        auto_augment="ta_wide",
+        ra_magnitude=9,
+        augmix_severity=3,
+        random_erase=0.1,
+        amp=False,
+        world_size=8,
+        dist_url="env://",
+        model_ema=True,
+        model_ema_steps=32,
+        model_ema_decay=0.99998,
+        use_deterministic_algorithms=False,
+        interpolation="bilinear",
+        val_resize_size=232,
+        val_crop_size=224,
+        train_crop_size=176,
+        clip_grad_norm=None,
+        ra_sampler=True,
+        ra_reps=4,
+        weights=None,
+        backend="pil",
+        use_v2=False,
+        rank=0,
+        gpu=0,
+        distributed=True,
+        dist_backend="nccl",
+    )
+
+
+def _timm_args() -> argparse.Namespace:
+    """A sample of timm train.py's arguments (its a1 recipe), of every kind its parser and
+    config file give: strings, numbers, None, flags, lists, a tuple and a dict."""
+    return argparse.Namespace(
+        data_dir="/data/imagenet",
+        dataset="",
+        train_split="train",
+        model="resnet50",
+        pretrained=False,
+        num_classes=1000,
+        img_size=None,
+        input_size=None,
+        mean=None,
+        batch_size=256,
+        opt="lamb",
+        opt_betas=None,
+        weight_decay=0.01,
+        sched="cosine",
+        lr=0.008,
+        warmup_epochs=5,
+        epochs=600,
+        aa="rand-m7-mstd0.5-inc1",
+        mixup=0.2,
+        cutmix=1.0,
+        scale=[0.08, 1.0],
+        ratio=[0.75, 1.3333333333333333],
+        bce_loss=True,
+        amp=True,
+        channels_last=True,
+        prefetcher=True,
+        distributed=True,
+        world_size=8,
+        rank=0,
+        local_rank=0,
+        device="cuda:0",
+        model_kwargs={},
+        grad_accum_steps=1,
+        experiment="",
+        eval_metric="top1",
+        cutmix_minmax=None,
+        drop_path=0.05,
+        layer_decay=None,
+        log_interval=50,
+        input_img_mode=None,
+        train_interpolation="random",
+        mean_std=(0.485, 0.456, 0.406),
+    )
+
+
 def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    optimizer, lr_scheduler = _training_states()
     return {
         "torchvision.pth": sd,
         "timm.bin": dict(sd),
-        "tv-reference-checkpoint.pth": {"model": sd, "epoch": 89, "args": {"lr": 0.5}},
+        # references/classification/train.py's checkpoint (model_ema present with --model-ema)
+        "tv-reference-checkpoint.pth": {
+            "model": sd,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "epoch": 3,
+            "args": _tv_reference_args(),
+            "model_ema": {**{"module." + k: v for k, v in sd.items()}, "n_averaged": torch.tensor(7)},
+        },
         "dle-checkpoint.pth.tar": {
             "epoch": 90,
             "best_prec1": 77.1,
@@ -226,7 +364,23 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
         },
         "ngc-2006.pth.tar": {"module." + k: v for k, v in sd.items()},
-        "timm-train-checkpoint.pth.tar": {"epoch": 3, "arch": "resnet50", "state_dict": sd, "version": 2},
+        # timm.utils.CheckpointSaver's checkpoint with a NativeScaler
+        "timm-train-checkpoint.pth.tar": {
+            "epoch": 3,
+            "arch": "resnet50",
+            "state_dict": sd,
+            "optimizer": optimizer,
+            "version": 2,
+            "args": _timm_args(),
+            "amp_scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 11,
+            },
+            "metric": 41.5,
+        },
     }
 
 
@@ -255,6 +409,31 @@ def test_every_layout_round_trips_to_identical_logits(tmp_path):
         for k, v in m.state_dict().items():
             assert torch.equal(v, sd[k]), (name, k)
     assert "layers.N stages" in read_weights(files["dle-checkpoint.pth.tar"]).layout
+
+
+def test_a_refused_file_comes_with_a_command_that_extracts_its_weights(tmp_path):
+    """A file that pickles a class the loader refuses is named with that class, and the command in
+    the message (for a file the user trusts) writes a state dict --init-from then reads."""
+    from rn50.errors import CheckpointError
+
+    sd = _reference_model().state_dict()
+    path = tmp_path / "it's a run" / "checkpoint.pth"
+    path.parent.mkdir()
+    args = argparse.Namespace(**vars(_tv_reference_args()), output_dir_path=PurePosixPath("/runs/r50"))
+    torch.save({"model": sd, "epoch": 3, "args": args}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_weights(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: pickles pathlib.PurePosixPath, which is not loaded"), msg
+    assert "save its state dict alone" in msg
+    command = shlex.split(msg[msg.index("python -c ") :])
+    assert command[:2] == ["python", "-c"] and len(command) == 3, command
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run([sys.executable, *command[1:]], cwd=work, check=True, capture_output=True)
+    w = read_weights(work / "weights.pth")
+    assert w.layout == "state dict" and w.state.keys() == sd.keys()
+    assert all(torch.equal(w.state[k], v) for k, v in sd.items())
 
 
 def test_own_checkpoint_loads_exactly(trained_run):
@@ -320,11 +499,10 @@ def _arch_file(how: str, path: Path) -> str:
     if how == "garbage":
         path.write_bytes(b"\x00not weights" * 200)
         return "not a readable weights file"
-    if how == "pickled-object":  # e.g. a training checkpoint that pickles its argparse arguments
-        import argparse
-
-        torch.save({"state_dict": build_model(10).state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
-        return "save its state dict alone"
+    if how == "pickled-object":  # arguments are loaded, but not an object of another class among them
+        args = argparse.Namespace(lr=0.1, output_dir=PurePosixPath("/runs/r50"))
+        torch.save({"state_dict": build_model(10).state_dict(), "args": args}, path)
+        return "pickles pathlib.PurePosixPath, which is not loaded"
     torch.save({"weights": [1, 2, 3]}, path)
     return "no state dict found"
 
