@@ -62,7 +62,7 @@ def run_train(args: list[str]) -> dict[str, Any]:
 
     out = Path(args[args.index("--output") + 1])
     t0 = time.time()
-    rc = train.main(args)
+    rc = train.main([*args, "--overwrite"])  # a rerun in the same --work folder replaces its runs
     if rc != 0:
         raise SystemExit(f"error: python -m train {' '.join(args)} exited {rc}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,10 +32,16 @@ def _target(dest: Path) -> Path:
 
 
 def _not_a_file(dest: Path) -> str | None:
-    """Why ``dest`` (a link already followed) is something other than a regular file or nothing."""
-    if dest.is_dir():
+    """Why ``dest``, or what its links lead to, is something other than a regular file or nothing.
+    ``os.stat`` follows every link, /proc's too: ``/dev/stdout`` leads to ``pipe:[N]`` when
+    stdout is a pipe, a name that ``realpath`` returns but no path opens."""
+    try:
+        st = os.stat(dest)
+    except OSError:
+        return None  # nothing there yet (or a broken link, whose target is created)
+    if stat.S_ISDIR(st.st_mode):
         return "is a directory (give a file name)"
-    if dest.exists() and not dest.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return "is a device, pipe or socket, not a file (give a file path)"
     return None
 
@@ -43,10 +50,10 @@ def _not_a_file(dest: Path) -> str | None:
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``dest`` (the target of a link); rename it onto ``dest`` if
     the body succeeds."""
-    dest = _target(Path(dest))
-    why = _not_a_file(dest)
+    why = _not_a_file(Path(dest))
     if why:
-        raise (IsADirectoryError if dest.is_dir() else OSError)(f"{dest}: {why}")
+        raise (IsADirectoryError if Path(dest).is_dir() else OSError)(f"{dest}: {why}")
+    dest = _target(Path(dest))
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +95,10 @@ def unwritable_reason(dest: str | os.PathLike[str]) -> str | None:
     (or, when it does not exist yet, the nearest existing folder above it, where it would be
     created) is not writable. A link is judged by its target, where the file will go.
     """
-    dest = _target(Path(dest))
-    why = _not_a_file(dest)
+    why = _not_a_file(Path(dest))
     if why:
         return why
+    dest = _target(Path(dest))
     folder = dest.parent if str(dest.parent) else Path(".")
     while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
         folder = folder.parent
@@ -99,6 +106,12 @@ def unwritable_reason(dest: str | os.PathLike[str]) -> str | None:
         return f"{folder} is not a folder (it is a file or a broken link)"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"folder {folder} is not writable"
+    try:  # where permissions do not tell (root; /proc, /sys, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+    except OSError as e:
+        return f"cannot create a file in folder {folder} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 

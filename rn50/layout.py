@@ -236,6 +236,11 @@ def load_dataset(data: str | os.PathLike[str]) -> tuple[Split, Split]:
             f"{data}: data folder not found (run `make data`, or point --data at an ImageNet-layout folder)"
         )
     train = scan_split(data / "train")
+    if len(train.classes) < 2:  # a classifier of one class has nothing to learn (and ResNet50 needs 2 outputs)
+        raise DataError(
+            f"{data / 'train'}: only one class folder ({train.classes[0]}): a classifier needs at least two "
+            "(expected <data>/train/<class>/ for each class)"
+        )
     val = scan_split(data / "val", classes=train.classes)
     return train, val
 
@@ -502,10 +507,9 @@ def check_files(
     )
     for f in it:
         try:
-            with open(f, "rb") as fh:
-                data = fh.read()
-        except OSError as e:
-            bad.append(f"{f}: cannot read ({e.strerror or e})")
+            data = read_encoded(f).tobytes()  # a FIFO named like an image would block the check
+        except DataError as e:
+            bad.append(str(e))
             continue
         cause = check_header(data, resize_shorter=resize_shorter)
         if cause:
@@ -561,15 +565,19 @@ def balanced_subset(
 ) -> tuple[list[str], list[int]]:
     """``n`` of ``files`` with their ``labels``, class-balanced and deterministic: ceil(n / classes)
     drawn from each class with ``seed``, shuffled together, the first ``n`` kept (all of them,
-    shuffled, when ``n`` is not below their number). All of them in their order when ``n`` is None."""
+    shuffled, when ``n`` is not below their number). A class with fewer images gives all it has
+    and the others give more, evenly, so that ``n`` are still drawn (with every class large enough,
+    the draw is the same). All of them in their order when ``n`` is None."""
     if n is None:
         return list(files), list(labels)
     rng = np.random.default_rng(seed)
     labels_a = np.asarray(labels)
-    per_class = -(-n // max(1, len(np.unique(labels_a))))
-    picked: list[int] = []
-    for c in np.unique(labels_a):
-        idx = np.flatnonzero(labels_a == c)
-        picked.extend(rng.permutation(idx)[:per_class].tolist())
+    classes = np.unique(labels_a)
+    drawn = [rng.permutation(np.flatnonzero(labels_a == c)) for c in classes]
+    per_class = -(-n // max(1, len(classes)))
+    sizes = [len(d) for d in drawn]
+    while sum(min(k, per_class) for k in sizes) < min(n, len(labels_a)):
+        per_class += 1  # a short class: the others make up for it
+    picked = [i for d in drawn for i in d[:per_class].tolist()]
     order = rng.permutation(np.asarray(picked, dtype=np.int64))[:n]
     return [files[i] for i in order], [int(labels_a[i]) for i in order]

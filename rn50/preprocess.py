@@ -191,13 +191,20 @@ def _to_8bit(im, fmt: str | None):
 
 
 def undecodable(files: Sequence[str]) -> list[str]:
-    """``path: cause`` for each of ``files`` that PIL cannot decode: the culprits of a batch that
-    DALI failed on, since DALI names the operator but not the file."""
+    """``path: cause`` for each of ``files`` that DALI cannot decode: the culprits of a batch that
+    DALI failed on, since DALI names the operator but not the file. A file is one if the header
+    check refuses it (:func:`rn50.layout.check_header`: PIL reads GIF and other formats DALI does
+    not, whatever the file's suffix) or PIL cannot decode it."""
     from .errors import DataError
+    from .layout import check_header, read_encoded
 
     bad = []
     for f in files:
         try:
+            cause = check_header(read_encoded(f).tobytes())
+            if cause:
+                bad.append(f"{f}: {cause}")
+                continue
             load_rgb(f)
         except DataError as e:
             bad.append(str(e))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from rn50.errors import DataError
 from rn50.flags import Range, flag_problem
@@ -54,14 +54,26 @@ def env_threads() -> int | None:
     return _threads_env()[0]
 
 
-def check_outputs(**paths: str | None) -> str | None:
-    """The first ``--flag PATH: reason`` among the output paths that cannot be written, else None."""
+def check_outputs(outputs: Mapping[str, str | None], keep: Iterable[tuple[str, str | None]] = ()) -> str | None:
+    """The first ``--flag PATH: reason`` among the ``outputs`` (flag -> path) that cannot be
+    written, or that would replace a file the command reads or another output: ``keep`` holds
+    (what, path) pairs such as ("the engine", ENGINE). Paths are compared where they lead (links
+    followed), so another name for the same file is caught too. Else None."""
     from rn50.atomic import unwritable_reason
 
-    for flag, path in paths.items():
-        why = unwritable_reason(path) if path else None
+    taken = {os.path.realpath(path): what for what, path in keep if path}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        why = unwritable_reason(path)
         if why:
             return f"--{flag.replace('_', '-')} {path}: {why}"
+        same = taken.get(os.path.realpath(path))
+        if same:
+            return (
+                f"--{flag.replace('_', '-')} {path}: is {same}, which this command reads or writes; give another file"
+            )
+        taken[os.path.realpath(path)] = f"the --{flag.replace('_', '-')} file"
     return None
 
 

@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from rn50.errors import DataError
 from rn50.flags import AT_LEAST_1
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -176,8 +177,11 @@ def _sink(output: str | None) -> Iterator[IO[str]]:
         return
     from rn50.atomic import atomic_path
 
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        yield f
+    try:
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            yield f
+    except OSError as e:  # a full disk, a folder gone: one error line, not a traceback after the work
+        raise DataError(f"--output {output}: cannot write it ({e.strerror or e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +253,18 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     if why:
         err(why)
         return EXIT_USAGE
-    bad_output = check_outputs(output=args.output, summary=args.summary)  # before any work, not after it
+    # before any work, not after it; never onto the engine, its manifest or an input named here
+    from rn50.manifest import manifest_path
+
+    bad_output = check_outputs(
+        {"output": args.output, "summary": args.summary},
+        keep=[
+            ("the engine", args.engine),
+            ("the engine's manifest", str(manifest_path(args.engine))),
+            ("the --files-from list", args.files_from if args.files_from != "-" else None),
+            *(("an input", str(i)) for i in args.inputs),
+        ],
+    )
     if bad_output:
         err(bad_output)
         return EXIT_USAGE
@@ -375,27 +390,29 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
     if args.summary:
         from rn50.atomic import write_json
 
-        write_json(
-            args.summary,
-            {
-                "engine": str(args.engine),
-                "images": len(paths),
-                "classified": n_ok,
-                "failed": n_bad,
-                "unlisted_folders": [u["path"] for u in unlisted],
-                "seconds": wall,
-                "images_per_s": len(paths) / wall if wall > 0 else 0.0,
-                "first_batch_s": first[0] if first else None,
-                "images_per_s_after_first_batch": after_first,
-                "batch_size": bs,
-                "batches": len(lat),
-                "latency_ms": {k: v if v == v else None for k, v in pc.items()},  # no NaN in JSON
-                "backend": backend.name,
-                "provider": backend.provider,
-                "dali_device": device,
-                "engine_device": backend.device,
-            },
-        )
+        summary = {
+            "engine": str(args.engine),
+            "images": len(paths),
+            "classified": n_ok,
+            "failed": n_bad,
+            "unlisted_folders": [u["path"] for u in unlisted],
+            "seconds": wall,
+            "images_per_s": len(paths) / wall if wall > 0 else 0.0,
+            "first_batch_s": first[0] if first else None,
+            "images_per_s_after_first_batch": after_first,
+            "batch_size": bs,
+            "batches": len(lat),
+            "latency_ms": {k: v if v == v else None for k, v in pc.items()},  # no NaN in JSON
+            "backend": backend.name,
+            "provider": backend.provider,
+            "dali_device": device,
+            "engine_device": backend.device,
+        }
+        try:
+            write_json(args.summary, summary)
+        except OSError as e:
+            err(f"--summary {args.summary}: cannot write it ({e.strerror or e})")
+            return EXIT_USAGE
     if not args.quiet:
         print(
             f"summary: {len(paths)} images, {n_ok} classified, {n_bad} failed in {wall:.2f} s "

@@ -286,13 +286,14 @@ def _run(args: argparse.Namespace) -> int:
             "(PREFIX names the files PREFIX.json, PREFIX.md and PREFIX.confusion.png)"
         )
     # every report file, before any work (a bad path would otherwise lose a finished validation)
-    bad_output = (
-        check_outputs(report=f"{prefix}.json")
-        or check_outputs(report=f"{prefix}.md")
-        or check_outputs(report=f"{prefix}.confusion.png")
-    )
-    if bad_output:
-        return err(bad_output)
+    from rn50.manifest import manifest_path
+
+    read = [("the engine", str(args.engine)), ("the checkpoint", str(args.checkpoint))]
+    read += [(f"the {what[4:]}'s manifest", str(manifest_path(p))) for what, p in read]
+    for ext in (".json", ".md", ".confusion.png"):
+        bad_output = check_outputs({"report": f"{prefix}{ext}"}, keep=read)
+        if bad_output:
+            return err(bad_output)
     try:
         pt = pt_options(args, args.batch_size)
         device = pick_device(args.device)

@@ -210,8 +210,17 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
         return v if v is not None else prof.get(name, fallback)
 
     batch = int(pick("batch_size"))
-    # not given: the preset's when one is asked for, else the profile's (0 never gets here: check_flags)
-    epochs = int(args.epochs if args.epochs is not None else (p_epochs if asked else prof.get("epochs", p_epochs)))
+    # not given: the preset's when one is asked for; else the profile's, but for loaded weights
+    # (the finetune preset) only when it is shorter (the cpu profile's 2 epochs; a GPU profile's
+    # from-scratch length is not a fine-tuning schedule)
+    if args.epochs is not None:
+        epochs = int(args.epochs)
+    elif asked:
+        epochs = int(p_epochs)
+    elif preset == "finetune":
+        epochs = int(min(p_epochs, prof.get("epochs", p_epochs)))
+    else:
+        epochs = int(prof.get("epochs", p_epochs))
     global_batch = batch * world
     lr_per_256 = args.lr if args.lr is not None else (FINETUNE_LR_PER_256 if preset == "finetune" else BASE_LR)
     backend = _data_backend(args.data_backend, prof["data_backend"], cuda)

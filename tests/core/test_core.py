@@ -298,6 +298,20 @@ def test_devices_and_pipes_are_refused_not_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fifo"]
 
 
+def test_stdout_as_a_pipe_and_pseudo_file_systems_are_refused():
+    """``--output /dev/stdout`` under ``| cat`` leads through /proc's links to ``pipe:[N]``, a name
+    realpath returns but no path opens; /proc takes no new files even from root."""
+    from rn50.atomic import unwritable_reason
+
+    r, w = os.pipe()
+    try:
+        assert os.path.realpath(f"/proc/self/fd/{w}").endswith("]")  # pipe:[N], as stdout is under | cat
+        assert unwritable_reason(f"/proc/self/fd/{w}") == "is a device, pipe or socket, not a file (give a file path)"
+    finally:
+        os.close(r), os.close(w)
+    assert unwritable_reason("/proc/predictions.jsonl").startswith("cannot create a file in folder /proc (")
+
+
 def test_stale_temporaries_are_found_beside_a_links_target(tmp_path):
     """A write through a link leaves its temporary (if killed) in the target's folder, named after
     the target; only those and the link folder's own are removed, nothing else."""

@@ -399,3 +399,29 @@ def test_class_names_that_differ_only_in_unicode_normalisation(tmp_path, train_f
         load_dataset(tmp_path)
     assert f"missing: {[unicodedata.normalize(train_form, name)]}" in str(e.value)
     assert "normalisation" not in str(e.value)
+
+
+def test_a_short_class_is_made_up_for_by_the_others():
+    """--limit-train N gives N images even when a class has fewer than its share; with every class
+    large enough the draw is what it always was (seeded, balanced)."""
+    from rn50.layout import balanced_subset
+
+    labels = [0] * 2 + [1] * 40 + [2] * 40
+    files = [f"f{i}" for i in range(len(labels))]
+    got_files, got = balanced_subset(files, labels, 30, seed=4)
+    assert len(got) == 30 and sorted(np.bincount(got).tolist()) == [2, 14, 14]
+    assert len(set(got_files)) == 30
+    assert balanced_subset(files, labels, 500, seed=4)[1].count(0) == 2  # more than there are: all of them
+    # every class large enough: ceil(n / classes) from each, the first n kept
+    even = [0] * 20 + [1] * 20 + [2] * 20
+    _, got = balanced_subset([f"f{i}" for i in range(60)], even, 30, seed=4)
+    assert np.bincount(got).tolist() == [10, 10, 10]
+
+
+def test_a_fifo_named_like_an_image_does_not_block_the_check(tmp_path):
+    from rn50.layout import check_files
+
+    _png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'b.png'))}: not a regular file"):
+        check_files([str(tmp_path / "a.png"), str(tmp_path / "b.png")])

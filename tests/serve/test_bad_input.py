@@ -402,3 +402,36 @@ def test_a_folder_that_cannot_be_listed_gets_an_error_line(
         "error": "cannot list this folder (Permission denied); its images were left out",
     }
     assert [ln["path"] for ln in lines[1:]] == list(map(str, good)) and all("topk" in ln for ln in lines[1:])
+
+
+@pytest.mark.parametrize("onto", ["engine", "manifest", "input", "files_from", "summary_is_output"])
+def test_an_output_never_replaces_what_the_command_reads(onto, capsys, tmp_path, engine_checkpoint, fmnist_small):
+    """--output or --summary naming the engine, its manifest, an input, the --files-from list or
+    the other output (also through a link): refused before any work, every file untouched."""
+    eng = tmp_path / "m.pt"
+    shutil.copy(engine_checkpoint, eng)
+    shutil.copy(f"{engine_checkpoint}.manifest.json", f"{eng}.manifest.json")
+    img = Path(shutil.copy(_good(fmnist_small)[0], tmp_path / "a.jpg"))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{img}\n")
+    (tmp_path / "link.jsonl").symlink_to(img.name)  # another name for the input
+    target, what = {
+        "engine": (eng, "the engine"),
+        "manifest": (Path(f"{eng}.manifest.json"), "the engine's manifest"),
+        "input": (tmp_path / "link.jsonl", "an input"),
+        "files_from": (listing, "the --files-from list"),
+        "summary_is_output": (tmp_path / "out.jsonl", "the --output file"),
+    }[onto]
+    argv = ["--engine", str(eng), "--quiet", "--files-from", str(listing), str(img)]
+    argv += (
+        ["--output", str(tmp_path / "out.jsonl"), "--summary", str(target)]
+        if onto == "summary_is_output"
+        else ["--output", str(target)]
+    )
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert infer.main(argv) == 2
+    flag = "--summary" if onto == "summary_is_output" else "--output"
+    assert error_line(capsys.readouterr().err) == (
+        f"error: {flag} {target}: is {what}, which this command reads or writes; give another file"
+    )
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

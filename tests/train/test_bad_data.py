@@ -133,6 +133,29 @@ def test_undecodable_train_image_stops_in_the_first_epoch(backend, fmnist_tiny, 
     assert not (tmp_path / "o" / "last.pt").exists()
 
 
+def test_a_format_dali_does_not_read_is_named_without_the_check(fmnist_tiny, tmp_path, capsys):
+    """A GIF named .jpg, --check-images off (as for ImageNet-sized sets): DALI fails its batch,
+    and PIL decodes GIFs, so finding the culprit must also ask the header check."""
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    victim = sorted((d / "train" / "bag").iterdir())[4]
+    Image.open(victim).convert("RGB").save(victim, format="GIF")
+    assert run(d, tmp_path / "o", "--epochs", "1", "--check-images", "off") == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{victim}: unsupported image format GIF" in line, line
+
+
+def test_one_class_is_refused_before_any_work(fmnist_tiny, tmp_path, capsys, no_epochs):
+    d = tmp_path / "d"
+    for split in ("train", "val"):
+        shutil.copytree(fmnist_tiny / split / "bag", d / split / "bag")
+    assert run(d, tmp_path / "o") == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: {d / 'train'}: only one class folder (bag): a classifier needs at least two "
+        "(expected <data>/train/<class>/ for each class)"
+    )
+
+
 def test_resume_from_a_directory(fmnist_tiny, tmp_path, capsys):
     (tmp_path / "ckdir").mkdir()
     assert run(fmnist_tiny, tmp_path / "o", "--resume", str(tmp_path / "ckdir")) == 2

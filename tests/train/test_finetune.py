@@ -164,6 +164,10 @@ def test_finetune_preset_and_flags_in_dry_run(tmp_path):
     g = dry("--profile", "gpu", "--init-from", "w.pth", "--backbone-lr-scale", "0.1", "--batch-size", "256")
     assert g["preset"] == "finetune" and g["epochs"] == 10 and g["warmup_epochs"] == pytest.approx(1.0)
     assert g["lr"] == pytest.approx(0.0256) and g["backbone_lr_scale"] == 0.1
+    # a GPU profile's from-scratch length (gpu-small: 60 epochs) is not a fine-tuning schedule
+    s = dry("--profile", "gpu-small", "--init-from", "w.pth")
+    assert (s["preset"], s["epochs"], s["warmup_epochs"]) == ("finetune", 10, pytest.approx(1.0))
+    assert dry("--profile", "gpu-small")["epochs"] == 60
     assert dry("--profile", "gpu", "--init-from", "w.pth", "--preset", "90")["lr_per_256"] == pytest.approx(0.256)
     assert dry("--profile", "cpu")["preset"] == 90 and dry("--profile", "cpu")["lr_per_256"] == pytest.approx(0.256)
 

@@ -162,18 +162,28 @@ def test_resume_with_other_class_count(fmnist_tiny, trained_run, tmp_path, capsy
     out = tmp_path / "o"
     out.mkdir()
     shutil.copy(trained_run / "last.pt", out / "last.pt")
-    rc = train.main(["--data", str(d), "--output", str(out), "--resume", *BASE])
+    rc = train.main(["--data", str(d), "--output", str(out), "--resume", "--workers", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "10 classes but the data has 9" in err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist_tiny, tmp_path, capsys):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist_tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
-    assert run(fmnist_tiny, out, "--epochs", "1") == 0
-    before = (out / "last.pt").read_bytes()
-    rc = run(fmnist_tiny, out, "--epochs", "1", "--lr", "1e30")
+    # diverging in its first epoch, a run has no checkpoint to keep, and says so
+    assert run(fmnist_tiny, out, "--epochs", "1", "--lr", "1e30") == 2
     err = capsys.readouterr().err
-    assert rc == 2 and ("loss is nan" in err or "loss is inf" in err)
+    assert ("loss is nan" in err or "loss is inf" in err) and "no checkpoint had been written yet" in err, err
+    assert not (out / "last.pt").exists()
+    # diverging in its second epoch (the loss made NaN there), the first epoch's checkpoint stays
+    assert run(fmnist_tiny, out, "--epochs", "2", "--stop-after", "1") == 0
+    before = (out / "last.pt").read_bytes()
+    from train import loop
+
+    real = loop.soft_cross_entropy
+    monkeypatch.setattr(loop, "soft_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert run(fmnist_tiny, out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and f"the last good checkpoint ({out / 'last.pt'}) is untouched" in err, err
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
