@@ -120,8 +120,8 @@ def validate(m: Any, where: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise ManifestError(f"{where}: manifest lacks {', '.join(missing)}")
-    if m["schema"] != SCHEMA:
-        raise ManifestError(f"{where}: manifest schema {m['schema']} is not {SCHEMA}")
+    if m["schema"] != SCHEMA or isinstance(m["schema"], bool):
+        raise ManifestError(f"{where}: manifest schema {m['schema']!r} is not {SCHEMA}")
     classes = m["classes"]
     if not isinstance(classes, list) or len(classes) < 2:
         raise ManifestError(f"{where}: manifest 'classes' must list at least two class names")
@@ -134,6 +134,20 @@ def validate(m: Any, where: str) -> dict[str, Any]:
         Preprocessing.from_dict(m["preprocessing"])
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{where}: bad preprocessing in manifest: {e}") from e
+    # the optional numbers that loaders turn into sizes and versions, and the record that ties the
+    # manifest to its file (a malformed one would otherwise switch that check off)
+    for key in ("image_size", "max_batch", "model_version"):
+        v = m.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ManifestError(f"{where}: manifest {key!r} must be a whole number, at least 1, not {v!r}")
+    rec = m.get("artifact")
+    if rec is not None:
+        sha = rec.get("sha256") if isinstance(rec, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ManifestError(
+                f"{where}: manifest 'artifact' must be {{\"sha256\": <64 hex digits>}} (the file it describes), "
+                f"not {rec!r}"
+            )
     return m
 
 
@@ -142,8 +156,8 @@ def check_artifact(artifact: str | os.PathLike[str], m: dict[str, Any]) -> None:
     ``artifact`` record's sha256). Manifests written before they carried the record pass: there
     is nothing to compare. Hashing reads the file once, which a loader pays once per process."""
     rec = m.get("artifact")
-    if not isinstance(rec, dict) or not rec.get("sha256"):
-        return
+    if rec is None:
+        return  # written before manifests had the record (validate refuses a malformed one)
     want, got = str(rec["sha256"]), sha256_file(artifact)
     if got != want:
         raise ManifestError(

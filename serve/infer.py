@@ -222,9 +222,21 @@ def _dispatch(argv: list[str] | None) -> int:
         dist.destroy_process_group()
 
 
+_OUTPUT: dict[str, str | None] = {}  # this process's --output, for the interruption message
+
+
+def what_is_kept() -> str:
+    """What an interrupted run leaves: no --output file (it appears only when complete), or, on
+    stdout, the lines printed so far, each complete."""
+    if _OUTPUT.get("output"):
+        return "an --output file appears only when its run completes: none was written"
+    return "the lines already printed are complete; the images after them were not classified"
+
+
 def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> int:
     """serve.infer's work for one process (rank ``rank`` of ``world``)."""
     args = build_parser().parse_args(argv)
+    _OUTPUT["output"] = args.output
     if world > 1:
         if not args.output:
             err(
@@ -429,4 +441,4 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
 if __name__ == "__main__":
     from rn50.interrupt import run_command
 
-    sys.exit(run_command(main, "an --output file appears only when its run completes: none was written"))
+    sys.exit(run_command(main, what_is_kept))

@@ -166,6 +166,18 @@ def load_engine(
     backend = load_backend(
         path, m, prefer_gpu=prefer_gpu, pt_precision=pt_precision, pt_compile=pt_compile, pt_batch=pt_batch
     )
+    embedded = getattr(backend, "manifest", None)  # a checkpoint's own, inside the .pt
+    if embedded is not None:
+        # the file beside a checkpoint is a copy of the one inside it; edited, it would rename the
+        # outputs or change the preprocessing of the weights, which export and serve.validate
+        # read from inside: the two must agree
+        for key in ("classes", "preprocessing"):
+            if m.get(key) != embedded.get(key):
+                raise ManifestError(
+                    f"{path}: the manifest beside it ({path.name}.manifest.json) and the one inside the "
+                    f"checkpoint differ in {key!r}; restore the file beside it from the checkpoint's "
+                    "(or re-save the checkpoint)"
+                )
     check_input_shape(path, backend.input_shape, size)
     n = backend.num_classes
     if n is not None and n != len(m["classes"]):

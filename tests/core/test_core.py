@@ -170,6 +170,25 @@ def test_a_file_swapped_behind_its_manifest_is_refused(tmp_path, model):
     assert load_engine(a, prefer_gpu=False)[1]["classes"] == m["classes"]
 
 
+@pytest.mark.parametrize("key", ["classes", "preprocessing"])
+def test_a_checkpoints_manifest_file_must_match_the_one_inside(tmp_path, model, key):
+    """The file beside a .pt is a copy of the manifest inside it, which export and serve.validate
+    read: edited (class names reversed, another mean), serving would rename the outputs or change
+    the inputs without a word."""
+    a = save_checkpoint(tmp_path / "a.pt", model.state_dict(), _manifest(), epoch=1)
+    m = json.loads(manifest_path(a).read_text())
+    if key == "classes":
+        m["classes"] = m["classes"][::-1]
+    else:
+        m["preprocessing"]["mean"] = [0.0, 0.0, 0.0]
+    manifest_path(a).write_text(json.dumps(m))
+    with pytest.raises(ManifestError) as e:
+        load_engine(a, prefer_gpu=False)
+    assert str(e.value).startswith(
+        f"{a}: the manifest beside it (a.pt.manifest.json) and the one inside the checkpoint differ in {key!r}"
+    )
+
+
 @pytest.mark.parametrize("dies_at", ["manifest", "file"])
 def test_a_save_killed_between_file_and_manifest_is_detectable(tmp_path, model, monkeypatch, dies_at):
     """save_checkpoint over an existing checkpoint, killed as it renames the manifest or the file
@@ -230,8 +249,30 @@ def test_malformed_preprocessing_is_a_manifest_error(tmp_path, field, value, nee
         (lambda m: m.update(classes=[1, 2]), "classes"),
         (lambda m: m.update(preprocessing=[1, 2]), "preprocessing"),
         (lambda m: m.update(preprocessing=None), "preprocessing"),
+        (lambda m: m.update(schema="1"), "manifest schema '1' is not 1"),
+        (lambda m: m.update(image_size="32"), "manifest 'image_size' must be a whole number, at least 1, not '32'"),
+        (lambda m: m.update(max_batch="abc"), "manifest 'max_batch' must be a whole number, at least 1, not 'abc'"),
+        (lambda m: m.update(max_batch=0), "'max_batch' must be a whole number, at least 1, not 0"),
+        (lambda m: m.update(model_version="abc"), "'model_version' must be a whole number, at least 1, not 'abc'"),
+        (lambda m: m.update(artifact="x"), "manifest 'artifact' must be {\"sha256\": <64 hex digits>}"),
+        (lambda m: m.update(artifact={"sha256": None}), "manifest 'artifact' must be"),
     ],
-    ids=["missing", "empty", "empty-name", "duplicate", "not-strings", "preprocessing-list", "preprocessing-null"],
+    ids=[
+        "missing",
+        "empty",
+        "empty-name",
+        "duplicate",
+        "not-strings",
+        "preprocessing-list",
+        "preprocessing-null",
+        "schema-string",
+        "image-size-string",
+        "max-batch-string",
+        "max-batch-0",
+        "model-version-string",
+        "artifact-string",
+        "artifact-null-sha",
+    ],
 )
 def test_malformed_classes_or_preprocessing_block(tmp_path, edit, needle):
     art = tmp_path / "x.onnx"

@@ -62,3 +62,22 @@ def test_sigterm_during_export_removes_its_work_folder_and_temporaries(trained_r
     assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM): artifacts already complete"), err[-2000:]
     assert "Traceback" not in err
     assert _leftovers(out) == [] and not (out / "x.onnx").exists()
+
+
+def test_the_interruption_line_is_asked_when_the_signal_comes(monkeypatch, capsys):
+    """A callable ``what_is_kept`` describes what is on disk then; serve.infer's depends on --output."""
+    from rn50.interrupt import run_command
+    from serve import infer
+
+    said = []
+
+    def interrupted() -> int:
+        said.append("main ran")
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted, lambda: f"asked after {said[0]}") == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT): asked after main ran\n"
+    monkeypatch.setitem(infer._OUTPUT, "output", "p.jsonl")
+    assert infer.what_is_kept().startswith("an --output file appears only when its run completes")
+    monkeypatch.setitem(infer._OUTPUT, "output", None)
+    assert infer.what_is_kept().startswith("the lines already printed are complete")

@@ -432,14 +432,20 @@ def test_manifest_kind_mismatch(capsys, tmp_path, engine_fp32_onnx, fmnist_small
 
 @pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_pt2", "engine_checkpoint"])
 def test_manifest_class_count_mismatch(request, capsys, copy_engine, engine_fixture, fmnist_small):
-    """ONNX records the output width (10) statically; the .pt2's comes from its load-time probe,
-    the checkpoint's from its fc layer."""
+    """ONNX records the output width (10) statically; the .pt2's comes from its load-time probe.
+    A checkpoint carries its manifest inside too, which the file beside it must equal."""
     engine = request.getfixturevalue(engine_fixture)
     eng = copy_engine(engine, lambda m: m.update(classes=m["classes"][:3]))
     rc = infer.main(["--engine", str(eng), str(fmnist_small / "val"), "--quiet"])
     cap = capsys.readouterr()
     assert rc == 2, cap.err
-    assert error_line(cap.err) == f"error: {eng}: the engine outputs 10 classes but its manifest lists 3"
+    if engine_fixture == "engine_checkpoint":
+        assert error_line(cap.err).startswith(
+            f"error: {eng}: the manifest beside it ({eng.name}.manifest.json) and the one inside the checkpoint "
+            "differ in 'classes'"
+        )
+    else:
+        assert error_line(cap.err) == f"error: {eng}: the engine outputs 10 classes but its manifest lists 3"
     assert cap.out == ""
 
 
