@@ -313,10 +313,22 @@ def calibrate(
         "activations": ("int8 symmetric" if flavour == "s8s8" else "uint8") + " per-tensor",
         "quantizer_options": quantizer_options(flavour),
     }
-    if cached.is_file():
-        shutil.copyfile(cached, dest)
-        return {**info, "cache_hit": True}
     import onnx
+
+    if cached.is_file():
+        # written whole (atomic_path), so a damaged entry was damaged afterwards, from outside: it
+        # is dropped and calibrated again rather than failing every later export the same way
+        try:
+            onnx.load(os.fspath(cached), load_external_data=False)
+        except Exception as e:
+            print(
+                f"calibration: cached model {cached} is unreadable ({type(e).__name__}): calibrating again",
+                file=sys.stderr,
+            )
+            cached.unlink()
+        else:
+            shutil.copyfile(cached, dest)
+            return {**info, "cache_hit": True}
 
     input_name = onnx.load(os.fspath(fp32), load_external_data=False).graph.input[0].name
     created = not cache.exists()

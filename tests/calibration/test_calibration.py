@@ -234,7 +234,9 @@ def test_s8s8_follows_tensorrt_explicit_quantization_rules(s8s8: Path) -> None:
     _check_tensorrt_rules(s8s8)
 
 
-def test_s8s8_rules_hold_when_convolutions_share_weights(fmnist_tiny: Path, tmp_path: Path) -> None:
+def test_s8s8_rules_hold_when_convolutions_share_weights(
+    fmnist_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Convolutions in different blocks can read one weight initializer: exporters and optimizers
     merge identical ones, e.g. the all-zero conv3 weights (one per stage) of an untrained
     ``zero_init_residual`` model after BatchNorm folding. The weights' DequantizeLinear is then
@@ -257,6 +259,14 @@ def test_s8s8_rules_hold_when_convolutions_share_weights(fmnist_tiny: Path, tmp_
     weights = collections.Counter(n.input[1] for n in onnx.load(str(q)).graph.node if n.op_type == "Conv")
     assert max(weights.values()) > 1, "no two convolutions share weights: this test no longer tests that"
     _check_tensorrt_rules(q)
+    # a cache entry damaged from outside (written whole, then cut) is calibrated again, not served
+    (entry,) = (tmp_path / "cache").glob("*.onnx")
+    entry.write_bytes(entry.read_bytes()[:1000])
+    capsys.readouterr()
+    info = calibrate(fp32, q, files, p, method="minmax", flavour="s8s8", cache_dir=tmp_path / "cache")
+    assert info["cache_hit"] is False and f"cached model {entry} is unreadable" in capsys.readouterr().err
+    _check_tensorrt_rules(q)
+    onnx.load(str(entry))  # whole again
 
 
 def test_cache_hit_and_gate_refusal(
