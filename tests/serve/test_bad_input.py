@@ -435,3 +435,32 @@ def test_an_output_never_replaces_what_the_command_reads(onto, capsys, tmp_path,
         f"error: {flag} {target}: is {what}, which this command reads or writes; give another file"
     )
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_batch_of_large_images_is_decoded_in_runs_with_the_same_result():
+    """Each image is bounded by --max-pixels but a batch is not: DALI decodes a batch in runs of at
+    most DECODE_PIXEL_BUDGET source pixels. The result, bad images included, is the one call's."""
+    from rn50.batches import Preprocessor
+    from rn50.preprocess import Preprocessing
+    from serve.pipeline import decode_runs, preprocess_encoded
+    from tests.jpegs import bogus_huffman
+
+    rng = np.random.default_rng(3)
+    sizes = [(64, 48), (40, 40), (80, 60), (30, 50), (48, 40)]
+    items = []
+    for i, (w, h) in enumerate(sizes):
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(b, "JPEG")
+        data = b.getvalue() if i != 2 else bogus_huffman(b.getvalue())  # whole, but undecodable
+        items.append((i, f"img{i}", np.frombuffer(data, dtype=np.uint8)))
+    pixels = [w * h for w, h in sizes]
+    budget = pixels[0] + pixels[1]  # the first two share a run, the third is alone, then two more
+    assert [[i for i, _, _ in run] for run in decode_runs(items, budget)] == [[0, 1], [2], [3, 4]]
+    assert [[i for i, _, _ in run] for run in decode_runs(items, 10)] == [[0], [1], [2], [3], [4]]
+    pre = Preprocessor(Preprocessing.for_image_size(32), len(items))
+    whole = preprocess_encoded(pre, items)
+    for b in (budget, 10):
+        x, kept, errors = preprocess_encoded(pre, items, budget=b)
+        assert [i for i, _, _ in kept] == [0, 1, 3, 4] == [i for i, _, _ in whole[1]]
+        assert [(i, name) for i, name, _ in errors] == [(2, "img2")] == [(i, n) for i, n, _ in whole[2]]
+        np.testing.assert_array_equal(x, whole[0])

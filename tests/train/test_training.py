@@ -252,7 +252,10 @@ def test_bad_checkpoint_for_evaluate_and_resume(how, trained_run, fmnist_tiny, t
     assert err.startswith("error: ") and "bad.pt" in err and "Traceback" not in err
     if expect_eval:
         assert expect_eval in err, err
-    rc = run(fmnist_tiny, tmp_path / "o", "--resume", str(ck))
+    # only flags a resume may change: the others would be refused as settings other than the run's
+    rc = train.main(
+        ["--data", str(fmnist_tiny), "--output", str(tmp_path / "o"), "--resume", str(ck), "--workers", "1"]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "bad.pt" in lines[0] and "Traceback" not in err, err
