@@ -27,7 +27,8 @@ def test_torchrun_two_cpu_ranks(tmp_path, engine_fp32_onnx, fmnist_small, photos
     imgs = sorted((fmnist_small / "val").rglob("*.jpg"))[::40][:12] + [photos["jpeg"]]
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     inputs = [*map(str, imgs), str(tmp_path / "bad.jpg")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    (tmp_path / "tmp").mkdir()  # torchrun leaves a torchelastic_* log folder in the temporary folder
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"))
     out = tmp_path / "preds.jsonl"
     # the same serve.infer command under torchrun and, as the reference, in one process
     infer_cpu = ["-m", "serve.infer", "--engine", str(engine_fp32_onnx), "--device", "cpu", "--quiet"]

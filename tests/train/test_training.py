@@ -89,7 +89,8 @@ def test_evaluate_checkpoint(trained_run, fmnist_small, capsys):
 
 
 def test_two_process_gloo_ddp(fmnist_tiny, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()  # torchrun leaves a torchelastic_* log folder in the temporary folder
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,
