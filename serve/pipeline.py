@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from rn50.batches import Preprocessor
-from rn50.errors import DataError
+from rn50.errors import DataError, dali_message
 from rn50.layout import MAX_PIXELS, check_header, read_encoded
 from rn50.preprocess import Preprocessing
 
@@ -48,22 +48,6 @@ class Prepared:
     x: Any  # float NCHW numpy (cpu) or torch CUDA tensor (gpu); None when no image survived
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0  # time spent reading + preprocessing this batch (in the background)
-
-
-def _dali_message(e: BaseException) -> str:
-    """The useful line of a (DALI) exception: DALI's messages start with pipeline boilerplate."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.lower().startswith("failed to decode"):
-            return ln.rstrip(" :")[:300]
-    for ln in lines:
-        low = ln.lower()
-        if ("error" in low and "critical error in pipeline" not in low and "operator" not in low) or "decode" in low:
-            return ln[:300]
-    for ln in reversed(lines):
-        if not ln.startswith(("File ", "which was used", "^")) and "pipeline" not in ln.lower():
-            return ln[:300]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def decode_cause(path: str, data: np.ndarray, e: BaseException) -> str:
@@ -86,7 +70,7 @@ def decode_cause(path: str, data: np.ndarray, e: BaseException) -> str:
             load_rgb(path, data.tobytes())
     except DataError as de:
         return str(de).removeprefix(f"{path}: ")
-    return f"cannot decode image: DALI's {_format_name(data)} decoder rejects it, PIL decodes it ({_dali_message(e)})"
+    return f"cannot decode image: DALI's {_format_name(data)} decoder rejects it, PIL decodes it ({dali_message(e)})"
 
 
 def _format_name(data: np.ndarray) -> str:

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rn50.errors import DataError, first_line
+from rn50.errors import DataError, dali_message
 from rn50.preprocess import Preprocessing, undecodable
 
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
@@ -259,7 +259,7 @@ class DaliLoader(_Base):
                     bad = undecodable(files[lo:hi]) or undecodable(files[:lo] + files[hi:])
                     if bad:
                         raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
-                    first = first_line(e, prefer="error")
+                    first = dali_message(e)
                     raise DataError(
                         f"DALI failed on batch {step + 1} of {len(files)} files "
                         f"(PIL decodes all of them; DALI says: {first})"

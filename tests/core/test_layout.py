@@ -425,3 +425,20 @@ def test_a_fifo_named_like_an_image_does_not_block_the_check(tmp_path):
     os.mkfifo(tmp_path / "b.png")
     with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'b.png'))}: not a regular file"):
         check_files([str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+
+
+def test_dalis_own_words_are_taken_from_its_error():
+    """DALI's exception opens with pipeline boilerplate and the operator's traceback; the line an
+    error message quotes is what DALI says after "encountered:"."""
+    from rn50.batches import Preprocessor
+    from rn50.errors import dali_message
+    from rn50.preprocess import Preprocessing
+
+    b = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(b, "GIF")  # a format DALI does not decode
+    pre = Preprocessor(Preprocessing.for_image_size(32), batch_size=1, device="cpu", num_threads=1)
+    with pytest.raises(RuntimeError) as e:
+        pre([np.frombuffer(b.getvalue(), np.uint8)])
+    assert str(e.value).startswith("Critical error in pipeline")
+    said = dali_message(e.value)
+    assert said and "pipeline" not in said.lower() and "operator" not in said.lower(), said
