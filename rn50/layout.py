@@ -339,7 +339,9 @@ def _truncation_cause(fmt: str, data: bytes) -> str | None:
     segments are stepped over by their lengths up to the first start-of-scan (so the end marker of
     an EXIF thumbnail does not count), and past it no FF D9 can occur but the real end (the
     entropy-coded data stuffs every FF byte). A PNG must reach its IEND chunk, chunk by chunk.
-    Bytes after the end (camera trailers) are allowed, as DALI allows them.
+    Bytes after the end (camera trailers) are allowed, as DALI allows them. A JPEG cut short and
+    then padded with zero bytes (a fixed-size buffer) is refused too, though DALI returns pixels
+    for it: those of the lost part are not the image's.
     """
     n = len(data)
     if fmt == "PNG":
@@ -347,7 +349,9 @@ def _truncation_cause(fmt: str, data: bytes) -> str | None:
         while pos + 8 <= n:
             size = int.from_bytes(data[pos : pos + 4], "big")
             if data[pos + 4 : pos + 8] == b"IEND":
-                return None
+                if pos + 12 <= n:  # with its CRC, which libpng reads too
+                    return None
+                break
             pos += 12 + size  # length, type, data, CRC
         return "truncated PNG file (it ends before its IEND chunk)"
     pos = 2  # after SOI

@@ -181,6 +181,8 @@ def _sink(output: str | None) -> Iterator[IO[str]]:
         with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             yield f
     except OSError as e:  # a full disk, a folder gone: one error line, not a traceback after the work
+        if isinstance(e, BrokenPipeError):  # stderr's reader gone (the progress bar): main's SIGPIPE exit
+            raise
         raise DataError(f"--output {output}: cannot write it ({e.strerror or e})") from e
 
 
@@ -329,6 +331,11 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         return EXIT_USAGE
     if rank > 0:
         unlisted = []  # every rank scanned the same folders: rank 0 reports them
+    for flag, out_path in (("--output", args.output), ("--summary", args.summary)):
+        # the inputs found in folders and --files-from lists, compared by name (no call per file)
+        if out_path and {os.path.abspath(out_path), os.path.realpath(out_path)} & {os.path.abspath(x) for x in paths}:
+            err(f"{flag} {out_path}: is an input, which this command reads or writes; give another file")
+            return EXIT_USAGE
     if world > 1:
         paths = rank_share(paths, rank, world)  # empty for some ranks when there are fewer files than ranks
 

@@ -94,10 +94,9 @@ def sniff(path: str, data: np.ndarray, max_pixels: int = MAX_PIXELS, resize_shor
 
 
 # DALI decodes a whole batch at once, and its memory pools keep what the largest batch took. Each
-# image is bounded (max_pixels), but a batch of them is not: 16 rows of 90 MP JPEGs, each under
-# the limit, took 7.9 GB at its peak (and kept 7.6 GB) on the CPU. So a batch is decoded in runs
-# of at most this many source pixels (an image larger than that alone); batches of ordinary photos
-# (256 x 0.2 MP for ImageNet) are one run.
+# image is bounded (max_pixels), but a batch of them is not: so a batch is decoded in runs of at
+# most this many source pixels (an image larger than that alone); batches of ordinary photos (256 x
+# 0.2 MP for ImageNet) are one run. bench.decode_memory measures the peak both ways (docs/serving.md).
 DECODE_PIXEL_BUDGET = 2 * MAX_PIXELS
 
 

@@ -234,8 +234,10 @@ _RUN: dict[str, Path] = {}  # the run folder of this process's run, for the inte
 
 def what_is_kept() -> str:
     """What an interrupted run leaves: the checkpoint of its last completed epoch, if one exists."""
-    last = _RUN["output"] / "last.pt" if "output" in _RUN else None
-    if last is not None and last.is_file():
+    if "output" not in _RUN:
+        return "nothing was written"
+    last = _RUN["output"] / "last.pt"
+    if last.is_file():
         return f"the last completed epoch's checkpoint ({last}) is intact (continue with --resume)"
     return "no epoch of this run was completed, so it wrote no checkpoint"
 
@@ -243,7 +245,8 @@ def what_is_kept() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
-    _RUN["output"] = Path(args.output)
+    if not (args.evaluate or args.dry_run):  # those write nothing in the run folder
+        _RUN["output"] = Path(args.output)
     from rn50.errors import PipelineError
 
     try:
@@ -270,13 +273,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.evaluate:
             return Trainer.evaluate_checkpoint(args, d)
         cfg = resolve(args, d.world, d.device.type == "cuda")
-        if args.resume is not None and args.init_from is not None:
+        if args.resume is not None and (args.init_from is not None or args.overwrite):
             from .config import ConfigError
 
-            raise ConfigError(
-                "--resume continues a run from its own checkpoint, --init-from starts a new one "
-                "from a weights file: give one of them"
+            other = (
+                "--init-from starts a new one from a weights file" if args.init_from else "--overwrite starts a new one"
             )
+            raise ConfigError(f"--resume continues a run from its own checkpoint, {other}: give one of them")
         if args.resume is not None:
             cfg, state = Trainer.load_resume(args, cfg)
         else:

@@ -194,7 +194,8 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
             "--num-classes applies to --data-backend synthetic without --data; with a data folder "
             "the classes are its class folders"
         )
-    if args.init_from is None and (args.freeze_backbone or args.backbone_lr_scale is not None):
+    # a resumed run has its own settings for these (compared by resumed_config, not asked again)
+    if args.init_from is None and args.resume is None and (args.freeze_backbone or args.backbone_lr_scale is not None):
         raise ConfigError("--freeze-backbone and --backbone-lr-scale apply to loaded weights: add --init-from PATH")
     if args.freeze_backbone and args.backbone_lr_scale is not None:
         raise ConfigError("--freeze-backbone trains the classifier only: --backbone-lr-scale has nothing to scale")
@@ -282,11 +283,15 @@ _COMMAND_ONLY = {"output", "data", "epochs", "resume", "stop_after", "cpu", "dry
 _FIELD_OF_FLAG = {"lr": "lr_per_256"}  # --lr is per 256 images
 
 
-def resumed_config(saved: RunConfig, cfg: RunConfig, given: set[str], where: str | os.PathLike[str]) -> RunConfig:
+def resumed_config(
+    saved: RunConfig, cfg: RunConfig, given: set[str], where: str | os.PathLike[str], amp: object = None
+) -> RunConfig:
     """The configuration a resumed run goes on with: ``saved`` (the checkpoint's), with the output
     folder, the data folder, the epoch count and the settings of :data:`RESUME_MAY_CHANGE` that were
     ``given`` on the command line taken from ``cfg`` (the command line's, resolved). ConfigError
-    for any other flag given with another value than the run's, and for another process count."""
+    for any other flag given with another value than the run's, for another process count and for
+    a switch to or from synthetic data. ``amp``: the --amp flag's value as given, resolved here with
+    the run's autocast dtype."""
     from .recipe import resolve_amp
 
     cuda = cfg.tf32  # on exactly where CUDA is (resolve)
@@ -310,6 +315,15 @@ def resumed_config(saved: RunConfig, cfg: RunConfig, given: set[str], where: str
             "batches and learning rate stay the run's"
         )
     changes: dict[str, Any] = {f: getattr(cfg, f) for f in RESUME_MAY_CHANGE if f in given}
+    backend = changes.get("data_backend", saved.data_backend)
+    if backend != saved.data_backend and "synthetic" in (backend, saved.data_backend):
+        raise ConfigError(
+            f"{where}: --data-backend {changes['data_backend']}: the run trains on "
+            f"{'synthetic data' if saved.data_backend == 'synthetic' else 'the images of ' + str(saved.data)}; "
+            "a resumed run keeps its data (the backend may change among dali-gpu, dali-cpu and pytorch)"
+        )
+    if "amp" in given:
+        changes["amp"] = resolve_amp(amp, saved.amp_dtype, cuda)  # with the run's dtype, not a profile's
     if "data_backend" not in changes and saved.data_backend == "dali-gpu" and not cuda:
         changes["data_backend"] = "dali-cpu"  # as a profile's dali-gpu does without CUDA
     if "amp" not in changes:

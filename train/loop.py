@@ -31,17 +31,6 @@ from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
 from .steplog import StepLogger
 
-# Every file the trainer writes into the run folder (atomically).
-RUN_FILES = (
-    "last.pt",
-    "last.pt.manifest.json",
-    "best.pt",
-    "best.pt.manifest.json",
-    "manifest.json",
-    "metrics.jsonl",
-    "curves.png",
-)
-
 
 class TrainingError(PipelineError):
     """Training cannot go on (non-finite loss, ...)."""
@@ -108,24 +97,36 @@ class LoaderWaits:
         return rec
 
 
-# What a run writes in its folder (Trainer._save, StepLogger, TensorBoard), and so what a new run
-# in that folder removes first; anything else there is the user's and stays.
-RUN_FILES = (
+# The files the trainer writes into the run folder atomically (temporary file, then rename) ...
+ATOMIC_FILES = (
     "last.pt",
     "last.pt.manifest.json",
     "best.pt",
     "best.pt.manifest.json",
-    "metrics.jsonl",
-    "steps.jsonl",
     "manifest.json",
+    "metrics.jsonl",
     "curves.png",
-    "tb",
 )
+# ... and all it writes there (StepLogger appends to steps.jsonl, TensorBoard fills tb/): what a
+# new run in an earlier run's folder removes first; anything else there is the user's and stays.
+RUN_FILES = (*ATOMIC_FILES, "steps.jsonl", "tb")
 
 
 def earlier_checkpoints(out: Path) -> list[str]:
     """The checkpoints of an earlier run in the run folder ``out`` (what --overwrite is needed for)."""
     return [f for f in ("last.pt", "best.pt") if (out / f).exists()]
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether ``out`` holds an earlier run of the trainer: its checkpoints, or its run manifest
+    (a run stopped before its first epoch). A folder that merely has files of the same names
+    (``tb/``, a ``manifest.json`` of something else) is not one, and its files are not removed."""
+    if earlier_checkpoints(out):
+        return True
+    try:
+        return json.loads((out / "manifest.json").read_text()).get("kind") == "run"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_run_files(out: Path) -> list[str]:
@@ -152,7 +153,7 @@ class Trainer:
         self._t0, self._elapsed_before = time.time(), 0.0
         self.out = Path(cfg.output)
         if d.main:  # what a killed write of a previous run left behind (rn50.atomic.atomic_path)
-            remove_stale_temporaries(self.out, RUN_FILES)
+            remove_stale_temporaries(self.out, ATOMIC_FILES)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -250,7 +251,7 @@ class Trainer:
                 # a new run in an earlier run's folder (--overwrite, or one that never finished an
                 # epoch) starts from an empty one: none of that run's files outlives this start, so a
                 # run that fails later leaves its own files only, never a mix of two runs
-                removed = remove_run_files(self.out)
+                removed = remove_run_files(self.out) if holds_a_run(self.out) else []
                 if removed:
                     print(f"{self.out}: removed the earlier run's {', '.join(removed)}", file=sys.stderr)
             self.out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +288,10 @@ class Trainer:
                 f"{', '.join(lacks or ['the manifest train_config'])}): cannot resume from it"
             )
         saved = RunConfig.from_dict(obj["manifest"]["train_config"], f"{path} (embedded manifest)")
-        return resumed_config(saved, cfg, getattr(args, "given", set()), path), {**obj, "_path": str(path)}
+        given = set(getattr(args, "given", set()))
+        if getattr(args, "profile", None) == "auto":
+            given.discard("profile")  # auto names no profile: it picks one for the machine
+        return resumed_config(saved, cfg, given, path, amp=args.amp), {**obj, "_path": str(path)}
 
     def _restore(self, obj: dict[str, Any]) -> None:
         path = obj.get("_path", "resume checkpoint")

@@ -309,6 +309,7 @@ def _truncation_variants() -> dict[str, tuple[bytes, str | None]]:
         "jpeg_with_thumbnail_cut": (with_thumb[: len(with_thumb) * 6 // 10], cut_jpeg),
         "png": (png, None),
         "png_without_iend": (png[:-12], cut_png),
+        "png_without_the_iend_crc": (png[:-2], cut_png),
         "png_cut_in_its_data": (png[: len(png) // 2], cut_png),
         "png_with_trailing_bytes": (png + b"x" * 50, None),
     }

@@ -404,7 +404,7 @@ def test_a_folder_that_cannot_be_listed_gets_an_error_line(
     assert [ln["path"] for ln in lines[1:]] == list(map(str, good)) and all("topk" in ln for ln in lines[1:])
 
 
-@pytest.mark.parametrize("onto", ["engine", "manifest", "input", "files_from", "summary_is_output"])
+@pytest.mark.parametrize("onto", ["engine", "manifest", "input", "files_from", "listed_input", "summary_is_output"])
 def test_an_output_never_replaces_what_the_command_reads(onto, capsys, tmp_path, engine_checkpoint, fmnist_small):
     """--output or --summary naming the engine, its manifest, an input, the --files-from list or
     the other output (also through a link): refused before any work, every file untouched."""
@@ -420,9 +420,11 @@ def test_an_output_never_replaces_what_the_command_reads(onto, capsys, tmp_path,
         "manifest": (Path(f"{eng}.manifest.json"), "the engine's manifest"),
         "input": (tmp_path / "link.jsonl", "an input"),
         "files_from": (listing, "the --files-from list"),
+        "listed_input": (img, "an input"),
         "summary_is_output": (tmp_path / "out.jsonl", "the --output file"),
     }[onto]
-    argv = ["--engine", str(eng), "--quiet", "--files-from", str(listing), str(img)]
+    argv = ["--engine", str(eng), "--quiet", "--files-from", str(listing)]
+    argv += [] if onto == "listed_input" else [str(img)]  # then an input named only in the list
     argv += (
         ["--output", str(tmp_path / "out.jsonl"), "--summary", str(target)]
         if onto == "summary_is_output"

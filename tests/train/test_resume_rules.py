@@ -56,6 +56,52 @@ def test_a_gpu_run_resumes_on_a_cpu():
         resumed_config(dataclasses.replace(saved, world_size=1), cfg, given, "o/last.pt")
 
 
+def test_resume_edge_cases():
+    """A fine-tune run's own --freeze-backbone is no change; --amp takes the run's autocast dtype
+    (fp16: none on a CPU); --profile auto names no profile; synthetic data is no backend to switch to."""
+    saved, _ = _cfg(["--profile", "cpu", "--output", "o", "--init-from", "w.pth", "--freeze-backbone"])
+    cfg, given = _cfg(["--output", "o", "--profile", "cpu", "--freeze-backbone", "--resume"])
+    assert resumed_config(saved, cfg, given, "o/last.pt") == saved
+    gpu, _ = _cfg(["--profile", "gpu", "--output", "o"], cuda=True)
+    cfg, given = _cfg(["--output", "o", "--amp", "--resume"])
+    assert resumed_config(gpu, cfg, given, "o/last.pt", amp=True).amp is False
+    cfg, given = _cfg(["--output", "o", "--profile", "cpu", "--data-backend", "synthetic", "--resume"])
+    with pytest.raises(ConfigError, match="a resumed run keeps its data"):
+        resumed_config(saved, cfg, given, "o/last.pt")
+
+
+def test_resume_takes_profile_auto_and_refuses_overwrite(one_epoch, fmnist_tiny, capsys):
+    assert run(fmnist_tiny, one_epoch, "--resume", "--overwrite") == 2
+    assert "--overwrite starts a new one: give one of them" in error_line(capsys.readouterr().err)
+    argv = [
+        "--data",
+        str(fmnist_tiny),
+        "--output",
+        str(one_epoch),
+        "--resume",
+        "--profile",
+        "auto",
+        "--stop-after",
+        "1",
+    ]
+    assert train.main([*argv, "--workers", "1"]) == 0
+    assert load_checkpoint(one_epoch / "last.pt")["epoch"] == 1
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path):
+    """Only an earlier run's folder is cleared when a new run starts in it."""
+    from train.loop import holds_a_run
+
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "manifest.json").write_text('{"kind": "dataset"}')
+    assert not holds_a_run(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"kind": "run"}')
+    assert holds_a_run(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "best.pt").write_bytes(b"x")
+    assert holds_a_run(tmp_path)
+
+
 @pytest.fixture
 def one_epoch(fmnist_tiny, tmp_path):
     """A run of a 3-epoch schedule stopped after its first epoch."""
@@ -98,6 +144,8 @@ def test_resume_on_renamed_classes_is_refused(one_epoch, fmnist_tiny, tmp_path, 
 def test_the_interruption_message_says_what_is_on_disk(tmp_path, monkeypatch):
     from train import __main__ as cli
 
+    monkeypatch.delitem(cli._RUN, "output", raising=False)  # --evaluate, --dry-run
+    assert cli.what_is_kept() == "nothing was written"
     monkeypatch.setitem(cli._RUN, "output", tmp_path)
     assert cli.what_is_kept() == "no epoch of this run was completed, so it wrote no checkpoint"
     (tmp_path / "last.pt").write_bytes(b"x")
