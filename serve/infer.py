@@ -331,9 +331,10 @@ def classify(argv: list[str] | None = None, rank: int = 0, world: int = 1) -> in
         return EXIT_USAGE
     if rank > 0:
         unlisted = []  # every rank scanned the same folders: rank 0 reports them
+    # the inputs found in folders and --files-from lists, compared by name (no call per file)
+    found = {os.path.abspath(x) for x in paths} if args.output or args.summary else set()
     for flag, out_path in (("--output", args.output), ("--summary", args.summary)):
-        # the inputs found in folders and --files-from lists, compared by name (no call per file)
-        if out_path and {os.path.abspath(out_path), os.path.realpath(out_path)} & {os.path.abspath(x) for x in paths}:
+        if out_path and {os.path.abspath(out_path), os.path.realpath(out_path)} & found:
             err(f"{flag} {out_path}: is an input, which this command reads or writes; give another file")
             return EXIT_USAGE
     if world > 1:
