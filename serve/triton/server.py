@@ -154,7 +154,11 @@ def serve(
 def check_ports(host: str, ports: dict[str, int]) -> None:
     """EngineError naming the flag of a port that cannot be bound on ``host`` (in use, not allowed,
     or given to two endpoints), before Triton is started: Triton itself would only time out.
-    The range (1-65535) is checked with the other flags (``serve.triton.FLAG_RANGES``)."""
+    The range (1-65535) is checked with the other flags (``serve.triton.FLAG_RANGES``).
+
+    The probe sets SO_REUSEADDR as Triton's own listeners do: a port whose last connections are
+    in TIME_WAIT (a server just stopped with clients connected) is free for Triton, and a port
+    another socket listens on is refused all the same."""
     import socket
 
     seen: dict[int, str] = {}
@@ -164,6 +168,7 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
         seen[port] = flag
     for flag, port in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as e:

@@ -324,6 +324,40 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
     assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_port_in_time_wait_is_accepted_a_listening_one_refused():
+    """A port whose last connection is in TIME_WAIT (Triton just stopped with a client connected)
+    is free for a new Triton, which binds with SO_REUSEADDR; the check must not refuse it.
+    A port another socket listens on (with SO_REUSEADDR too, or on every interface) is refused."""
+    from rn50.errors import EngineError
+    from serve.triton.server import check_ports
+
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton's listeners; its connections inherit it
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        conn.close()  # the side that closes first keeps the connection in TIME_WAIT
+        cli.recv(1)
+        cli.close()
+    states = [
+        ln.split()[3]
+        for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if ln.split()[1] == f"0100007F:{port:04X}"
+    ]
+    assert "06" in states, states  # TIME_WAIT on 127.0.0.1:port
+    check_ports("127.0.0.1", {"--http-port": port})
+    for addr in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket() as busy:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            busy.bind((addr, 0))
+            busy.listen()
+            taken = busy.getsockname()[1]
+            with pytest.raises(EngineError, match=f"--grpc-port {taken}: cannot listen on 127.0.0.1:{taken}"):
+                check_ports("127.0.0.1", {"--grpc-port": taken})
+
+
 def test_ports_out_of_range_or_shared_are_refused_before_triton_starts(capsys, tmp_path):
     """Refused before the engine is read (here it does not exist): Triton itself would print its
     usage text for a shared port and time out after minutes; Python's bind an OverflowError."""
