@@ -7,14 +7,19 @@
   (``.plan``, ``.onnx``, ``.pt2``, ``.pt``) and the DALI preprocessing are the offline path's
   (``rn50.backends``, ``rn50.batches``), read from the engine's manifest. Dynamic batching up to
   the engine's maximum batch; KServe v2 HTTP and gRPC, Prometheus metrics, health endpoints
-  (``/v2/health/live``, ``/v2/health/ready``). It listens on 127.0.0.1 unless ``--host`` says
-  otherwise, clients cannot load or unload models (PyTriton restricts the model-repository API to
-  its own access token), and an image over ``--max-request-bytes`` is refused before decoding.
-  SIGINT / SIGTERM stop the server and its backend stub processes before the command exits.
+  (``/v2/health/live``; ``/v2/models/rn50/ready`` for readiness: ``/v2/health/ready`` answers
+  before the model is loaded); the ``serving ...`` line comes once the model is ready. It
+  listens on 127.0.0.1 unless ``--host`` says otherwise, clients cannot load or unload models
+  (PyTriton restricts the model-repository API to its own access token), and an image over
+  ``--max-request-bytes`` is refused before decoding.
+  SIGINT / SIGTERM stop the server and its backend stub processes before the command exits;
+  Triton's own log goes to stdout with ``--verbose`` only. Should ``tritonserver`` exit on its
+  own, the command ends what is left of it and exits 1 with the last lines of its log.
 * ``--write-repo DIR``: writes a model repository for a stock ``tritonserver`` instead (see
   :mod:`serve.triton.repo`): a DALI model, the engine model and the ensemble joining them.
 
-Exit status: 0 stopped by a signal (or the repository written), 2 usage or engine error.
+Exit status: 0 stopped by a signal (or the repository written), 1 the server exited on its own,
+2 usage or engine error (a server that fails to start included).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from rn50.flags import AT_LEAST_1, PORT, Range
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_SERVER_EXITED, EXIT_USAGE = 0, 1, 2
 FALLBACK_MAX_BATCH = (
     64  # for an engine that bounds its batch nowhere (a .pt, a dynamic ONNX without a manifest max_batch)
 )
@@ -63,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve.triton",
         "Serve a ResNet50 engine (.plan, .onnx, .pt2, .pt) on Triton Inference Server (PyTriton) with "
         "the manifest's DALI preprocessing; or write a model repository for a stock tritonserver.",
-        "exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 2 usage or engine error.\n"
+        "exit status: 0 stopped by SIGINT/SIGTERM (or repository written); 1 the server exited on its "
+        "own; 2 usage or engine error.\n"
         "See docs/serving.md.",
     )
     add_engine(ap, "engine file (.plan, .onnx, .pt2, or a checkpoint .pt) with its .manifest.json beside it")
@@ -111,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Triton model version (default: the manifest's model_version, else 1)",
     )
-    ap.add_argument("--verbose", action="store_true", help="Triton's verbose log")
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Triton's log, verbose, on stdout (without it only this command's own lines are printed)",
+    )
     add_pt_options(ap, batch_flag="the largest dynamic batch (--max-batch)")
     return ap
 
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.cli import env_threads, pick_device, pt_options
 
     from .model import Classifier
-    from .server import MODEL_NAME, check_ports, serve, stub_env
+    from .server import MODEL_NAME, TritonExited, check_ports, serve, stub_env
 
     try:
         device = pick_device(args.device)
@@ -214,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
             on_ready=ready,
         )
+    except TritonExited as e:
+        if not args.verbose and e.log_tail:  # with --verbose the whole log is on stdout already
+            print("Triton's last log lines:", *(f"  {ln}" for ln in e.log_tail), sep="\n", file=sys.stderr)
+        err(str(e))
+        return EXIT_SERVER_EXITED
     except PipelineError as e:
         err(str(e))
         return EXIT_USAGE

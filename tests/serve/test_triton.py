@@ -9,6 +9,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -62,35 +64,39 @@ def cmdline(pid: int) -> str:
 
 
 class Server:
-    """``python -m serve.triton`` in a child process on free loopback ports."""
+    """``python -m serve.triton`` in a child process on free loopback ports: its stderr in ``log``,
+    its stdout in ``out`` (beside it), ``env`` added to the environment. Once ready, ``python_env``
+    is the /tmp/python_env_XXXXXX of its Triton Python backend (None when another server made one
+    at the same time: then either could be it)."""
 
-    def __init__(self, engine: Path, log: Path, *extra: str):
+    def __init__(self, engine: Path, log: Path, *extra: str, env: dict[str, str] | None = None):
         self.http, self.grpc, self.metrics = free_ports(3)
-        self.log = log
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.log, self.out = log, log.with_suffix(".stdout")
+        self.python_env: Path | None = None
+        self._envs = set(Path("/tmp").glob("python_env_*"))
         self.proc = subprocess.Popen(
             server_command(engine, (self.http, self.grpc, self.metrics), *extra),
             cwd=ROOT,
-            env=env,
-            stdout=open(log, "wb"),
-            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+            stdout=open(self.out, "wb"),
+            stderr=open(log, "wb"),
         )
 
     def wait_ready(self, timeout: float = 180) -> None:
-        import tritonclient.http as th
-
-        client = th.InferenceServerClient(f"127.0.0.1:{self.http}")
+        """Wait for the command's ``serving ...`` line; the model must answer ready by then (Triton's
+        /v2/health/ready says 200 before PyTriton has loaded it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"serve.triton exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
-            try:
-                if client.is_model_ready("rn50"):
-                    return
-            except Exception:
-                pass
+            if any(ln.startswith("serving ") for ln in self.log.read_text().splitlines()):
+                url = f"http://127.0.0.1:{self.http}/v2/models/rn50/ready"
+                assert urllib.request.urlopen(url, timeout=10).status == 200
+                new = set(Path("/tmp").glob("python_env_*")) - self._envs
+                self.python_env = new.pop() if len(new) == 1 else None
+                return
             time.sleep(0.5)
         raise AssertionError(f"serve.triton not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
 
@@ -258,8 +264,10 @@ def test_endpoints_health_metrics_and_no_model_control(server):
 
 
 def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
+    """Also: --verbose prints Triton's log on stdout (without it, stdout stays empty: see
+    test_server_that_exits_on_its_own_is_an_error_and_leaves_nothing)."""
     need_pytriton()
-    s = Server(engine_fp32_onnx, tmp_path / "server.log")
+    s = Server(engine_fp32_onnx, tmp_path / "server.log", "--verbose")
     s.wait_ready()
     kids = descendants(s.proc.pid)
     assert any("tritonserver" in cmdline(p) for p in kids) and any("stub" in cmdline(p) for p in kids), [
@@ -268,6 +276,93 @@ def test_sigint_stops_everything(engine_fp32_onnx, tmp_path):
     rc, left = s.stop(signal.SIGINT)
     assert rc == 0, s.log.read_text()[-2000:]
     assert not left, [cmdline(p) for p in left]
+    assert f'Started HTTPService at 127.0.0.1:{s.http}"' in s.out.read_text()
+
+
+def test_server_that_exits_on_its_own_is_an_error_and_leaves_nothing(engine_fp32_onnx, tmp_path):
+    """A KServe request for Triton's classification extension on the BYTES output ``classes``
+    kills Triton 2.51 (SIGFPE) under a running serve.triton: the command exits 1 with one error
+    line naming how Triton ended, and nothing of the server is left: no process (the backend stub
+    outlives such a tritonserver, ignores SIGTERM and holds the HTTP port), no model copy,
+    workspace, shared memory or /tmp/python_env_XXXXXX, nothing in $TMPDIR. Without --verbose
+    nothing but the command's own lines is printed. (Should a later Triton answer that request,
+    tritonserver is killed instead.)"""
+    need_pytriton()
+    from tests.stderr import error_line
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    s = Server(engine_fp32_onnx, tmp_path / "server.log", env={"TMPDIR": str(tmp)})
+    kids: set[int] = set()
+    try:
+        s.wait_ready()
+        before_crash = s.log.read_text().splitlines()
+        kids = descendants(s.proc.pid)
+        (triton,) = [p for p in kids if Path(cmdline(p).split(" ")[0]).name == "tritonserver"]
+        (stub,) = [p for p in kids if "triton_python_backend_stub" in cmdline(p)]
+        argv = [Path(f"/proc/{stub}/cmdline").read_bytes().split(b"\0")[i].decode() for i in range(3)]
+        workspace = Path(argv[0]).parents[3]  # <workspace>/tritonserver/backends/python/<stub>
+        model_copy = Path(argv[1]).parents[1]  # <model folder>/<version>/model.py
+        shm_region = argv[2]
+        assert workspace.is_dir() and model_copy.is_dir() and Path("/dev/shm", shm_region).exists(), argv
+        body = {
+            "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}],
+            "outputs": [{"name": "classes", "parameters": {"classification": 3}}],
+        }
+        url = f"http://127.0.0.1:{s.http}/v2/models/rn50/infer"
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode()), timeout=30)
+        except (urllib.error.URLError, OSError):
+            pass  # the server died while answering
+        try:
+            rc = s.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            if alive(triton):
+                os.kill(triton, signal.SIGKILL)
+            try:
+                rc = s.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                rc = None
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        err = s.log.read_text()
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        got = {
+            "exit status": rc,
+            "error lines": [ln.split(" (killed by SIG")[0] for ln in errors],
+            "'stopped' printed": "stopped" in err.splitlines(),
+            "processes left": [cmdline(p) for p in kids if alive(p)],
+            "model copy left": model_copy.exists() and str(model_copy),
+            "workspace left": workspace.exists() and str(workspace),
+            "python_env left": s.python_env is not None and s.python_env.exists() and str(s.python_env),
+            "shared memory left": sorted(f.name for f in Path("/dev/shm").glob(f"{shm_region}*")),
+            "in $TMPDIR": sorted(f.name for f in tmp.iterdir() if f.name != ".ses"),  # onnxruntime's session id
+            "lines before the crash": [ln for ln in before_crash if not ln.startswith("serving ")],
+            "stdout": s.out.read_text()[-500:],
+        }
+        want = {
+            "exit status": 1,
+            "error lines": ["error: Triton Inference Server exited unexpectedly"],
+            "'stopped' printed": False,
+            "processes left": [],
+            "model copy left": False,
+            "workspace left": False,
+            "python_env left": False,
+            "shared memory left": [],
+            "in $TMPDIR": [],
+            "lines before the crash": [],
+            "stdout": "",
+        }
+        wrong = {k: v for k, v in got.items() if v != want[k]}
+        assert not wrong, f"{wrong}\n{err[-3000:]}"
+        assert error_line(err) in [
+            f"error: Triton Inference Server exited unexpectedly (killed by {sig})" for sig in ("SIGFPE", "SIGKILL")
+        ]
+    finally:
+        for p in kids | ({s.proc.pid} if s.proc.poll() is None else set()):
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_compiled_checkpoint_serves_as_serve_infer(capsys, engine_checkpoint, images, tmp_path):
@@ -294,12 +389,31 @@ def test_compiled_checkpoint_serves_as_serve_infer(capsys, engine_checkpoint, im
 
 
 def test_sigterm_stops_everything(server):
-    """Runs last in this module: stops the shared server with SIGTERM."""
+    """Runs last in this module: stops the shared server with SIGTERM while a client holds an HTTP
+    keep-alive connection. Triton then waits its whole exit timeout for the connection and exits
+    without unloading the model; nothing of it is left all the same (processes, workspace, model
+    copy, the Python backend's /tmp/python_env_XXXXXX)."""
+    import http.client
+
     kids = descendants(server.proc.pid)
     assert any("tritonserver" in cmdline(p) for p in kids)
-    rc, left = server.stop(signal.SIGTERM)
+    (stub,) = [p for p in kids if "triton_python_backend_stub" in cmdline(p)]
+    argv = cmdline(stub).split(" ")
+    workspace = Path(argv[0]).parents[3]  # <workspace>/tritonserver/backends/python/<stub>
+    model_copy = Path(argv[1]).parents[1]  # <model folder>/<version>/model.py
+    keep_alive = http.client.HTTPConnection("127.0.0.1", server.http, timeout=30)
+    keep_alive.request("GET", "/v2/health/live")
+    response = keep_alive.getresponse()
+    response.read()
+    assert response.status == 200 and not response.will_close
+    try:
+        rc, left = server.stop(signal.SIGTERM)
+    finally:
+        keep_alive.close()
     assert rc == 0, server.log.read_text()[-2000:]
     assert not left, [cmdline(p) for p in left]
+    assert not workspace.exists() and not model_copy.exists(), (workspace, model_copy)
+    assert not (server.python_env and server.python_env.exists()), server.python_env
 
 
 # --------------------------------------------------------------------------- usage errors
@@ -322,6 +436,40 @@ def test_bad_usage_exits_2(capsys, engine_fp32_onnx, tmp_path):
         port = busy.getsockname()[1]
         assert triton.main(["--engine", str(engine_fp32_onnx), "--grpc-port", str(port)]) == 2
     assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_port_in_time_wait_is_accepted_a_listening_one_refused():
+    """A port whose last connection is in TIME_WAIT (Triton just stopped with a client connected)
+    is free for a new Triton, which binds with SO_REUSEADDR; the check must not refuse it.
+    A port another socket listens on (with SO_REUSEADDR too, or on every interface) is refused."""
+    from rn50.errors import EngineError
+    from serve.triton.server import check_ports
+
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton's listeners; its connections inherit it
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        conn.close()  # the side that closes first keeps the connection in TIME_WAIT
+        cli.recv(1)
+        cli.close()
+    states = [
+        ln.split()[3]
+        for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if ln.split()[1] == f"0100007F:{port:04X}"
+    ]
+    assert "06" in states, states  # TIME_WAIT on 127.0.0.1:port
+    check_ports("127.0.0.1", {"--http-port": port})
+    for addr in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket() as busy:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            busy.bind((addr, 0))
+            busy.listen()
+            taken = busy.getsockname()[1]
+            with pytest.raises(EngineError, match=f"--grpc-port {taken}: cannot listen on 127.0.0.1:{taken}"):
+                check_ports("127.0.0.1", {"--grpc-port": taken})
 
 
 def test_ports_out_of_range_or_shared_are_refused_before_triton_starts(capsys, tmp_path):
