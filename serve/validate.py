@@ -33,7 +33,9 @@ Exit status: 0 pass, 1 fail, 2 usage or engine error (missing engine / manifest 
 engine and checkpoint differ, VAL_DIR not an ImageNet-layout folder with those classes, a --batch-size or
 --limit below 1, report files that cannot be written: all checked before the engine loads). Images that
 cannot be used (``serve.pipeline``: unreadable, unsupported format, corrupt, too large) are left out of the
-scores and listed in the report's ``failed_images``.
+scores and listed in the report's ``failed_images``; when they are more than ``--max-failed`` of the
+split (default 1 %), the validation fails: its scores would describe another sample than the split
+named, however well the engine agrees on what was left.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ from typing import Any
 
 import numpy as np
 
-from rn50.flags import AT_LEAST_1
+from rn50.flags import AT_LEAST_1, Range
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 # Every numeric flag (rn50/flags.py): checked before the engine loads.
-FLAG_RANGES = {"--limit": AT_LEAST_1, "--batch-size": AT_LEAST_1}
+FLAG_RANGES = {"--limit": AT_LEAST_1, "--batch-size": AT_LEAST_1, "--max-failed": Range(lo=0, hi=1)}
+MAX_FAILED = 0.01  # share of the split's images that may fail to decode before the validation fails
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pass: top-1(PyTorch) - top-1(engine) <= bound for the engine's precision "
         "(fp32 0.05, fp16 0.1, int8 0.5 points; a gain is reported, not failed), "
         "top-1 agreement >= 99.5/99/90 % and (fp32/fp16) max |logit difference| <= 1e-3/2e-2 of the "
-        "logit scale.\nexit status: 0 pass; 1 fail; 2 usage or engine error.",
+        "logit scale; at most --max-failed of the images left out as undecodable.\n"
+        "exit status: 0 pass; 1 fail; 2 usage or engine error.",
     )
     add_engine(
         ap,
@@ -85,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="write PREFIX.json, PREFIX.md and PREFIX.confusion.png (default <engine>.validate); "
         "checked before any work: exit 2 if they cannot be written",
+    )
+    ap.add_argument(
+        "--max-failed",
+        type=float,
+        default=MAX_FAILED,
+        metavar="FRACTION",
+        help=f"fail when more than this share of the images cannot be decoded (default {MAX_FAILED:g}; "
+        "they are left out of the scores and listed in the report either way)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     add_pt_options(ap)
@@ -343,6 +355,14 @@ def _run(args: argparse.Namespace) -> int:
     ref, eng, lab = np.concatenate(ref_l), np.concatenate(eng_l), np.concatenate(lab_l)
     r = compare(ref, eng, lab, precision)
     r["engine_acc"] = r.pop("engine")
+    share = len(failed) / (len(failed) + len(lab))
+    r.update(failed_share=share, max_failed=args.max_failed)
+    if share > args.max_failed:
+        too_many = (
+            f"{len(failed)} of {len(failed) + len(lab)} images ({100 * share:.2g} %) could not be decoded, "
+            f"more than --max-failed {args.max_failed:g}"
+        )
+        r.update(passed=False, problem="; ".join(filter(None, [r["problem"], too_many])))
     r.update(
         engine=str(args.engine),
         backend=f"{backend.name} ({backend.provider})",

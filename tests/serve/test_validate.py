@@ -171,3 +171,39 @@ def test_validate_malformed_manifest(capsys, tmp_path, copy_engine, engine_check
     line = error_line(cap.err)
     assert line.startswith(f"error: {eng}.manifest.json: ") and "mean" in line, line
     assert cap.out == "" and list(tmp_path.glob("r.*")) == []
+
+
+def test_validate_fails_when_too_many_images_are_undecodable(
+    capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small
+):
+    """Undecodable images are left out of both sides' scores; beyond --max-failed (default 1 %) of
+    the split they fail the validation, since the scores no longer describe the split named."""
+    from tests.jpegs import bogus_huffman
+
+    val = tmp_path / "val"
+    broken = []
+    for d in sorted((fmnist_small / "val").iterdir()):
+        (val / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:10]:
+            shutil.copy(f, val / d.name / f.name)
+    for d in sorted(val.iterdir())[:2]:  # 2 of 100 images: 2 %
+        f = sorted(d.iterdir())[0]
+        f.write_bytes(bogus_huffman(f.read_bytes()))
+        broken.append(str(f))
+
+    def validate_with(*extra: str) -> tuple[int, dict, str]:
+        rc = run_validate(
+            engine_fp32_onnx, trained_run / "best.pt", val, "--report", str(tmp_path / "r"), "--quiet", *extra
+        )
+        return rc, json.loads((tmp_path / "r.json").read_text()), capsys.readouterr().out
+
+    rc, r, out = validate_with()
+    assert rc == 1 and r["passed"] is False, out
+    assert sorted(f["path"] for f in r["failed_images"]) == broken
+    assert r["images"] == 98 and r["failed_share"] == pytest.approx(0.02) and r["max_failed"] == 0.01
+    assert "2 of 100 images (2 %) could not be decoded, more than --max-failed 0.01" in out and "**FAIL**" in out
+    # the engine itself agrees with PyTorch on the rest: with room for 2 %, the same split passes
+    rc, r, out = validate_with("--max-failed", "0.02")
+    assert rc == 0 and r["passed"] is True and r["images"] == 98, out
+    assert validate.main(["--engine", str(engine_fp32_onnx), "--checkpoint", "x", str(val), "--max-failed", "1.5"]) == 2
+    assert "--max-failed 1.5: must be at least 0 and at most 1" in capsys.readouterr().err
