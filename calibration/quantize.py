@@ -113,8 +113,11 @@ CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
 #   :func:`_keep_residual_adds_fusible` takes the Q/DQ off the main-branch input). MaxPool, Relu,
 #   GlobalAveragePool and Flatten get none: TensorRT moves Q/DQ across them.
 # * DedicatedQDQPair False: one Q/DQ pair per tensor, shared by its consumers.
-# The same list as NVIDIA ModelOpt's ONNX INT8 path (modelopt/onnx/quantization/ort_utils.py
-# configure_ort, graph_utils.py build_non_residual_input_map / remove_partial_input_qdq).
+# The placement rules of NVIDIA ModelOpt's ONNX INT8 path (modelopt/onnx/quantization/ort_utils.py
+# configure_ort, graph_utils.py build_non_residual_input_map / remove_partial_input_qdq). Unlike
+# ModelOpt, the weights are stored as int8 with a DequantizeLinear (ModelOpt keeps float weights
+# with a Q/DQ pair; TensorRT folds either), and what stays unquantized stays fp32 (ModelOpt
+# converts it to fp16 by default).
 TENSORRT_OPTIONS: dict[str, Any] = {
     "op_types_to_quantize": ["Add", "Conv", "Gemm"],
     "extra_options": {

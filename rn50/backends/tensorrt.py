@@ -16,6 +16,7 @@ inside a guard, so it imports without TensorRT. Typed against the corrected stub
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,9 @@ class TrtBackend:
         why = unsupported_release(str(trt.__version__))
         if why:
             raise EngineError(f"{path}: {why}")
+        unchecked = unchecked_release(str(trt.__version__))
+        if unchecked:  # the same line export prints before a build
+            print(f"warning: {unchecked}", file=sys.stderr)
         cc = torch.cuda.get_device_capability(0)
         why = unsupported_gpu(str(trt.__version__), (int(cc[0]), int(cc[1])), torch.cuda.get_device_name(0))
         if why:
@@ -164,8 +168,11 @@ class TrtBackend:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(ins) != 1 or not outs:
-            raise EngineError(f"{path}: expected one input and a logits output, found inputs {ins} and outputs {outs}")
+        # enqueueV3 needs an address (or an output allocator) for every output; this runner binds one
+        if len(ins) != 1 or len(outs) != 1:
+            raise EngineError(
+                f"{path}: expected one input and one logits output, found inputs {ins} and outputs {outs}"
+            )
         self.input_name, self.output_name = ins[0], outs[0]
         self._in_dtype = self._torch_dtype(engine.get_tensor_dtype(self.input_name))
         self._out_dtype = self._torch_dtype(engine.get_tensor_dtype(self.output_name))
