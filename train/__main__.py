@@ -236,8 +236,10 @@ def what_is_kept() -> str:
     """What an interrupted run leaves: the checkpoint of its last completed epoch, if one exists."""
     if "output" not in _RUN:
         return "nothing was written"
-    last = _RUN["output"] / "last.pt"
-    if last.is_file():
+    from .run_folder import kept_checkpoint
+
+    last = kept_checkpoint(_RUN["output"])
+    if last:
         return f"the last completed epoch's checkpoint ({last}) is intact (continue with --resume)"
     return "no epoch of this run was completed, so it wrote no checkpoint"
 
@@ -266,7 +268,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(resolve(args, world, cuda).to_dict(), indent=2))
         return 0
     from . import distributed
-    from .loop import Trainer, earlier_checkpoints
+    from .loop import Trainer
+    from .run_folder import earlier_checkpoints
 
     d = distributed.init(cpu=args.cpu)
     try:

@@ -29,6 +29,7 @@ from .config import DEFAULT_DATA, RunConfig, resumed_config, should_check_images
 from .loaders import Shard, make_loader
 from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_statistics, read_weights
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
+from .run_folder import ATOMIC_FILES, holds_a_run, kept_checkpoint, remove_run_files
 from .steplog import StepLogger
 
 
@@ -95,55 +96,6 @@ class LoaderWaits:
         if stats:
             rec.update(built_ahead=stats[-1]["built_ahead"], build_s=stats[-1]["build_s"])
         return rec
-
-
-# The files the trainer writes into the run folder atomically (temporary file, then rename) ...
-ATOMIC_FILES = (
-    "last.pt",
-    "last.pt.manifest.json",
-    "best.pt",
-    "best.pt.manifest.json",
-    "manifest.json",
-    "metrics.jsonl",
-    "curves.png",
-)
-# ... and all it writes there (StepLogger appends to steps.jsonl, TensorBoard fills tb/): what a
-# new run in an earlier run's folder removes first; anything else there is the user's and stays.
-RUN_FILES = (*ATOMIC_FILES, "steps.jsonl", "tb")
-
-
-def earlier_checkpoints(out: Path) -> list[str]:
-    """The checkpoints of an earlier run in the run folder ``out`` (what --overwrite is needed for)."""
-    return [f for f in ("last.pt", "best.pt") if (out / f).exists()]
-
-
-def holds_a_run(out: Path) -> bool:
-    """Whether ``out`` holds an earlier run of the trainer: its checkpoints, or its run manifest
-    (a run stopped before its first epoch). A folder that merely has files of the same names
-    (``tb/``, a ``manifest.json`` of something else) is not one, and its files are not removed."""
-    if earlier_checkpoints(out):
-        return True
-    try:
-        return json.loads((out / "manifest.json").read_text()).get("kind") == "run"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def remove_run_files(out: Path) -> list[str]:
-    """Remove an earlier run's files (:data:`RUN_FILES`) from ``out``; returns the names removed."""
-    import shutil
-
-    removed = []
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
-            continue
-        removed.append(name)
-    return removed
 
 
 class Trainer:
@@ -444,15 +396,11 @@ class Trainer:
             if d.device.type == "cpu" or i % 50 == 0:
                 v = loss.item()
                 if not math.isfinite(v):
-                    last = self.out / "last.pt"
+                    last = kept_checkpoint(self.out)
                     raise TrainingError(
                         f"loss is {v} at epoch {epoch + 1}, step {i + 1}: training diverged "
                         "(lower --lr, or check the data); "
-                        + (
-                            f"the last good checkpoint ({last}) is untouched"
-                            if last.is_file()
-                            else "no checkpoint had been written yet"
-                        )
+                        + (f"the last good checkpoint ({last}) is untouched" if last else "no checkpoint was written")
                     )
                 bar.set_postfix(loss=f"{v:.3f}", lr=f"{lr:.3g}", refresh=False)
         mean = float(total) / max(count, 1)

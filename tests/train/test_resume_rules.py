@@ -90,7 +90,7 @@ def test_resume_takes_profile_auto_and_refuses_overwrite(one_epoch, fmnist_tiny,
 
 def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path):
     """Only an earlier run's folder is cleared when a new run starts in it."""
-    from train.loop import holds_a_run
+    from train.run_folder import holds_a_run
 
     (tmp_path / "tb").mkdir()
     (tmp_path / "manifest.json").write_text('{"kind": "dataset"}')
