@@ -312,6 +312,45 @@ def remove_shm(prefix: str) -> None:
             pass
 
 
+WORKSPACE_PREFIX = "rn50_serve"  # rn50_serve_<host>_<pid>_XXXXXXXX in PyTriton's home (~/.cache/pytriton)
+
+
+def new_workspace(home: Path) -> tuple[Path, Any]:
+    """(folder to remove at the end, PyTriton ``Workspace``) for this server, in ``home``. The folder
+    is named after this host and process, so that a later start can tell the workspaces left by a
+    ``serve.triton`` that was killed outright (SIGKILL, out of memory: about 22 MB each, Triton's
+    copy and the model) from those of servers still running (:func:`remove_stale_workspaces`)."""
+    import socket
+    import tempfile
+
+    from pytriton.utils.workspace import Workspace
+
+    home.mkdir(parents=True, exist_ok=True)
+    own = Path(tempfile.mkdtemp(dir=home, prefix=f"{WORKSPACE_PREFIX}_{socket.gethostname()}_{os.getpid()}_"))
+    return own, Workspace(own / "workspace")
+
+
+def remove_stale_workspaces(home: Path) -> list[Path]:
+    """Remove the workspaces in ``home`` of this host's ``serve.triton`` processes that no longer
+    exist; returns them. Another host's (a shared home folder) and a live process's stay."""
+    import shutil
+    import socket
+
+    stale = []
+    for d in home.glob(f"{WORKSPACE_PREFIX}_{socket.gethostname()}_*_*"):
+        try:
+            pid = int(d.name.rsplit("_", 2)[-2])
+            os.kill(pid, 0)
+            continue  # alive (or another user's: PermissionError below)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        stale.append(d)
+    return stale
+
+
 def bind(triton: Any, classifier: Any, version: int, max_batch: int, queue_delay_us: int) -> None:
     """Declare model ``rn50``: BYTES ``image`` ([-1, 1]: one encoded image per row), outputs
     ``topk`` / ``classes`` / ``probs`` ([-1, k]) and ``error`` ([-1, 1]), dynamic batching up to
@@ -362,7 +401,7 @@ def serve(
     import shutil
 
     import pytriton.server.triton_server as triton_server
-    from pytriton.utils.workspace import Workspace
+    from pytriton.constants import PYTRITON_HOME
 
     env = stub_env()
     # PyTriton runs the stub in the environment this function names (by default this process's).
@@ -377,7 +416,8 @@ def serve(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, to_interrupt)
-    workspace = Workspace()  # in ~/.cache/pytriton, PyTriton's default place
+    remove_stale_workspaces(PYTRITON_HOME)
+    own_folder, workspace = new_workspace(PYTRITON_HOME)  # PyTriton's home (~/.cache/pytriton)
     triton = None
     envs_before, own_env = python_envs(), None
     try:
@@ -416,7 +456,7 @@ def serve(
                     pass
             if triton is not None:
                 remove_shm(triton.shm_prefix)
-            shutil.rmtree(workspace.path, ignore_errors=True)
+            shutil.rmtree(own_folder, ignore_errors=True)
             signal.signal(signal.SIGTERM, previous)
 
 
