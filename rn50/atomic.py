@@ -103,7 +103,8 @@ def unwritable_reason(dest: str | os.PathLike[str]) -> str | None:
     while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        return f"{folder} is not a folder (it is a file or a broken link)"
+        kind = "a broken link" if not folder.exists() else "a file" if folder.is_file() else "a device, pipe or socket"
+        return f"{folder} is not a folder (it is {kind})"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"folder {folder} is not writable"
     try:  # where permissions do not tell (root; /proc, /sys, read-only mounts): try it

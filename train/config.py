@@ -104,10 +104,19 @@ FLAG_RANGES: dict[str, Range] = {
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """ConfigError ``--flag VALUE: must be ...`` for the first numeric flag outside its range."""
+    """ConfigError ``--flag VALUE: must be ...`` for the first numeric flag outside its range, or
+    for an ``--output`` run folder that cannot be one (a file, a device, under a file, not
+    writable), before any data is read. ``--evaluate`` writes nothing there and is not held to it."""
     why = flag_problem(args, FLAG_RANGES)
     if why:
         raise ConfigError(why)
+    if not getattr(args, "evaluate", False):
+        from rn50.atomic import unwritable_reason
+
+        # the run folder's first file: its own path then has to be a folder, or one that can be made
+        why = unwritable_reason(Path(args.output) / "manifest.json")
+        if why:
+            raise ConfigError(f"--output {args.output}: {why} (the run folder, where checkpoints are written)")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ the values at the edges of each range are accepted."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,27 @@ def test_bad_numeric_flag_is_one_error_line(case, dry_run, fmnist_tiny, tmp_path
     line = error_line(err)
     assert line.startswith(f"error: {flag} {value}: ") and why in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda t: (t / "best.pt").write_bytes(b"x") and t / "best.pt", "best.pt is not a folder (it is a file)"),
+        (lambda t: Path("/dev/null"), "/dev/null is not a folder (it is a device, pipe or socket)"),
+        (lambda t: (t / "f").write_text("x") and t / "f" / "run", "/f is not a folder (it is a file)"),
+    ],
+    ids=["a-file", "a-device", "under-a-file"],
+)
+def test_output_that_cannot_be_a_run_folder_is_refused(make, why, dry_run, fmnist_tiny, tmp_path, capsys, no_work):
+    """``--output runs/x/best.pt`` (a checkpoint path, as other scripts take), a device or a path
+    under a file: one error line naming it, before any data is read."""
+    out = make(tmp_path)
+    rc = train_cli.run(fmnist_tiny, out, *(["--dry-run"] if dry_run else []))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = error_line(err)
+    assert line.startswith(f"error: --output {out}: ") and why in line, line
 
 
 def test_bad_flag_stops_evaluate_too(tmp_path, capsys, no_work):
