@@ -186,6 +186,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype]
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
         self.start_epoch, self.step, self.best_top1, self.history = 0, 0, -1.0, []
+        self.accuracy: dict[str, Any] = {}  # the run manifest's: the last completed epoch's, with the best top-1
         if resume is not None:
             self._restore(resume)
         net: nn.Module = model
@@ -198,7 +199,8 @@ class Trainer:
         self.net = net
         self.tb = None
         self.steplog: StepLogger | None = None
-        if d.main:
+        # a resume with no epoch left to train changes nothing in the run folder
+        if d.main and not (resume is not None and self.start_epoch >= cfg.epochs):
             if resume is None:
                 # a new run in an earlier run's folder (--overwrite, or one that never finished an
                 # epoch) starts from an empty one: none of that run's files outlives this start, so a
@@ -285,6 +287,9 @@ class Trainer:
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
+        acc = obj.get("manifest", {}).get("accuracy")
+        if acc:  # kept in the run manifest until an epoch of this job replaces it
+            self.accuracy = {"best_top1": self.best_top1, **acc}
         # a history without "elapsed" (training time only, no set-up): its epochs' own times are the best estimate
         self._elapsed_before = (
             float(self.history[-1].get("elapsed", sum(r.get("time", 0.0) for r in self.history)))
@@ -443,6 +448,8 @@ class Trainer:
             **self._init_extra(),
         )
         m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
+        if self.accuracy:
+            m["accuracy"] = self.accuracy
         return m
 
     def _save(self, epoch: int, top1: float, top5: float, n_val: int) -> None:
@@ -478,9 +485,8 @@ class Trainer:
             self.best_top1 = top1 if math.isfinite(top1) else self.best_top1
             save_checkpoint(self.out / "best.pt", self.model.state_dict(), man, epoch=epoch)
         write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        m = self._run_manifest()
-        m["accuracy"] = {"best_top1": self.best_top1, **acc}
-        write_json(self.out / "manifest.json", m)
+        self.accuracy = {"best_top1": self.best_top1, **acc}
+        write_json(self.out / "manifest.json", self._run_manifest())
         if self.tb is not None:
             r = self.history[-1]
             for k in ("train_loss", "lr", "img_per_s", "val_top1", "val_top5"):

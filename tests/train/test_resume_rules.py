@@ -123,9 +123,29 @@ def test_resume_applies_flags_refuses_others_and_stop_after_counts_this_job(one_
         ck = load_checkpoint(out / "last.pt")
         assert ck["epoch"] == epoch and ck["manifest"]["train_config"]["data_backend"] == "pytorch"
     capsys.readouterr()
+    before = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    assert json.loads((out / "manifest.json").read_text())["accuracy"]["epoch"] == 3
     assert run(fmnist_tiny, out, "--resume", "--stop-after", "1") == 0
     assert "nothing to train: the run in" in capsys.readouterr().err
-    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    # a resume with nothing left to train leaves the run folder as it was (manifest, TensorBoard)
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+
+
+def test_a_resumed_run_keeps_its_accuracy_until_an_epoch_replaces_it(one_epoch, fmnist_tiny, monkeypatch):
+    """The run manifest written as a resumed job starts carries the accuracy it resumed with, so a
+    job stopped in its first epoch (pre-empted, or failing) leaves the run's accuracy on record."""
+    from train.loop import Trainer
+
+    acc = json.loads((one_epoch / "manifest.json").read_text())["accuracy"]
+    assert acc["epoch"] == 1 and "top1" in acc and "best_top1" in acc
+
+    def stopped(self, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_fit_epoch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(fmnist_tiny, one_epoch, "--resume")
+    assert json.loads((one_epoch / "manifest.json").read_text())["accuracy"] == acc
 
 
 def test_resume_on_renamed_classes_is_refused(one_epoch, fmnist_tiny, tmp_path, capsys):
