@@ -29,6 +29,7 @@ come before any image is decoded.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,7 +183,28 @@ def load_engine(
     n = backend.num_classes
     if n is not None and n != len(m["classes"]):
         raise ManifestError(f"{path}: the engine outputs {n} classes but its manifest lists {len(m['classes'])}")
+    failed = failed_export_checks(m)
+    if failed:  # export wrote it anyway (--force): a debugging artifact, not one to deploy unnoticed
+        print(f"warning: {path}: {failed}", file=sys.stderr)
     return backend, m
+
+
+def failed_export_checks(manifest: dict[str, Any]) -> str | None:
+    """What the manifest says export found wrong with the engine it still wrote (``--force``):
+    the parity check against PyTorch, the INT8 accuracy gate; None when both passed or were not run."""
+    int8 = manifest.get("int8")
+    checks = [
+        ("parity check", manifest.get("parity")),
+        ("INT8 accuracy gate", int8.get("gate") if isinstance(int8, dict) else None),
+    ]
+    failed = [
+        f"the {name} ({rec.get('problem') or 'failed'})"
+        for name, rec in checks
+        if isinstance(rec, dict) and rec.get("passed") is False
+    ]
+    if not failed:
+        return None
+    return f"exported although it failed {' and '.join(failed)} (written with --force); serve.validate measures it"
 
 
 def _chw(shape: tuple[int | None, ...]) -> str:

@@ -554,3 +554,30 @@ def test_files_from_a_list_or_stdin(capsys, tmp_path, monkeypatch, engine_fp32_o
         assert error_line(capsys.readouterr().err) == f"error: --files-from {source}: " + (
             "cannot read it (No such file or directory)" if why == "cannot read it" else why
         )
+
+
+@pytest.mark.parametrize(
+    "spoil, named",
+    [
+        (
+            lambda m: m["parity"].update(passed=False, problem="top-1 agreement 35.70 % < 99 %"),
+            "the parity check (top-1",
+        ),
+        (lambda m: m["int8"]["gate"].update(passed=False), "the INT8 accuracy gate (failed)"),
+    ],
+    ids=["parity", "int8-gate"],
+)
+def test_an_engine_forced_past_a_failed_export_check_is_served_with_a_warning(
+    spoil, named, capsys, copy_engine, engine_int8_onnx, fmnist_small
+):
+    """export --force writes an engine that failed its checks; its manifest says so, and whatever
+    serves it says so too, once, before the predictions (which still come)."""
+    eng = copy_engine(engine_int8_onnx, spoil)
+    rc, lines, err = run_infer(capsys, eng, good_images(fmnist_small, 2))
+    assert rc == 0 and len(lines) == 2, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {eng}: exported although it failed "), err
+    assert named in warnings[0] and "--force" in warnings[0], warnings[0]
+    # the engine as exported, checks passed: no warning
+    rc, lines, err = run_infer(capsys, engine_int8_onnx, good_images(fmnist_small, 2))
+    assert rc == 0 and "warning:" not in err, err
