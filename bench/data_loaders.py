@@ -26,7 +26,7 @@ import time
 import torch
 
 from .measure import machine
-from .report import add_output_flag, publish
+from .report import add_output_flag, parse_checked, publish
 
 
 def rate(loader, n_batches: int, batch: int) -> float:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         help="DALI threads and DataLoader worker processes (default: the CPU count, %(default)s here)",
     )
     add_output_flag(ap, "data_loaders")
-    a = ap.parse_args(argv)
+    a = parse_checked(ap, argv, may_be_zero=("--images", "--epochs", "--step-ms", "--workers"))
     train, _ = load_dataset(a.data)
     p = Preprocessing.for_image_size(a.image_size)
     if a.epochs:

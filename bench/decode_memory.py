@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from bench.report import parse_checked
+
 
 def _child(jpeg: str, count: int, budget: int) -> None:
     import numpy as np
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=16, help="images in the batch (default: %(default)s)")
     ap.add_argument("--side", type=int, default=9500, help="width and height of each image (default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # JPEG path and budget, for the child runs
-    a = ap.parse_args(argv)
+    a = parse_checked(ap, argv)
     if a.child:
         jpeg, budget = a.child.rsplit(":", 1)
         _child(jpeg, a.count, int(budget))

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import parse_checked
 from rn50.fashion_mnist import CLASSES, DEFAULT_SOURCE, convert
 from rn50.layout import balanced_subset, load_dataset
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: a temporary folder)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
-    a = ap.parse_args(argv)
+    a = parse_checked(ap, argv, may_be_zero=("--workers", "--warmup-epochs"))
 
     from bench.measure import machine
 

@@ -48,6 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench.report import parse_checked
+
 STAGES = ("speed", "data", "train", "infer", "serve")
 # (label, train flags): the synthetic-data rows of the training-throughput table
 SPEED_CONFIGS = [
@@ -809,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = parse_checked(build_parser(), argv, may_be_zero=("--real-images", "--workers"))
     bad = [s for s in a.stages if s not in (*STAGES, "table")]
     if bad:
         print(f"error: unknown stage(s) {', '.join(bad)} (choose from {', '.join(STAGES)}, table)", file=sys.stderr)

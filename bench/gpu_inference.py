@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.report import parse_checked
 from rn50.errors import first_line
 
 from .measure import time_calls
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="timing per measurement (default 3)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = ap.parse_args(argv)
+    args = parse_checked(ap, argv)
 
     import torch
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .measure import machine, time_calls
-from .report import add_output_flag, publish
+from .report import add_output_flag, parse_checked, publish
 
 
 def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -> float:
@@ -34,19 +34,29 @@ def throughput(fn: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float) -
     return len(times) * len(x) / sum(times)
 
 
+DEFAULT_CHECKPOINT = Path("runs/default/best.pt")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--checkpoint",
         type=Path,
-        default=Path("runs/default/best.pt"),
-        help="trained checkpoint to export and time; without it an untrained 32 px model (default: %(default)s)",
+        default=None,
+        help=f"trained checkpoint to export and time (default: {DEFAULT_CHECKPOINT}, and when that does not "
+        "exist an untrained 32 px, 10-class model)",
     )
     ap.add_argument("--data", type=Path, help="data root (default: the checkpoint's, else data/fashion-mnist)")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing per measurement (default 4)")
     ap.add_argument("--calib-size", type=int, default=128, help="calibration images per INT8 flavour (default 128)")
     add_output_flag(ap, "inference")
-    args = ap.parse_args(argv)
+    args = parse_checked(ap, argv)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        # only the default may be missing: timing a stand-in for a checkpoint named on purpose would
+        # report another model's figures
+        print(f"error: {args.checkpoint}: checkpoint not found", file=sys.stderr)
+        return 2
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
 
     import torch
 
@@ -63,16 +73,16 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    if args.checkpoint.is_file():
-        model, man = load_model(args.checkpoint)
+    if checkpoint.is_file():
+        model, man = load_model(checkpoint)
         p = Preprocessing.from_dict(man["preprocessing"])
         data = args.data or Path((man.get("train_config") or {}).get("data", "data/fashion-mnist"))
-        what = str(args.checkpoint)
+        what = str(checkpoint)
     else:
         p = Preprocessing.for_image_size(32)
         model = build_model(10).eval()
         data = args.data or Path("data/fashion-mnist")
-        what = f"untrained ResNet50 v1.5, 10 classes ({args.checkpoint} not found)"
+        what = f"untrained ResNet50 v1.5, 10 classes ({checkpoint} not found)"
     train, val = load_dataset(data)
     vf, vl = balanced_subset(val.files, val.labels, 32, seed=0)
     x32, _ = next(iter_split(vf[:32], vl[:32], p, batch_size=32))

@@ -11,6 +11,30 @@ from pathlib import Path
 DEFAULT_DIR = Path("runs/bench")
 
 
+def parse_checked(
+    ap: argparse.ArgumentParser, argv: list[str] | None, may_be_zero: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """``ap.parse_args(argv)``, then every int flag at least 1 and every float flag above 0 (those
+    in ``may_be_zero``: at least 0), else one ``error: --flag VALUE: must be ...`` line and exit 2
+    (:mod:`rn50.flags`): a count of 0 or a negative time would otherwise end in a traceback, or in a
+    table of nothing, after the setup."""
+    from rn50.flags import Range, number
+
+    args = ap.parse_args(argv)
+    for a in ap._actions:
+        flag = next((o for o in a.option_strings if o.startswith("--")), None)
+        value = getattr(args, a.dest, None)
+        if flag is None or a.type not in (int, float) or value is None:
+            continue
+        zero = flag in may_be_zero
+        rng = Range(lo=0 if zero or a.type is float else 1, lo_open=a.type is float and not zero)
+        for v in value if isinstance(value, list) else [value]:  # nargs="+" flags: each value
+            why = rng.problem(v)
+            if why:
+                ap.exit(2, f"error: {flag} {number(v)}: {why}\n")
+    return args
+
+
 def add_output_flag(ap: argparse.ArgumentParser, name: str) -> None:
     ap.add_argument(
         "--output",

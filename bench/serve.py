@@ -22,7 +22,7 @@ from pathlib import Path
 from serve.cli import add_batch_size
 
 from .measure import cpu_name, time_calls
-from .report import add_output_flag, publish
+from .report import add_output_flag, parse_checked, publish
 
 
 def timed(fn, min_seconds: float = 3.0, min_iters: int = 2) -> float:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=512, help="images for the end-to-end run (default: %(default)s)")
     add_batch_size(ap, 32, "images per batch, clipped to the engine's maximum (default: %(default)s)")
     add_output_flag(ap, "serve")
-    args = ap.parse_args(argv)
+    args = parse_checked(ap, argv)
 
     import numpy as np
 

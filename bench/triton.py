@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.measure import cpu_name
+from bench.report import parse_checked
 
 
 def free_ports(n: int) -> list[int]:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--queue-delay-us", type=int, default=2000, help="the server's dynamic-batching delay (default 2000)"
     )
-    args = ap.parse_args(argv)
+    args = parse_checked(ap, argv)
 
     import numpy as np
 
