@@ -7862,7 +7862,7 @@ class OnnxParser:
         
             :arg flag: The flag to clear.
         """
-    def get_error(self, index: int) -> ...:
+    def get_error(self, index: int) -> ParserError:
         """
             Get an error that occurred during prior calls to :func:`parse`
         
