@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -340,17 +341,55 @@ def _mypy(*files: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+# Misuses of the TensorRT calls the two modules make, one per line of misuse's body, each of
+# which mypy must report: results and parameters the stubs type as bool or as a buffer
+# (typing_extensions.Buffer). An annotation in the stubs that names no type is read as Any, and
+# then every one of these lines passes.
+_MISUSES = """\
+from pathlib import Path
+
+import tensorrt as trt
+
+
+def misuse(
+    parser: trt.OnnxParser,
+    config: trt.IBuilderConfig,
+    cache: trt.ITimingCache,
+    runtime: trt.Runtime,
+    context: trt.IExecutionContext,
+) -> None:
+    a: str = context.execute_async_v3(0)
+    b: str = context.set_input_shape("input", (1, 3, 32, 32))
+    c: str = context.set_tensor_address("input", 0)
+    d: str = parser.parse(b"", "model.onnx")
+    config.set_timing_cache(cache, "not a bool")
+    config.create_timing_cache("timing.cache")
+    parser.parse(Path("model.onnx"), "model.onnx")
+    runtime.deserialize_cuda_engine(Path("model.plan"))
+"""
+
+
 def test_tensorrt_modules_typecheck_and_a_misspelled_attribute_fails(tmp_path: Path) -> None:
     """mypy reads the TensorRT stubs (typings/): the real modules pass, and a scratch copy of the
-    builder with a misspelled ``trt.BuilderFlag`` member fails, so the check can fail."""
+    builder with a misspelled ``trt.BuilderFlag`` member fails, so the check can fail; so does
+    each line of :data:`_MISUSES`, so the stubs' bool and buffer types are real types."""
     root = Path(export.__file__).resolve().parents[1]
     ok = _mypy(root / "export" / "tensorrt_engine.py", root / "rn50" / "backends" / "tensorrt.py")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     src = (root / "export" / "tensorrt_engine.py").read_text()
     bad = tmp_path / "tensorrt_engine_typo.py"
     bad.write_text(src + "\n\nTYPO = trt.BuilderFlag.TF23\n")
-    r = _mypy(bad)
+    misuse = tmp_path / "tensorrt_misuse.py"
+    misuse.write_text(_MISUSES)
+    r = _mypy(bad, misuse)
     assert r.returncode == 1 and 'BuilderFlag]" has no attribute "TF23"' in r.stdout, r.stdout + r.stderr
+    lines = _MISUSES.splitlines()
+    expected = set(range(lines.index(") -> None:") + 2, len(lines) + 1))
+    flagged = {int(n) for n in re.findall(rf"^\S*{re.escape(misuse.name)}:(\d+): error:", r.stdout, re.M)}
+    assert flagged == expected, (
+        f"mypy accepts {[lines[i - 1].strip() for i in sorted(expected - flagged)]}; "
+        f"flags unexpected lines {sorted(flagged - expected)}\n{r.stdout}"
+    )
 
 
 def test_pt2_load_check_runs_the_package_in_a_child(engine_pt2: Path, tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ tag), each member with its value from the C++ enum (``include/NvInfer.h``; relea
 exactly those names and runs :func:`export.tensorrt_engine.build_options` on it. This checks our
 dispatch logic (which names it looks up, what it does when one is missing); it does not run, and
 does not pretend to be, TensorRT: building real engines is tests/export's ``tensorrt``-marked test.
-``trt_surface/tensorrt_api_names.json`` records, per tag, which attribute names of the TensorRT code
-the bindings define, so every method, property and enum member the code uses is checked against
-every claimed release, and the GPU-support rule (:func:`rn50.backends.tensorrt.unsupported_gpu`)
-against each release's number.
+``trt_surface/tensorrt_api_names.json`` records, per tag, every name the ``tensorrt`` module and each
+class the TensorRT code uses have in the bindings, so every method, property and enum member the
+code uses is checked, with its class, against every claimed release, and the GPU-support rule
+(:func:`rn50.backends.tensorrt.unsupported_gpu`) against each release's number.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from export import tensorrt_engine as te
 from rn50.errors import EngineError
 
 SURFACES = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_surface.json").read_text())
+API = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_api_names.json").read_text())
 
 
 def _fake(tag: str) -> SimpleNamespace:
@@ -169,38 +170,124 @@ def test_gpu_support_per_release(tag: str, cc: tuple[int, int], name: str) -> No
         assert why is not None and why.startswith(f"{name} (sm_61) is older than Volta (sm_70)")
 
 
-def _stub_names() -> set[str]:
-    """Every name the TensorRT stubs in typings/ define (classes, functions, attributes, members)."""
-    import ast
-
-    names: set[str] = set()
-    for pyi in (Path(__file__).resolve().parents[2] / "typings").rglob("*.pyi"):
-        for n in ast.walk(ast.parse(pyi.read_text())):
-            if isinstance(n, (ast.ClassDef, ast.FunctionDef)):
-                names.add(n.name)
-            elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
-                names.add(n.target.id)
-            elif isinstance(n, ast.Assign):
-                names |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+def _bound(tag: str) -> set[str]:
+    """The names the recorded module and classes have at ``tag``, with their class (``BuilderFlag.TF32``)."""
+    at = API["tags"].index(tag)
+    names = set()
+    for owner, members in API["names"].items():
+        for name, runs in members.items():
+            for run in runs:
+                first, _, last = run.partition("..")
+                if API["tags"].index(first) <= at <= API["tags"].index(last or first):
+                    names.add(f"{owner}.{name}")
     return names
+
+
+def test_the_recorded_names_agree_with_the_recorded_enums() -> None:
+    """Both recordings come from the same bindings: at every tag, each enum of tensorrt_surface.json
+    has the same members in tensorrt_api_names.json (where they are read by a different parser)."""
+    assert API["tags"] == sorted(SURFACES, key=lambda t: tuple(int(x) for x in t[1:].split(".")))
+    for tag in API["tags"]:
+        bound = _bound(tag)
+        for enum, members in SURFACES[tag]["enums"].items():
+            assert {n.split(".", 1)[1] for n in bound if n.split(".", 1)[0] == enum} == set(members), (tag, enum)
+            assert f"tensorrt.{enum}" in bound
+
+
+def test_the_recorder_reads_class_qualified_names() -> None:
+    """pybind11's forms in NVIDIA's bindings: chained and variable-held bindings, nested enums with
+    exported values, bases among the template arguments, module functions and attributes, and the
+    Python package's additions; a name inside a lambda, a comment or a block the preprocessor leaves
+    out of pip's full `tensorrt` module is not the class's."""
+    from tests.export.trt_surface.record_tensorrt_surface import bound_names
+
+    core = """
+    py::class_<ILogger, PyLogger> baseLoggerBinding{m, "ILogger", ILoggerDoc::descr, py::module_local()};
+    py::enum_<ILogger::Severity>(baseLoggerBinding, "Severity", py::arithmetic())
+        .value("ERROR", ILogger::Severity::kERROR)  // .value("COMMENTED", ...)
+        .export_values();
+    baseLoggerBinding.def(py::init<>()).def("log", &ILogger::log, "severity"_a, "msg"_a);
+    py::class_<DefaultLogger, ILogger>(m, "Logger").def_readwrite("min_severity", &DefaultLogger::mMinSeverity);
+    py::enum_<BuilderFlag>(m, "BuilderFlag", py::arithmetic{}).value("TF32", BuilderFlag::kTF32);
+    py::class_<IBuilderConfig>(m, "IBuilderConfig", IBuilderConfigDoc::descr, py::module_local())
+        .def("set_flag", [](IBuilderConfig& self, BuilderFlag f) { self.setFlag(f); py::object o; o.def("x"); })
+#if ENABLE_INETWORK_SERIALIZE
+        .def("serialize", &serialize)
+#endif
+#if EXPORT_ALL_BINDINGS
+        .def_property("builder_optimization_level", &IBuilderConfig::getBuilderOptimizationLevel,
+            &IBuilderConfig::setBuilderOptimizationLevel)
+#endif // EXPORT_ALL_BINDINGS
+        ;
+    m.def("get_plugin_registry", &getPluginRegistry, py::return_value_policy::reference);
+    """
+    types = """
+    py::enum_<DataType>(m, "DataType", DataTypeDoc::descr).value("INT8", DataType::kINT8);
+    m.attr("int8") = DataType::kINT8;
+    py::class_<ILayer, std::unique_ptr<ILayer, py::nodelete>>(m, "ILayer").def_property_readonly("name", &f);
+    py::class_<IConvolutionLayer, ILayer, std::unique_ptr<IConvolutionLayer, py::nodelete>>(
+        m, "IConvolutionLayer").def_property("num_output_maps", &g, &h);
+    """
+    package = """import os
+__version__ = "##TENSORRT_PYTHON_VERSION##"
+def volume(iterable):
+    return 1
+Logger.Severity = ILogger.Severity
+DataType.itemsize = property(lambda this: _itemsize(this))
+"""
+    b = bound_names({"pyCore.cpp": core, "pyFoundationalTypes.cpp": types}, package)
+    assert b["ILogger"] == {"Severity", "ERROR", "log"}
+    assert b["ILogger.Severity"] == b["Logger.Severity"] == {"ERROR"}
+    assert b["Logger"] == {"Severity", "ERROR", "log", "min_severity"}
+    assert b["BuilderFlag"] == {"TF32"}
+    assert b["DataType"] == {"INT8", "itemsize"}
+    assert b["IBuilderConfig"] == {"set_flag", "builder_optimization_level"}
+    assert b["IConvolutionLayer"] == {"name", "num_output_maps"}
+    assert b["tensorrt"] == {
+        "ILogger",
+        "Logger",
+        "BuilderFlag",
+        "IBuilderConfig",
+        "get_plugin_registry",
+        "DataType",
+        "int8",
+        "ILayer",
+        "IConvolutionLayer",
+        "os",
+        "__version__",
+        "volume",
+    }
 
 
 def test_every_tensorrt_name_the_code_uses_is_bound_in_every_claimed_release() -> None:
     """mypy checks the TensorRT code against one release's stubs (10.13); this checks each name it
-    reads against NVIDIA's bindings source of every claimed release (trt_surface/tensorrt_api_names.json,
-    regenerated by record_tensorrt_surface.py): a method or enum member that one release added or
-    another removed fails here, before a user's engine build does."""
+    reads, with its class, against NVIDIA's bindings source of every claimed release
+    (trt_surface/tensorrt_api_names.json, regenerated by record_tensorrt_surface.py): a method or
+    enum member that one release added or another removed fails here, before a user's engine build
+    does, also where another class still has the name (11.0 removed BuilderFlag.INT8, not
+    DataType.INT8)."""
     from tests.export.trt_surface.record_tensorrt_surface import used_names
 
-    api = json.loads((Path(__file__).parent / "trt_surface" / "tensorrt_api_names.json").read_text())
-    assert set(api["bound"]) == set(SURFACES)
-    unrecorded = (set(used_names()) - set(api["checked"])) & _stub_names()
+    assert set(API["tags"]) == set(SURFACES)
+    used = used_names()
+    # calls the two modules are known to make, each with its class, so that a reading that finds
+    # nothing, or not the class, cannot pass
+    assert {
+        "tensorrt.Builder",
+        "Builder.build_serialized_network",
+        "IBuilderConfig.set_timing_cache",
+        "MemoryPoolType.WORKSPACE",
+        "Logger.WARNING",
+        "Runtime.deserialize_cuda_engine",
+        "IExecutionContext.execute_async_v3",
+        "IExecutionContext.set_input_shape",
+        "ParserError.desc",
+    } <= set(used)
+    unrecorded = [f"{n} ({where})" for n, where in used.items() if n.rsplit(".", 1)[0] not in API["names"]]
     assert not unrecorded, (
-        f"the TensorRT code reads {sorted(unrecorded)}, not recorded per release: run "
+        f"the TensorRT code reads {unrecorded}, of a class not recorded per release: run "
         "tests/export/trt_surface/record_tensorrt_surface.py on a clone of NVIDIA/TensorRT"
     )
-    tensorrt = set().union(*map(set, api["bound"].values()))
-    # the API the two modules are known to call, so an empty intersection cannot pass
-    assert {"build_serialized_network", "deserialize_cuda_engine", "execute_async_v3", "set_input_shape"} <= tensorrt
-    for tag, bound in api["bound"].items():
-        assert tensorrt <= set(bound), f"TensorRT {tag} does not bind {sorted(tensorrt - set(bound))}"
+    for tag in API["tags"]:
+        missing = [f"{n} ({where})" for n, where in used.items() if n not in _bound(tag)]
+        assert not missing, f"TensorRT {tag} does not bind {', '.join(missing)}"

@@ -1,6 +1,8 @@
 from __future__ import annotations
+import builtins
 import numpy
 import typing
+import typing_extensions
 __all__ = ['APILanguage', 'ActivationType', 'AllocatorFlag', 'BoundingBoxFormat', 'Builder', 'BuilderFlag', 'CalibrationAlgoType', 'CumulativeOperation', 'DataType', 'DeviceType', 'DimensionOperation', 'Dims', 'Dims2', 'Dims3', 'Dims4', 'DimsExprs', 'DimsHW', 'DynamicPluginTensorDesc', 'ElementWiseOperation', 'EngineCapability', 'EngineInspector', 'ErrorCode', 'ErrorCodeTRT', 'ExecutionContextAllocationStrategy', 'FallbackString', 'FillOperation', 'GatherMode', 'HardwareCompatibilityLevel', 'IActivationLayer', 'IAlgorithm', 'IAlgorithmContext', 'IAlgorithmIOInfo', 'IAlgorithmSelector', 'IAlgorithmVariant', 'IAssertionLayer', 'IBuilderConfig', 'ICastLayer', 'IConcatenationLayer', 'IConditionLayer', 'IConstantLayer', 'IConvolutionLayer', 'ICudaEngine', 'ICumulativeLayer', 'IDebugListener', 'IDeconvolutionLayer', 'IDequantizeLayer', 'IDimensionExpr', 'IDynamicQuantizeLayer', 'IEinsumLayer', 'IElementWiseLayer', 'IErrorRecorder', 'IExecutionContext', 'IExprBuilder', 'IFillLayer', 'IGatherLayer', 'IGpuAllocator', 'IGpuAsyncAllocator', 'IGridSampleLayer', 'IHostMemory', 'IIdentityLayer', 'IIfConditional', 'IIfConditionalBoundaryLayer', 'IIfConditionalInputLayer', 'IIfConditionalOutputLayer', 'IInt8Calibrator', 'IInt8EntropyCalibrator', 'IInt8EntropyCalibrator2', 'IInt8LegacyCalibrator', 'IInt8MinMaxCalibrator', 'IIteratorLayer', 'ILRNLayer', 'ILayer', 'ILogger', 'ILoop', 'ILoopBoundaryLayer', 'ILoopOutputLayer', 'IMatrixMultiplyLayer', 'INMSLayer', 'INetworkDefinition', 'INonZeroLayer', 'INormalizationLayer', 'IOneHotLayer', 'IOptimizationProfile', 'IOutputAllocator', 'IPaddingLayer', 'IParametricReLULayer', 'IPluginCapability', 'IPluginCreator', 'IPluginCreatorInterface', 'IPluginCreatorV3One', 'IPluginCreatorV3Quick', 'IPluginRegistry', 'IPluginResource', 'IPluginResourceContext', 'IPluginV2', 'IPluginV2DynamicExt', 'IPluginV2DynamicExtBase', 'IPluginV2Ext', 'IPluginV2Layer', 'IPluginV3', 'IPluginV3Layer', 'IPluginV3OneBuild', 'IPluginV3OneBuildV2', 'IPluginV3OneCore', 'IPluginV3OneRuntime', 'IPluginV3QuickAOTBuild', 'IPluginV3QuickBuild', 'IPluginV3QuickCore', 'IPluginV3QuickRuntime', 'IPoolingLayer', 'IProfiler', 'IProgressMonitor', 'IQuantizeLayer', 'IRaggedSoftMaxLayer', 'IRecurrenceLayer', 'IReduceLayer', 'IResizeLayer', 'IReverseSequenceLayer', 'IRuntimeConfig', 'IScaleLayer', 'IScatterLayer', 'ISelectLayer', 'ISerializationConfig', 'IShapeLayer', 'IShuffleLayer', 'ISliceLayer', 'ISoftMaxLayer', 'ISqueezeLayer', 'IStreamReader', 'IStreamReaderV2', 'IStreamWriter', 'ISymExpr', 'ISymExprs', 'ITensor', 'ITimingCache', 'ITopKLayer', 'ITripLimitLayer', 'IUnaryLayer', 'IUnsqueezeLayer', 'IVersionedInterface', 'InterfaceInfo', 'InterpolationMode', 'KernelLaunchParams', 'LayerInformationFormat', 'LayerType', 'Logger', 'LoopOutput', 'MatrixOperation', 'MemoryPoolType', 'NetworkDefinitionCreationFlag', 'NodeIndices', 'OnnxParser', 'OnnxParserFlag', 'OnnxParserRefitter', 'PaddingMode', 'ParserError', 'Permutation', 'PluginArgDataType', 'PluginArgType', 'PluginCapabilityType', 'PluginCreatorVersion', 'PluginField', 'PluginFieldCollection', 'PluginFieldCollection_', 'PluginFieldType', 'PluginTensorDesc', 'PoolingType', 'PreviewFeature', 'Profiler', 'ProfilingVerbosity', 'QuantizationFlag', 'QuickPluginCreationRequest', 'ReduceOperation', 'Refitter', 'ResizeCoordinateTransformation', 'ResizeRoundMode', 'ResizeSelector', 'Runtime', 'RuntimePlatform', 'SampleMode', 'ScaleMode', 'ScatterMode', 'SeekPosition', 'SerializationFlag', 'SubGraphCollection', 'TacticSource', 'TempfileControlFlag', 'TensorFormat', 'TensorIOMode', 'TensorLocation', 'TensorRTPhase', 'TilingOptimizationLevel', 'TimingCacheKey', 'TimingCacheValue', 'TopKOperation', 'TripLimit', 'UnaryOperation', 'Weights', 'WeightsRole', 'bfloat16', 'bool', 'e8m0', 'float16', 'float32', 'fp4', 'fp8', 'get_builder_plugin_registry', 'get_nv_onnx_parser_version', 'get_plugin_registry', 'init_libnvinfer_plugins', 'int32', 'int4', 'int64', 'int8', 'uint8']
 class APILanguage:
     """
@@ -17,7 +19,7 @@ class APILanguage:
     CPP: typing.ClassVar[APILanguage]  # value = <APILanguage.CPP: 0>
     PYTHON: typing.ClassVar[APILanguage]  # value = <APILanguage.PYTHON: 1>
     __members__: typing.ClassVar[dict[str, APILanguage]]  # value = {'CPP': <APILanguage.CPP: 0>, 'PYTHON': <APILanguage.PYTHON: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -29,7 +31,7 @@ class APILanguage:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -92,7 +94,7 @@ class ActivationType:
     TANH: typing.ClassVar[ActivationType]  # value = <ActivationType.TANH: 2>
     THRESHOLDED_RELU: typing.ClassVar[ActivationType]  # value = <ActivationType.THRESHOLDED_RELU: 11>
     __members__: typing.ClassVar[dict[str, ActivationType]]  # value = {'RELU': <ActivationType.RELU: 0>, 'SIGMOID': <ActivationType.SIGMOID: 1>, 'TANH': <ActivationType.TANH: 2>, 'LEAKY_RELU': <ActivationType.LEAKY_RELU: 3>, 'ELU': <ActivationType.ELU: 4>, 'SELU': <ActivationType.SELU: 5>, 'SOFTSIGN': <ActivationType.SOFTSIGN: 6>, 'SOFTPLUS': <ActivationType.SOFTPLUS: 7>, 'CLIP': <ActivationType.CLIP: 8>, 'HARD_SIGMOID': <ActivationType.HARD_SIGMOID: 9>, 'SCALED_TANH': <ActivationType.SCALED_TANH: 10>, 'THRESHOLDED_RELU': <ActivationType.THRESHOLDED_RELU: 11>, 'GELU_ERF': <ActivationType.GELU_ERF: 12>, 'GELU_TANH': <ActivationType.GELU_TANH: 13>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -104,7 +106,7 @@ class ActivationType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -128,13 +130,13 @@ class AllocatorFlag:
     """
     RESIZABLE: typing.ClassVar[AllocatorFlag]  # value = <AllocatorFlag.RESIZABLE: 0>
     __members__: typing.ClassVar[dict[str, AllocatorFlag]]  # value = {'RESIZABLE': <AllocatorFlag.RESIZABLE: 0>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -144,11 +146,11 @@ class AllocatorFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -177,7 +179,7 @@ class BoundingBoxFormat:
     CENTER_SIZES: typing.ClassVar[BoundingBoxFormat]  # value = <BoundingBoxFormat.CENTER_SIZES: 1>
     CORNER_PAIRS: typing.ClassVar[BoundingBoxFormat]  # value = <BoundingBoxFormat.CORNER_PAIRS: 0>
     __members__: typing.ClassVar[dict[str, BoundingBoxFormat]]  # value = {'CORNER_PAIRS': <BoundingBoxFormat.CORNER_PAIRS: 0>, 'CENTER_SIZES': <BoundingBoxFormat.CENTER_SIZES: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -189,7 +191,7 @@ class BoundingBoxFormat:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -260,7 +262,7 @@ class Builder:
         
             :returns: A pointer to a :class:`IHostMemory` object that contains a serialized network.
         """
-    def build_serialized_network_to_stream(self, network: INetworkDefinition, config: IBuilderConfig, writer: IStreamWriter) -> bool:
+    def build_serialized_network_to_stream(self, network: INetworkDefinition, config: IBuilderConfig, writer: IStreamWriter) -> builtins.bool:
         """
             Builds and serializes a network for the given :class:`INetworkDefinition` and :class:`IBuilderConfig` and write the serialized network to a writer stream.
         
@@ -300,7 +302,7 @@ class Builder:
         
             :returns: The local plugin registry that can be used by the builder.
         """
-    def is_network_supported(self, network: INetworkDefinition, config: IBuilderConfig) -> bool:
+    def is_network_supported(self, network: INetworkDefinition, config: IBuilderConfig) -> builtins.bool:
         """
             Checks that a network is within the scope of the :class:`IBuilderConfig` settings.
         
@@ -330,13 +332,13 @@ class Builder:
     def num_DLA_cores(self) -> int:
         ...
     @property
-    def platform_has_fast_fp16(self) -> bool:
+    def platform_has_fast_fp16(self) -> builtins.bool:
         ...
     @property
-    def platform_has_fast_int8(self) -> bool:
+    def platform_has_fast_int8(self) -> builtins.bool:
         ...
     @property
-    def platform_has_tf32(self) -> bool:
+    def platform_has_tf32(self) -> builtins.bool:
         ...
 class BuilderFlag:
     """
@@ -446,13 +448,13 @@ class BuilderFlag:
     WEIGHTLESS: typing.ClassVar[BuilderFlag]  # value = <BuilderFlag.WEIGHTLESS: 19>
     WEIGHT_STREAMING: typing.ClassVar[BuilderFlag]  # value = <BuilderFlag.WEIGHT_STREAMING: 21>
     __members__: typing.ClassVar[dict[str, BuilderFlag]]  # value = {'FP16': <BuilderFlag.FP16: 0>, 'BF16': <BuilderFlag.BF16: 17>, 'INT8': <BuilderFlag.INT8: 1>, 'DEBUG': <BuilderFlag.DEBUG: 2>, 'GPU_FALLBACK': <BuilderFlag.GPU_FALLBACK: 3>, 'REFIT': <BuilderFlag.REFIT: 4>, 'DISABLE_TIMING_CACHE': <BuilderFlag.DISABLE_TIMING_CACHE: 5>, 'EDITABLE_TIMING_CACHE': <BuilderFlag.EDITABLE_TIMING_CACHE: 27>, 'TF32': <BuilderFlag.TF32: 6>, 'SPARSE_WEIGHTS': <BuilderFlag.SPARSE_WEIGHTS: 7>, 'SAFETY_SCOPE': <BuilderFlag.SAFETY_SCOPE: 8>, 'OBEY_PRECISION_CONSTRAINTS': <BuilderFlag.OBEY_PRECISION_CONSTRAINTS: 9>, 'PREFER_PRECISION_CONSTRAINTS': <BuilderFlag.PREFER_PRECISION_CONSTRAINTS: 10>, 'DIRECT_IO': <BuilderFlag.DIRECT_IO: 11>, 'REJECT_EMPTY_ALGORITHMS': <BuilderFlag.REJECT_EMPTY_ALGORITHMS: 12>, 'VERSION_COMPATIBLE': <BuilderFlag.VERSION_COMPATIBLE: 13>, 'EXCLUDE_LEAN_RUNTIME': <BuilderFlag.EXCLUDE_LEAN_RUNTIME: 14>, 'FP8': <BuilderFlag.FP8: 15>, 'ERROR_ON_TIMING_CACHE_MISS': <BuilderFlag.ERROR_ON_TIMING_CACHE_MISS: 16>, 'DISABLE_COMPILATION_CACHE': <BuilderFlag.DISABLE_COMPILATION_CACHE: 18>, 'WEIGHTLESS': <BuilderFlag.WEIGHTLESS: 19>, 'STRIP_PLAN': <BuilderFlag.WEIGHTLESS: 19>, 'REFIT_IDENTICAL': <BuilderFlag.REFIT_IDENTICAL: 20>, 'WEIGHT_STREAMING': <BuilderFlag.WEIGHT_STREAMING: 21>, 'INT4': <BuilderFlag.INT4: 22>, 'REFIT_INDIVIDUAL': <BuilderFlag.REFIT_INDIVIDUAL: 23>, 'STRICT_NANS': <BuilderFlag.STRICT_NANS: 24>, 'MONITOR_MEMORY': <BuilderFlag.MONITOR_MEMORY: 25>, 'FP4': <BuilderFlag.FP4: 26>, 'DISTRIBUTIVE_INDEPENDENCE': <BuilderFlag.DISTRIBUTIVE_INDEPENDENCE: 28>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -462,11 +464,11 @@ class BuilderFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -503,7 +505,7 @@ class CalibrationAlgoType:
     LEGACY_CALIBRATION: typing.ClassVar[CalibrationAlgoType]  # value = <CalibrationAlgoType.LEGACY_CALIBRATION: 0>
     MINMAX_CALIBRATION: typing.ClassVar[CalibrationAlgoType]  # value = <CalibrationAlgoType.MINMAX_CALIBRATION: 3>
     __members__: typing.ClassVar[dict[str, CalibrationAlgoType]]  # value = {'LEGACY_CALIBRATION': <CalibrationAlgoType.LEGACY_CALIBRATION: 0>, 'ENTROPY_CALIBRATION': <CalibrationAlgoType.ENTROPY_CALIBRATION: 1>, 'ENTROPY_CALIBRATION_2': <CalibrationAlgoType.ENTROPY_CALIBRATION_2: 2>, 'MINMAX_CALIBRATION': <CalibrationAlgoType.MINMAX_CALIBRATION: 3>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -515,7 +517,7 @@ class CalibrationAlgoType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -539,7 +541,7 @@ class CumulativeOperation:
     """
     SUM: typing.ClassVar[CumulativeOperation]  # value = <CumulativeOperation.SUM: 0>
     __members__: typing.ClassVar[dict[str, CumulativeOperation]]  # value = {'SUM': <CumulativeOperation.SUM: 0>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -551,7 +553,7 @@ class CumulativeOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -628,7 +630,7 @@ class DataType:
     INT8: typing.ClassVar[DataType]  # value = <DataType.INT8: 2>
     UINT8: typing.ClassVar[DataType]  # value = <DataType.UINT8: 5>
     __members__: typing.ClassVar[dict[str, DataType]]  # value = {'FLOAT': <DataType.FLOAT: 0>, 'HALF': <DataType.HALF: 1>, 'BF16': <DataType.BF16: 7>, 'INT8': <DataType.INT8: 2>, 'INT32': <DataType.INT32: 3>, 'INT64': <DataType.INT64: 8>, 'BOOL': <DataType.BOOL: 4>, 'UINT8': <DataType.UINT8: 5>, 'FP8': <DataType.FP8: 6>, 'INT4': <DataType.INT4: 9>, 'FP4': <DataType.FP4: 10>, 'E8M0': <DataType.E8M0: 11>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -640,7 +642,7 @@ class DataType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -670,7 +672,7 @@ class DeviceType:
     DLA: typing.ClassVar[DeviceType]  # value = <DeviceType.DLA: 1>
     GPU: typing.ClassVar[DeviceType]  # value = <DeviceType.GPU: 0>
     __members__: typing.ClassVar[dict[str, DeviceType]]  # value = {'GPU': <DeviceType.GPU: 0>, 'DLA': <DeviceType.DLA: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -682,7 +684,7 @@ class DeviceType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -734,13 +736,13 @@ class DimensionOperation:
     SUB: typing.ClassVar[DimensionOperation]  # value = <DimensionOperation.SUB: 4>
     SUM: typing.ClassVar[DimensionOperation]  # value = <DimensionOperation.SUM: 0>
     __members__: typing.ClassVar[dict[str, DimensionOperation]]  # value = {'SUM': <DimensionOperation.SUM: 0>, 'PROD': <DimensionOperation.PROD: 1>, 'MAX': <DimensionOperation.MAX: 2>, 'MIN': <DimensionOperation.MIN: 3>, 'SUB': <DimensionOperation.SUB: 4>, 'EQUAL': <DimensionOperation.EQUAL: 5>, 'LESS': <DimensionOperation.LESS: 6>, 'FLOOR_DIV': <DimensionOperation.FLOOR_DIV: 7>, 'CEIL_DIV': <DimensionOperation.CEIL_DIV: 8>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -750,11 +752,11 @@ class DimensionOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -776,10 +778,10 @@ class Dims:
     MAX_DIMS: typing.ClassVar[int] = 8
     __hash__: typing.ClassVar[None] = None
     @typing.overload
-    def __eq__(self, arg0: list) -> bool:
+    def __eq__(self, arg0: list) -> builtins.bool:
         ...
     @typing.overload
-    def __eq__(self, arg0: tuple) -> bool:
+    def __eq__(self, arg0: tuple) -> builtins.bool:
         ...
     @typing.overload
     def __getitem__(self, arg0: int) -> int:
@@ -952,7 +954,7 @@ class ElementWiseOperation:
     SUM: typing.ClassVar[ElementWiseOperation]  # value = <ElementWiseOperation.SUM: 0>
     XOR: typing.ClassVar[ElementWiseOperation]  # value = <ElementWiseOperation.XOR: 10>
     __members__: typing.ClassVar[dict[str, ElementWiseOperation]]  # value = {'SUM': <ElementWiseOperation.SUM: 0>, 'PROD': <ElementWiseOperation.PROD: 1>, 'MAX': <ElementWiseOperation.MAX: 2>, 'MIN': <ElementWiseOperation.MIN: 3>, 'SUB': <ElementWiseOperation.SUB: 4>, 'DIV': <ElementWiseOperation.DIV: 5>, 'POW': <ElementWiseOperation.POW: 6>, 'FLOOR_DIV': <ElementWiseOperation.FLOOR_DIV: 7>, 'AND': <ElementWiseOperation.AND: 8>, 'OR': <ElementWiseOperation.OR: 9>, 'XOR': <ElementWiseOperation.XOR: 10>, 'EQUAL': <ElementWiseOperation.EQUAL: 11>, 'GREATER': <ElementWiseOperation.GREATER: 12>, 'LESS': <ElementWiseOperation.LESS: 13>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -964,7 +966,7 @@ class ElementWiseOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1003,13 +1005,13 @@ class EngineCapability:
     SAFETY: typing.ClassVar[EngineCapability]  # value = <EngineCapability.SAFETY: 1>
     STANDARD: typing.ClassVar[EngineCapability]  # value = <EngineCapability.STANDARD: 0>
     __members__: typing.ClassVar[dict[str, EngineCapability]]  # value = {'STANDARD': <EngineCapability.STANDARD: 0>, 'SAFETY': <EngineCapability.SAFETY: 1>, 'DLA_STANDALONE': <EngineCapability.DLA_STANDALONE: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -1019,11 +1021,11 @@ class EngineCapability:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1133,7 +1135,7 @@ class ErrorCode:
         
         2. __str__(self: tensorrt_bindings.tensorrt.ErrorCode) -> str
         """
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -1145,7 +1147,7 @@ class ErrorCode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     @typing.overload
     def __repr__(self) -> str:
@@ -1249,13 +1251,13 @@ class ErrorCodeTRT:
     UNSPECIFIED_ERROR: typing.ClassVar[ErrorCodeTRT]  # value = <ErrorCodeTRT.UNSPECIFIED_ERROR: 1>
     UNSUPPORTED_STATE: typing.ClassVar[ErrorCodeTRT]  # value = <ErrorCodeTRT.UNSUPPORTED_STATE: 10>
     __members__: typing.ClassVar[dict[str, ErrorCodeTRT]]  # value = {'SUCCESS': <ErrorCodeTRT.SUCCESS: 0>, 'UNSPECIFIED_ERROR': <ErrorCodeTRT.UNSPECIFIED_ERROR: 1>, 'INTERNAL_ERROR': <ErrorCodeTRT.INTERNAL_ERROR: 2>, 'INVALID_ARGUMENT': <ErrorCodeTRT.INVALID_ARGUMENT: 3>, 'INVALID_CONFIG': <ErrorCodeTRT.INVALID_CONFIG: 4>, 'FAILED_ALLOCATION': <ErrorCodeTRT.FAILED_ALLOCATION: 5>, 'FAILED_INITIALIZATION': <ErrorCodeTRT.FAILED_INITIALIZATION: 6>, 'FAILED_EXECUTION': <ErrorCodeTRT.FAILED_EXECUTION: 7>, 'FAILED_COMPUTATION': <ErrorCodeTRT.FAILED_COMPUTATION: 8>, 'INVALID_STATE': <ErrorCodeTRT.INVALID_STATE: 9>, 'UNSUPPORTED_STATE': <ErrorCodeTRT.UNSUPPORTED_STATE: 10>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -1265,11 +1267,11 @@ class ErrorCodeTRT:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1299,13 +1301,13 @@ class ExecutionContextAllocationStrategy:
     STATIC: typing.ClassVar[ExecutionContextAllocationStrategy]  # value = <ExecutionContextAllocationStrategy.STATIC: 0>
     USER_MANAGED: typing.ClassVar[ExecutionContextAllocationStrategy]  # value = <ExecutionContextAllocationStrategy.USER_MANAGED: 2>
     __members__: typing.ClassVar[dict[str, ExecutionContextAllocationStrategy]]  # value = {'STATIC': <ExecutionContextAllocationStrategy.STATIC: 0>, 'ON_PROFILE_CHANGE': <ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE: 1>, 'USER_MANAGED': <ExecutionContextAllocationStrategy.USER_MANAGED: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -1315,11 +1317,11 @@ class ExecutionContextAllocationStrategy:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1356,7 +1358,7 @@ class FillOperation:
     RANDOM_NORMAL: typing.ClassVar[FillOperation]  # value = <FillOperation.RANDOM_NORMAL: 2>
     RANDOM_UNIFORM: typing.ClassVar[FillOperation]  # value = <FillOperation.RANDOM_UNIFORM: 1>
     __members__: typing.ClassVar[dict[str, FillOperation]]  # value = {'LINSPACE': <FillOperation.LINSPACE: 0>, 'RANDOM_UNIFORM': <FillOperation.RANDOM_UNIFORM: 1>, 'RANDOM_NORMAL': <FillOperation.RANDOM_NORMAL: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -1368,7 +1370,7 @@ class FillOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1398,7 +1400,7 @@ class GatherMode:
     ELEMENT: typing.ClassVar[GatherMode]  # value = <GatherMode.ELEMENT: 1>
     ND: typing.ClassVar[GatherMode]  # value = <GatherMode.ND: 2>
     __members__: typing.ClassVar[dict[str, GatherMode]]  # value = {'DEFAULT': <GatherMode.DEFAULT: 0>, 'ELEMENT': <GatherMode.ELEMENT: 1>, 'ND': <GatherMode.ND: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -1410,7 +1412,7 @@ class GatherMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1455,7 +1457,7 @@ class HardwareCompatibilityLevel:
     NONE: typing.ClassVar[HardwareCompatibilityLevel]  # value = <HardwareCompatibilityLevel.NONE: 0>
     SAME_COMPUTE_CAPABILITY: typing.ClassVar[HardwareCompatibilityLevel]  # value = <HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY: 2>
     __members__: typing.ClassVar[dict[str, HardwareCompatibilityLevel]]  # value = {'NONE': <HardwareCompatibilityLevel.NONE: 0>, 'AMPERE_PLUS': <HardwareCompatibilityLevel.AMPERE_PLUS: 1>, 'SAME_COMPUTE_CAPABILITY': <HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -1467,7 +1469,7 @@ class HardwareCompatibilityLevel:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -1744,7 +1746,7 @@ class IBuilderConfig:
             :returns: The index of the optimization profile (starting from 0) if the input is valid, or -1 if the input is
                         not valid.
         """
-    def can_run_on_DLA(self, layer: ILayer) -> bool:
+    def can_run_on_DLA(self, layer: ILayer) -> builtins.bool:
         """
             Check if the layer can run on DLA.
         
@@ -1791,7 +1793,7 @@ class IBuilderConfig:
         
             :returns: The DeviceType of the layer
         """
-    def get_flag(self, flag: BuilderFlag) -> bool:
+    def get_flag(self, flag: BuilderFlag) -> builtins.bool:
         """
                 Check if a build mode flag is set.
         
@@ -1809,7 +1811,7 @@ class IBuilderConfig:
         
                 :returns: The size of the memory limit, in bytes, for the corresponding pool.
         """
-    def get_preview_feature(self, feature: PreviewFeature) -> bool:
+    def get_preview_feature(self, feature: PreviewFeature) -> builtins.bool:
         """
             Check if a preview feature is enabled.
         
@@ -1817,7 +1819,7 @@ class IBuilderConfig:
         
             :returns: true if the feature is enabled, false otherwise
         """
-    def get_quantization_flag(self, flag: QuantizationFlag) -> bool:
+    def get_quantization_flag(self, flag: QuantizationFlag) -> builtins.bool:
         """
                 Check if a quantization flag is set.
         
@@ -1835,7 +1837,7 @@ class IBuilderConfig:
         
             :returns: The timing cache used in current IBuilderConfig, or `None` if no timing cache is set.
         """
-    def is_device_type_set(self, layer: ILayer) -> bool:
+    def is_device_type_set(self, layer: ILayer) -> builtins.bool:
         """
             Check if the DeviceType for a layer is explicitly set.
         
@@ -1853,7 +1855,7 @@ class IBuilderConfig:
         
             :arg layer: The layer to reset the DeviceType for
         """
-    def set_calibration_profile(self, profile: IOptimizationProfile) -> bool:
+    def set_calibration_profile(self, profile: IOptimizationProfile) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.1. Superseded by explicit quantization.
         
@@ -1905,7 +1907,7 @@ class IBuilderConfig:
                 :arg pool: The memory pool to limit the available memory for.
                 :arg pool_size: The size of the pool in bytes.
         """
-    def set_preview_feature(self, feature: PreviewFeature, enable: bool) -> None:
+    def set_preview_feature(self, feature: PreviewFeature, enable: builtins.bool) -> None:
         """
             Enable or disable a specific preview feature.
         
@@ -1924,7 +1926,7 @@ class IBuilderConfig:
         
                 :arg flag: The flag to set.
         """
-    def set_tactic_sources(self, tactic_sources: int) -> bool:
+    def set_tactic_sources(self, tactic_sources: int) -> builtins.bool:
         """
             Set tactic sources.
         
@@ -1938,7 +1940,7 @@ class IBuilderConfig:
         
             :returns: A `bool` indicating whether the tactic sources in the build configuration were updated. The tactic sources in the build configuration will not be updated if the provided value is invalid.
         """
-    def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+    def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: builtins.bool) -> builtins.bool:
         """
             Attach a timing cache to IBuilderConfig
         
@@ -2291,13 +2293,13 @@ class ICudaEngine:
             Get an automatic weight streaming budget based on available device memory. This value may change between TensorRT major and minor versions.
             Please use CudaEngine.weight_streaming_budget_v2 to set the returned budget.
         """
-    def is_debug_tensor(self, name: str) -> bool:
+    def is_debug_tensor(self, name: str) -> builtins.bool:
         """
             Determine whether the given name corresponds to a debug tensor.
         
             :arg name: The tensor name.
         """
-    def is_shape_inference_io(self, name: str) -> bool:
+    def is_shape_inference_io(self, name: str) -> builtins.bool:
         """
             Determine whether a tensor is read or written by infer_shapes.
         
@@ -2326,7 +2328,7 @@ class ICudaEngine:
     def hardware_compatibility_level(self) -> ...:
         ...
     @property
-    def has_implicit_batch_dimension(self) -> bool:
+    def has_implicit_batch_dimension(self) -> builtins.bool:
         ...
     @property
     def minimum_weight_streaming_budget(self) -> int:
@@ -2350,7 +2352,7 @@ class ICudaEngine:
     def profiling_verbosity(self) -> ...:
         ...
     @property
-    def refittable(self) -> bool:
+    def refittable(self) -> builtins.bool:
         ...
     @property
     def streamable_weights_size(self) -> int:
@@ -2393,9 +2395,9 @@ class ICumulativeLayer(ILayer):
         :ivar reverse: :class:`bool` Specifies whether the cumulative operation should be applied backward.
     
     """
-    exclusive: bool
+    exclusive: builtins.bool
     op: CumulativeOperation
-    reverse: bool
+    reverse: builtins.bool
 class IDebugListener:
     """
     
@@ -2403,7 +2405,7 @@ class IDebugListener:
     """
     def __init__(self) -> None:
         ...
-    def process_debug_tensor(self, addr: capsule, location: ..., type: DataType, shape: Dims, name: str, stream: int) -> None:
+    def process_debug_tensor(self, addr: typing_extensions.CapsuleType, location: ..., type: DataType, shape: Dims, name: str, stream: int) -> None:
         """
             User implemented callback function that is called when value of a debug tensor is updated and the debug state of the tensor is set to true. Content in the given address is only guaranteed to be valid for the duration of the callback.
         
@@ -2502,11 +2504,11 @@ class IDimensionExpr:
             If is_constant(), returns value of the constant.
             Else, return int64 minimum.
         """
-    def is_constant(self) -> bool:
+    def is_constant(self) -> builtins.bool:
         """
             Return true if expression is a build-time constant.
         """
-    def is_size_tensor(self) -> bool:
+    def is_size_tensor(self) -> builtins.bool:
         """
             Return true if this denotes the value of a size tensor.
         """
@@ -2634,7 +2636,7 @@ class IErrorRecorder:
         
             :returns: Returns description of the error.
         """
-    def has_overflowed(self) -> bool:
+    def has_overflowed(self) -> builtins.bool:
         """
             Determine if the error stack has overflowed.
         
@@ -2656,7 +2658,7 @@ class IErrorRecorder:
         
             :returns: Returns the number of errors detected, or 0 if there are no errors.
         """
-    def report_error(self, arg0: ErrorCodeTRT, arg1: str) -> bool:
+    def report_error(self, arg0: ErrorCodeTRT, arg1: str) -> builtins.bool:
         """
             Clear the error stack on the error recorder.
         
@@ -2693,15 +2695,15 @@ class IExecutionContext:
         :ivar nvtx_verbosity: The NVTX verbosity of the execution context. Building with DETAILED verbosity will generally increase latency in enqueueV3(). Call this method to select NVTX verbosity in this execution context at runtime. The default is the verbosity with which the engine was built, and the verbosity may not be raised above that level. This function does not affect how IEngineInspector interacts with the engine.
         :ivar temporary_allocator: :class:`IGpuAllocator` The GPU allocator used for internal temporary storage.
     """
-    debug_sync: bool
-    enqueue_emits_profile: bool
+    debug_sync: builtins.bool
+    enqueue_emits_profile: builtins.bool
     error_recorder: IErrorRecorder
     name: str
     nvtx_verbosity: ...
     persistent_cache_limit: int
     profiler: IProfiler
     temporary_allocator: ...
-    unfused_tensors_debug_state: bool
+    unfused_tensors_debug_state: builtins.bool
     @staticmethod
     def __enter__(this):
         ...
@@ -2715,7 +2717,7 @@ class IExecutionContext:
         """
     def __del__(self) -> None:
         ...
-    def execute_async_v3(self, stream_handle: int) -> bool:
+    def execute_async_v3(self, stream_handle: int) -> builtins.bool:
         """
             Asynchronously execute inference.
         
@@ -2725,7 +2727,7 @@ class IExecutionContext:
         
             :arg stream_handle: The cuda stream on which the inference kernels will be enqueued. Using default stream may lead to performance issues due to additional cudaDeviceSynchronize() calls by TensorRT to ensure correct synchronizations. Please use non-default stream instead.
         """
-    def execute_v2(self, bindings: list[int]) -> bool:
+    def execute_v2(self, bindings: list[int]) -> builtins.bool:
         """
             Synchronously execute inference on a batch.
             This method requires a array of input and output buffers.
@@ -2740,7 +2742,7 @@ class IExecutionContext:
         
             :returns: The :class:`IDebugListener` of the execution context.
         """
-    def get_debug_state(self, name: str) -> bool:
+    def get_debug_state(self, name: str) -> builtins.bool:
         """
             Get the debug state of the tensor.
         
@@ -2806,7 +2808,7 @@ class IExecutionContext:
         
             :raises: RuntimeError if shape inference fails due to reasons other than insufficiently specified tensors.
         """
-    def report_to_profiler(self) -> bool:
+    def report_to_profiler(self) -> builtins.bool:
         """
             Calculate layer timing info for the current optimization profile in IExecutionContext and update the profiler after one iteration of inference launch.
         
@@ -2819,7 +2821,7 @@ class IExecutionContext:
         
             :returns: :class:`True` if the call succeeded, else :class:`False` (e.g. profiler not provided, in CUDA graph capture mode, etc.)
         """
-    def set_all_tensors_debug_state(self, flag: bool) -> bool:
+    def set_all_tensors_debug_state(self, flag: builtins.bool) -> builtins.bool:
         """
             Turn the debug state of all debug tensors on or off.
         
@@ -2839,7 +2841,7 @@ class IExecutionContext:
         
             :arg aux_streams: A list of cuda streams. If the length of the list is greater than engine.num_aux_streams, then only the first "engine.num_aux_streams" streams will be used. If the length is less than engine.num_aux_streams, such as an empty list, then TensorRT will use the provided streams for the first few auxiliary streams, and will create additional streams internally for the rest of the auxiliary streams.
         """
-    def set_debug_listener(self, listener: IDebugListener) -> bool:
+    def set_debug_listener(self, listener: IDebugListener) -> builtins.bool:
         """
             Set debug listener for execution context.
         
@@ -2855,14 +2857,14 @@ class IExecutionContext:
             If using :func:`enqueue_v3()`, it is in use until :func:`enqueue_v3()` returns. Releasing or otherwise using the memory for other
             purposes during this time will result in undefined behavior. This includes using the same memory for a parallel execution context.
         """
-    def set_input_consumed_event(self, event: int) -> bool:
+    def set_input_consumed_event(self, event: int) -> builtins.bool:
         """
             Mark all input tensors as consumed.
         
             :arg event: The cuda event that is triggered after all input tensors have been consumed.
         """
     @typing.overload
-    def set_input_shape(self, name: str, shape: tuple) -> bool:
+    def set_input_shape(self, name: str, shape: tuple) -> builtins.bool:
         """
             Set shape for the given input tensor.
         
@@ -2870,7 +2872,7 @@ class IExecutionContext:
             :arg shape: The input tensor shape.
         """
     @typing.overload
-    def set_input_shape(self, name: str, shape: list) -> bool:
+    def set_input_shape(self, name: str, shape: list) -> builtins.bool:
         """
             Set shape for the given input tensor.
         
@@ -2878,14 +2880,14 @@ class IExecutionContext:
             :arg shape: The input tensor shape.
         """
     @typing.overload
-    def set_input_shape(self, name: str, shape: Dims) -> bool:
+    def set_input_shape(self, name: str, shape: Dims) -> builtins.bool:
         """
             Set shape for the given input tensor.
         
             :arg name: The input tensor name.
             :arg shape: The input tensor shape.
         """
-    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> builtins.bool:
         """
             Set the optimization profile with async semantics
         
@@ -2898,7 +2900,7 @@ class IExecutionContext:
         
             :returns: :class:`True` if the optimization profile was set successfully
         """
-    def set_output_allocator(self, name: str, output_allocator: IOutputAllocator) -> bool:
+    def set_output_allocator(self, name: str, output_allocator: IOutputAllocator) -> builtins.bool:
         """
             Set output allocator to use for the given output tensor.
         
@@ -2909,14 +2911,14 @@ class IExecutionContext:
             :arg name: The tensor name.
             :arg output_allocator: The output allocator.
         """
-    def set_tensor_address(self, name: str, memory: int) -> bool:
+    def set_tensor_address(self, name: str, memory: int) -> builtins.bool:
         """
             Set memory address for the given input or output tensor.
         
             :arg name: The tensor name.
             :arg memory: The memory address.
         """
-    def set_tensor_debug_state(self, name: str, flag: bool) -> bool:
+    def set_tensor_debug_state(self, name: str, flag: builtins.bool) -> builtins.bool:
         """
             Turn the debug state of a tensor on or off. The Tensor must have been marked as a debug tensor during build time.
         
@@ -2933,10 +2935,10 @@ class IExecutionContext:
     def active_optimization_profile(self) -> int:
         ...
     @property
-    def all_binding_shapes_specified(self) -> bool:
+    def all_binding_shapes_specified(self) -> builtins.bool:
         ...
     @property
-    def all_shape_inputs_specified(self) -> bool:
+    def all_shape_inputs_specified(self) -> builtins.bool:
         ...
     @property
     def engine(self) -> ...:
@@ -3000,7 +3002,7 @@ class IFillLayer(ILayer):
     operation: FillOperation
     shape: Dims
     to_type: DataType
-    def is_alpha_beta_int64(self) -> bool:
+    def is_alpha_beta_int64(self) -> builtins.bool:
         ...
     def set_input(self, index: int, tensor: ITensor) -> None:
         """
@@ -3062,7 +3064,7 @@ class IGpuAllocator(IVersionedInterface):
     """
     def __init__(self) -> None:
         ...
-    def allocate(self, size: int, alignment: int, flags: int) -> capsule:
+    def allocate(self, size: int, alignment: int, flags: int) -> typing_extensions.CapsuleType:
         """
             [DEPRECATED] Deprecated in TensorRT 10.0. Please use allocate_async instead.
             A callback implemented by the application to handle acquisition of GPU memory.
@@ -3079,7 +3081,7 @@ class IGpuAllocator(IVersionedInterface):
         
             :returns: The address of the allocated memory
         """
-    def allocate_async(self, size: int, alignment: int, flags: int, stream: int) -> capsule:
+    def allocate_async(self, size: int, alignment: int, flags: int, stream: int) -> typing_extensions.CapsuleType:
         """
             A callback implemented by the application to handle acquisition of GPU memory asynchronously.
             This is just a wrapper around a syncronous method allocate.
@@ -3098,7 +3100,7 @@ class IGpuAllocator(IVersionedInterface):
         
             :returns: The address of the allocated memory
         """
-    def deallocate(self, memory: capsule) -> bool:
+    def deallocate(self, memory: typing_extensions.CapsuleType) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.0. Please use dealocate_async instead;
             A callback implemented by the application to handle release of GPU memory.
@@ -3109,7 +3111,7 @@ class IGpuAllocator(IVersionedInterface):
         
             :returns: True if the acquired memory is released successfully.
         """
-    def deallocate_async(self, memory: capsule, stream: int) -> bool:
+    def deallocate_async(self, memory: typing_extensions.CapsuleType, stream: int) -> builtins.bool:
         """
             A callback implemented by the application to handle release of GPU memory asynchronously.
             This is just a wrapper around a syncronous method deallocate.
@@ -3122,7 +3124,7 @@ class IGpuAllocator(IVersionedInterface):
         
             :returns: True if the acquired memory is released successfully.
         """
-    def reallocate(self, address: capsule, alignment: int, new_size: int) -> capsule:
+    def reallocate(self, address: typing_extensions.CapsuleType, alignment: int, new_size: int) -> typing_extensions.CapsuleType:
         """
             A callback implemented by the application to resize an existing allocation.
         
@@ -3167,7 +3169,7 @@ class IGpuAsyncAllocator(IGpuAllocator):
     """
     def __init__(self) -> None:
         ...
-    def allocate(self, size: int, alignment: int, flags: int) -> capsule:
+    def allocate(self, size: int, alignment: int, flags: int) -> typing_extensions.CapsuleType:
         """
             [DEPRECATED] Deprecated in TensorRT 10.0. Please use allocate_async instead.
             A callback implemented by the application to handle acquisition of GPU memory.
@@ -3186,7 +3188,7 @@ class IGpuAsyncAllocator(IGpuAllocator):
         
             :returns: The address of the allocated memory
         """
-    def allocate_async(self: IGpuAllocator, size: int, alignment: int, flags: int, stream: int) -> capsule:
+    def allocate_async(self: IGpuAllocator, size: int, alignment: int, flags: int, stream: int) -> typing_extensions.CapsuleType:
         """
             A callback implemented by the application to handle acquisition of GPU memory asynchronously.
             If an allocation request of size 0 is made, ``None`` should be returned.
@@ -3203,7 +3205,7 @@ class IGpuAsyncAllocator(IGpuAllocator):
         
             :returns: The address of the allocated memory
         """
-    def deallocate(self, memory: capsule) -> bool:
+    def deallocate(self, memory: typing_extensions.CapsuleType) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.0. Please use deallocate_async instead.
             A callback implemented by the application to handle release of GPU memory.
@@ -3215,7 +3217,7 @@ class IGpuAsyncAllocator(IGpuAllocator):
         
             :returns: True if the acquired memory is released successfully.
         """
-    def deallocate_async(self: IGpuAllocator, memory: capsule, stream: int) -> bool:
+    def deallocate_async(self: IGpuAllocator, memory: typing_extensions.CapsuleType, stream: int) -> builtins.bool:
         """
             A callback implemented by the application to handle release of GPU memory asynchronously.
         
@@ -3239,7 +3241,7 @@ class IGridSampleLayer(ILayer):
         :ivar align_corners: class:`bool` the align mode to use. Defaults to False.
         :ivar sample_mode: :class:`SampleMode` The sample mode to use. Defaults to FILL.
     """
-    align_corners: bool
+    align_corners: builtins.bool
     interpolation_mode: InterpolationMode
     sample_mode: SampleMode
 class IHostMemory:
@@ -3812,7 +3814,7 @@ class IIteratorLayer(ILoopBoundaryLayer):
             The default is reverse=false.
     """
     axis: int
-    reverse: bool
+    reverse: builtins.bool
 class ILRNLayer(ILayer):
     """
     
@@ -3867,7 +3869,7 @@ class ILayer:
         
             :returns: The output precision. Default : DataType.FLOAT.
         """
-    def output_type_is_set(self, index: int) -> bool:
+    def output_type_is_set(self, index: int) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.12. Superseded by strong typing.
             Whether the output type has been set for this layer.
@@ -3913,7 +3915,7 @@ class ILayer:
     def num_outputs(self) -> int:
         ...
     @property
-    def precision_is_set(self) -> bool:
+    def precision_is_set(self) -> builtins.bool:
         ...
     @property
     def type(self) -> LayerType:
@@ -3975,13 +3977,13 @@ class ILogger:
         VERBOSE: typing.ClassVar[ILogger.Severity]  # value = <Severity.VERBOSE: 4>
         WARNING: typing.ClassVar[ILogger.Severity]  # value = <Severity.WARNING: 2>
         __members__: typing.ClassVar[dict[str, ILogger.Severity]]  # value = {'INTERNAL_ERROR': <Severity.INTERNAL_ERROR: 0>, 'ERROR': <Severity.ERROR: 1>, 'WARNING': <Severity.WARNING: 2>, 'INFO': <Severity.INFO: 3>, 'VERBOSE': <Severity.VERBOSE: 4>}
-        def __eq__(self, other: typing.Any) -> bool:
+        def __eq__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __ge__(self, other: typing.Any) -> bool:
+        def __ge__(self, other: typing.Any) -> builtins.bool:
             ...
         def __getstate__(self) -> int:
             ...
-        def __gt__(self, other: typing.Any) -> bool:
+        def __gt__(self, other: typing.Any) -> builtins.bool:
             ...
         def __hash__(self) -> int:
             ...
@@ -3991,11 +3993,11 @@ class ILogger:
             ...
         def __int__(self) -> int:
             ...
-        def __le__(self, other: typing.Any) -> bool:
+        def __le__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __lt__(self, other: typing.Any) -> bool:
+        def __lt__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __ne__(self, other: typing.Any) -> bool:
+        def __ne__(self, other: typing.Any) -> builtins.bool:
             ...
         def __repr__(self) -> str:
             ...
@@ -4037,7 +4039,7 @@ class ILoop:
         :ivar name: The name of the loop. The name is used in error diagnostics.
     """
     name: str
-    def add_iterator(self, tensor: ITensor, axis: int = 0, reverse: bool = False) -> IIteratorLayer:
+    def add_iterator(self, tensor: ITensor, axis: int = 0, reverse: builtins.bool = False) -> IIteratorLayer:
         """
             Return layer that subscripts tensor by loop iteration.
         
@@ -4330,7 +4332,7 @@ class INetworkDefinition:
         
             :returns: The new convolution layer, or :class:`None` if it could not be created.
         """
-    def add_cumulative(self, input: ITensor, axis: ITensor, op: CumulativeOperation, exclusive: bool, reverse: bool) -> ICumulativeLayer:
+    def add_cumulative(self, input: ITensor, axis: ITensor, op: CumulativeOperation, exclusive: builtins.bool, reverse: builtins.bool) -> ICumulativeLayer:
         """
             Add a cumulative layer to the network.
             See :class:`ICumulativeLayer` for more information.
@@ -4625,7 +4627,7 @@ class INetworkDefinition:
     def add_plugin(self, func: typing.Callable) -> IPluginV3Layer:
         ...
     @typing.overload
-    def add_plugin(self, func: typing.Callable, aot: bool) -> IPluginV3Layer:
+    def add_plugin(self, func: typing.Callable, aot: builtins.bool) -> IPluginV3Layer:
         ...
     def add_plugin_v2(self, inputs: list[ITensor], plugin: IPluginV2) -> IPluginV2Layer:
         """
@@ -4693,7 +4695,7 @@ class INetworkDefinition:
         
             :returns: The new ragged softmax layer, or :class:`None` if it could not be created.
         """
-    def add_reduce(self, input: ITensor, op: ReduceOperation, axes: int, keep_dims: bool) -> IReduceLayer:
+    def add_reduce(self, input: ITensor, op: ReduceOperation, axes: int, keep_dims: builtins.bool) -> IReduceLayer:
         """
             Add a reduce layer to the network.
             See :class:`IReduceLayer` for more information.
@@ -4877,13 +4879,13 @@ class INetworkDefinition:
         
             :returns: the new Unsqueeze layer, or :class:`None` if it could not be created.
         """
-    def are_weights_marked_refittable(self, name: str) -> bool:
+    def are_weights_marked_refittable(self, name: str) -> builtins.bool:
         """
             Whether the weight has been marked as refittable.
         
             :arg name: The name of the weights to check.
         """
-    def get_flag(self, flag: ...) -> bool:
+    def get_flag(self, flag: ...) -> builtins.bool:
         """
             Returns true if the specified ``NetworkDefinitionCreationFlag`` is set.
         
@@ -4915,13 +4917,13 @@ class INetworkDefinition:
         
             :returns: The tensor, or :class:`None` if it is out of range.
         """
-    def is_debug_tensor(self, tensor: ITensor) -> bool:
+    def is_debug_tensor(self, tensor: ITensor) -> builtins.bool:
         """
             Check if a tensor is marked as debug.
         
             :arg tensor: The tensor to be checked.
         """
-    def mark_debug(self, tensor: ITensor) -> bool:
+    def mark_debug(self, tensor: ITensor) -> builtins.bool:
         """
             Mark a tensor as a debug tensor in the network.
         
@@ -4935,7 +4937,7 @@ class INetworkDefinition:
         
             :arg tensor: The tensor to mark.
         """
-    def mark_output_for_shapes(self, tensor: ITensor) -> bool:
+    def mark_output_for_shapes(self, tensor: ITensor) -> builtins.bool:
         """
             Enable tensor's value to be computed by :func:`IExecutionContext.get_shape_binding`.
         
@@ -4943,7 +4945,7 @@ class INetworkDefinition:
         
             :returns: :class:`True` if successful, :class:`False` if tensor is already marked as an output.
         """
-    def mark_unfused_tensors_as_debug_tensors(self) -> bool:
+    def mark_unfused_tensors_as_debug_tensors(self) -> builtins.bool:
         """
             Mark unfused tensors as debug tensors.
         
@@ -4958,7 +4960,7 @@ class INetworkDefinition:
         
             :returns: True if tensors were successfully marked (or were already marked), false otherwise.
         """
-    def mark_weights_refittable(self, name: str) -> bool:
+    def mark_weights_refittable(self, name: str) -> builtins.bool:
         """
             Mark a weight as refittable.
         
@@ -4974,7 +4976,7 @@ class INetworkDefinition:
                 if this method is called with such a tensor, a warning will be emitted on the log
                 and the call will be ignored.
         """
-    def set_weights_name(self, weights: Weights, name: str) -> bool:
+    def set_weights_name(self, weights: Weights, name: str) -> builtins.bool:
         """
             Associate a name with all current uses of the given weights.
         
@@ -4992,7 +4994,7 @@ class INetworkDefinition:
         
             :returns: true on success.
         """
-    def unmark_debug(self, tensor: ITensor) -> bool:
+    def unmark_debug(self, tensor: ITensor) -> builtins.bool:
         """
             Unmark a tensor as a debug tensor in the network.
         
@@ -5006,7 +5008,7 @@ class INetworkDefinition:
         
                 :arg tensor: The tensor to unmark as an output tensor.
         """
-    def unmark_output_for_shapes(self, tensor: ITensor) -> bool:
+    def unmark_output_for_shapes(self, tensor: ITensor) -> builtins.bool:
         """
             Undo :func:`mark_output_for_shapes` .
         
@@ -5014,7 +5016,7 @@ class INetworkDefinition:
         
             :returns: :class:`True` if successful, :class:`False` if tensor is not marked as an output.
         """
-    def unmark_unfused_tensors_as_debug_tensors(self) -> bool:
+    def unmark_unfused_tensors_as_debug_tensors(self) -> builtins.bool:
         """
             Undo the marking of unfused tensor as debug tensors.
         
@@ -5022,7 +5024,7 @@ class INetworkDefinition:
         
             :returns: True if tensor successfully unmarked (or was already unmarked), false otherwise.
         """
-    def unmark_weights_refittable(self, name: str) -> bool:
+    def unmark_weights_refittable(self, name: str) -> builtins.bool:
         """
             Unmark a weight as refittable.
         
@@ -5039,7 +5041,7 @@ class INetworkDefinition:
     def flags(self) -> int:
         ...
     @property
-    def has_implicit_batch_dimension(self) -> bool:
+    def has_implicit_batch_dimension(self) -> builtins.bool:
         ...
     @property
     def num_inputs(self) -> int:
@@ -5137,9 +5139,9 @@ class IOptimizationProfile:
         :ivar extra_memory_target: Additional memory that the builder should aim to maximally allocate for this profile, as a fraction of the memory it would use if the user did not impose any constraints on memory. This unconstrained case is the default; it corresponds to ``extra_memory_target`` == 1.0. If ``extra_memory_target`` == 0.0, the builder aims to create the new optimization profile without allocating any additional weight memory. Valid inputs lie between 0.0 and 1.0. This parameter is only a hint, and TensorRT does not guarantee that the ``extra_memory_target`` will be reached. This parameter is ignored for the first (default) optimization profile that is defined.
     """
     extra_memory_target: float
-    def __bool__(self) -> bool:
+    def __bool__(self) -> builtins.bool:
         ...
-    def __nonzero__(self) -> bool:
+    def __nonzero__(self) -> builtins.bool:
         ...
     def get_shape(self, input: str) -> list[Dims]:
         """
@@ -5354,7 +5356,7 @@ class IPluginRegistry:
         :ivar parent_search_enabled: bool variable indicating whether parent search is enabled. Default is True.
     """
     error_recorder: ...
-    parent_search_enabled: bool
+    parent_search_enabled: builtins.bool
     def acquire_plugin_resource(self, key: str, resource: IPluginResource) -> IPluginResource:
         """
             Get a handle to a plugin resource registered against the provided key.
@@ -5363,7 +5365,7 @@ class IPluginRegistry:
             :arg: resource: A plugin resource object. The object will only need to be valid until this method returns, as only a clone of this object will be registered by TRT. Cannot be null.
         """
     @typing.overload
-    def deregister_creator(self, creator: IPluginCreator) -> bool:
+    def deregister_creator(self, creator: IPluginCreator) -> builtins.bool:
         """
             Deregister a previously registered plugin creator inheriting from IPluginCreator.
         
@@ -5377,7 +5379,7 @@ class IPluginRegistry:
                     or otherwise could not be deregistered.
         """
     @typing.overload
-    def deregister_creator(self, creator: IPluginCreatorInterface) -> bool:
+    def deregister_creator(self, creator: IPluginCreatorInterface) -> builtins.bool:
         """
             Deregister a previously registered plugin creator.
         
@@ -5390,7 +5392,7 @@ class IPluginRegistry:
             :returns: ``True`` if the plugin creator was deregistered, ``False`` if it was not found in the registry
                     or otherwise could not be deregistered.
         """
-    def deregister_library(self, handle: capsule) -> None:
+    def deregister_library(self, handle: typing_extensions.CapsuleType) -> None:
         """
             Deregister plugins associated with a library. Any resources acquired when the library was loaded will be released.
         
@@ -5420,7 +5422,7 @@ class IPluginRegistry:
         
             :returns: An :class:`IPluginCreator` .
         """
-    def load_library(self, plugin_path: str) -> capsule:
+    def load_library(self, plugin_path: str) -> typing_extensions.CapsuleType:
         """
             Load and register a shared library of plugins.
         
@@ -5429,7 +5431,7 @@ class IPluginRegistry:
             :returns: The loaded plugin library handle. The call will fail and return None if any of the plugins are already registered.
         """
     @typing.overload
-    def register_creator(self, creator: IPluginCreator, plugin_namespace: str = '') -> bool:
+    def register_creator(self, creator: IPluginCreator, plugin_namespace: str = '') -> builtins.bool:
         """
             Register a plugin creator implementing IPluginCreator.
         
@@ -5439,7 +5441,7 @@ class IPluginRegistry:
             :returns: False if any plugin creator with the same name, version and namespace is already registered.
         """
     @typing.overload
-    def register_creator(self, creator: IPluginCreatorInterface, plugin_namespace: str = '') -> bool:
+    def register_creator(self, creator: IPluginCreatorInterface, plugin_namespace: str = '') -> builtins.bool:
         """
             Register a plugin creator.
         
@@ -5539,7 +5541,7 @@ class IPluginV2:
         """
             Destroy the plugin object. This will be called when the :class:`INetworkDefinition` , :class:`Builder` or :class:`ICudaEngine` is destroyed.
         """
-    def execute_async(self, batch_size: int, inputs: list[capsule], outputs: list[capsule], workspace: capsule, stream_handle: int) -> int:
+    def execute_async(self, batch_size: int, inputs: list[typing_extensions.CapsuleType], outputs: list[typing_extensions.CapsuleType], workspace: typing_extensions.CapsuleType, stream_handle: int) -> int:
         """
             Execute the layer asynchronously.
         
@@ -5583,7 +5585,7 @@ class IPluginV2:
             .. warning::
                 This API only applies when called on a C++ plugin from a Python program.
         """
-    def supports_format(self, dtype: DataType, format: ...) -> bool:
+    def supports_format(self, dtype: DataType, format: ...) -> builtins.bool:
         """
             Check format support.
         
@@ -5760,7 +5762,7 @@ class IPluginV2DynamicExt(IPluginV2DynamicExtBase, IPluginV2):
         
             :returns: A bytes object containing the serialized representation of the plugin.
         """
-    def supports_format_combination(self, pos: int, in_out: list[PluginTensorDesc], num_inputs: int) -> bool:
+    def supports_format_combination(self, pos: int, in_out: list[PluginTensorDesc], num_inputs: int) -> builtins.bool:
         """
             Return true if plugin supports the format and datatype for the input/output indexed by pos.
         
@@ -5795,7 +5797,7 @@ class IPluginV2Ext(IPluginV2):
     
         :ivar tensorrt_version: :class:`int` The API version with which this plugin was built.
     """
-    def attach_to_context(self, cudnn: capsule, cublas: capsule, allocator: capsule) -> None:
+    def attach_to_context(self, cudnn: typing_extensions.CapsuleType, cublas: typing_extensions.CapsuleType, allocator: typing_extensions.CapsuleType) -> None:
         """
             Attach the plugin object to an execution context and grant the plugin the access to some context resource.
         
@@ -5812,7 +5814,7 @@ class IPluginV2Ext(IPluginV2):
             If the source plugin is pre-configured with `configure_plugin()`, the returned object should also be pre-configured. The returned object should allow attach_to_context() with a new execution context.
             Cloned plugin objects can share the same per-engine immutable resource (e.g. weights) with the source object (e.g. via ref-counting) to avoid duplication.
         """
-    def configure_plugin(self, input_shapes: list[Dims], output_shapes: list[Dims], input_types: list[DataType], output_types: list[DataType], input_is_broadcasted: list[bool], output_is_broacasted: list[bool], format: ..., max_batch_size: int) -> None:
+    def configure_plugin(self, input_shapes: list[Dims], output_shapes: list[Dims], input_types: list[DataType], output_types: list[DataType], input_is_broadcasted: list[builtins.bool], output_is_broacasted: list[builtins.bool], format: ..., max_batch_size: int) -> None:
         """
             Configure the layer.
         
@@ -6015,7 +6017,7 @@ class IPluginV3OneBuild(IPluginCapability, IVersionedInterface):
         
             :returns: The workspace size (in bytes).
         """
-    def supports_format_combination(self: IPluginV3, pos: int, in_out: list[DynamicPluginTensorDesc], num_inputs: int) -> bool:
+    def supports_format_combination(self: IPluginV3, pos: int, in_out: list[DynamicPluginTensorDesc], num_inputs: int) -> builtins.bool:
         """
             Return true if plugin supports the format and datatype for the input/output indexed by pos.
         
@@ -6211,7 +6213,7 @@ class IPoolingLayer(ILayer):
         :ivar stride_nd: :class:`Dims` The multi-dimension stride for pooling. Default: (1, ..., 1)
         :ivar padding_nd: :class:`Dims` The multi-dimension padding for pooling. Default: (0, ..., 0)
     """
-    average_count_excludes_padding: bool
+    average_count_excludes_padding: builtins.bool
     blend_factor: float
     padding_mode: PaddingMode
     padding_nd: Dims
@@ -6294,7 +6296,7 @@ class IProgressMonitor:
             reused once the previous instance has completed. Phase names and their hierarchies may change between versions
             of TensorRT.
         """
-    def step_complete(self, phase_name: str, step: int) -> bool:
+    def step_complete(self, phase_name: str, step: int) -> builtins.bool:
         """
             Signal that a step of an optimizer phase has finished.
         
@@ -6383,7 +6385,7 @@ class IReduceLayer(ILayer):
         :ivar keep_dims: :class:`bool` Specifies whether or not to keep the reduced dimensions for the layer.
     """
     axes: int
-    keep_dims: bool
+    keep_dims: builtins.bool
     op: ReduceOperation
 class IResizeLayer(ILayer):
     """
@@ -6440,7 +6442,7 @@ class IResizeLayer(ILayer):
     """
     coordinate_transformation: ResizeCoordinateTransformation
     cubic_coeff: float
-    exclude_outside: bool
+    exclude_outside: builtins.bool
     nearest_rounding: ResizeRoundMode
     resize_mode: InterpolationMode
     scales: list[float]
@@ -6556,15 +6558,15 @@ class ISerializationConfig:
     Class to hold properties for configuring an engine to serialize the binary.
     """
     flags: int
-    def clear_flag(self, flag: SerializationFlag) -> bool:
+    def clear_flag(self, flag: SerializationFlag) -> builtins.bool:
         """
         Clears the serialization flag from the config.
         """
-    def get_flag(self, flag: SerializationFlag) -> bool:
+    def get_flag(self, flag: SerializationFlag) -> builtins.bool:
         """
         Check if a serialization flag is set.
         """
-    def set_flag(self, flag: SerializationFlag) -> bool:
+    def set_flag(self, flag: SerializationFlag) -> builtins.bool:
         """
         Add the input serialization flag to the already enabled flags.
         """
@@ -6600,7 +6602,7 @@ class IShuffleLayer(ILayer):
     first_transpose: Permutation
     reshape_dims: Dims
     second_transpose: Permutation
-    zero_is_placeholder: bool
+    zero_is_placeholder: builtins.bool
     def set_input(self, index: int, tensor: ITensor) -> None:
         """
             Sets the input tensor for the given index. The index must be 0 for a static shuffle layer.
@@ -6795,7 +6797,7 @@ class IStreamReader:
     """
     def __init__(self) -> None:
         ...
-    def read(self, destination: capsule, size: int) -> int:
+    def read(self, destination: typing_extensions.CapsuleType, size: int) -> int:
         """
             A callback implemented by the application to read a particular chunk of memory.
         
@@ -6840,7 +6842,7 @@ class IStreamReaderV2:
     """
     def __init__(self) -> None:
         ...
-    def read(self, destination: capsule, num_bytes: int, stream: int) -> int:
+    def read(self, destination: typing_extensions.CapsuleType, num_bytes: int, stream: int) -> int:
         """
             A callback implemented by the application to set the stream location.
         
@@ -6849,7 +6851,7 @@ class IStreamReaderV2:
         
             :returns: A buffer containing the bytes read.
         """
-    def seek(self, offset: int, where: SeekPosition) -> bool:
+    def seek(self, offset: int, where: SeekPosition) -> builtins.bool:
         """
             A callback implemented by the application to read a particular chunk of memory.
         
@@ -6876,7 +6878,7 @@ class IStreamWriter:
     """
     def __init__(self) -> None:
         ...
-    def write(self, data: capsule, size: int) -> int:
+    def write(self, data: typing_extensions.CapsuleType, size: int) -> int:
         """
             A callback implemented by the application to write a particular chunk of memory.
         
@@ -6893,7 +6895,7 @@ class ISymExprs:
         ...
     def __len__(self) -> int:
         ...
-    def __setitem__(self, arg0: int, arg1: ISymExpr) -> bool:
+    def __setitem__(self, arg0: int, arg1: ISymExpr) -> builtins.bool:
         ...
 class ITensor:
     """
@@ -6916,7 +6918,7 @@ class ITensor:
         :ivar allowed_formats: :class:`int32` The allowed set of TensorFormat candidates. This should be an integer consisting of one or more :class:`TensorFormat` s, combined via bitwise OR after bit shifting. For example, ``1 << int(TensorFormat.CHW4) | 1 << int(TensorFormat.CHW32)``.
     """
     allowed_formats: int
-    broadcast_across_batch: bool
+    broadcast_across_batch: builtins.bool
     dtype: DataType
     location: ...
     name: str
@@ -6949,7 +6951,7 @@ class ITensor:
             :arg index: index of the dimension.
             :arg name: name of the dimension.
         """
-    def set_dynamic_range(self, min: float, max: float) -> bool:
+    def set_dynamic_range(self, min: float, max: float) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.1. Superseded by explicit quantization.
             Set dynamic range for the tensor.
@@ -6966,16 +6968,16 @@ class ITensor:
     def dynamic_range(self, arg1: list[float]) -> None:
         ...
     @property
-    def is_execution_tensor(self) -> bool:
+    def is_execution_tensor(self) -> builtins.bool:
         ...
     @property
-    def is_network_input(self) -> bool:
+    def is_network_input(self) -> builtins.bool:
         ...
     @property
-    def is_network_output(self) -> bool:
+    def is_network_output(self) -> builtins.bool:
         ...
     @property
-    def is_shape_tensor(self) -> bool:
+    def is_shape_tensor(self) -> builtins.bool:
         ...
 class ITimingCache:
     """
@@ -6983,7 +6985,7 @@ class ITimingCache:
             Class to handle tactic timing info collected from builder.
         
     """
-    def combine(self, input_cache: ITimingCache, ignore_mismatch: bool) -> bool:
+    def combine(self, input_cache: ITimingCache, ignore_mismatch: builtins.bool) -> builtins.bool:
         """
                 Combine input timing cache into local instance.
         
@@ -7016,7 +7018,7 @@ class ITimingCache:
         
             :returns A list containing the cache keys.
         """
-    def reset(self) -> bool:
+    def reset(self) -> builtins.bool:
         """
                 Empty the timing cache
         
@@ -7028,7 +7030,7 @@ class ITimingCache:
         
                 :returns: An :class:`IHostMemory` object that contains a serialized timing cache.
         """
-    def update(self, key: TimingCacheKey, value: TimingCacheValue) -> bool:
+    def update(self, key: TimingCacheKey, value: TimingCacheValue) -> builtins.bool:
         """
                 Update values in a cache entry.
         
@@ -7155,7 +7157,7 @@ class InterpolationMode:
     LINEAR: typing.ClassVar[InterpolationMode]  # value = <InterpolationMode.LINEAR: 1>
     NEAREST: typing.ClassVar[InterpolationMode]  # value = <InterpolationMode.NEAREST: 0>
     __members__: typing.ClassVar[dict[str, InterpolationMode]]  # value = {'NEAREST': <InterpolationMode.NEAREST: 0>, 'LINEAR': <InterpolationMode.LINEAR: 1>, 'CUBIC': <InterpolationMode.CUBIC: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7167,7 +7169,7 @@ class InterpolationMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7202,7 +7204,7 @@ class LayerInformationFormat:
     JSON: typing.ClassVar[LayerInformationFormat]  # value = <LayerInformationFormat.JSON: 1>
     ONELINE: typing.ClassVar[LayerInformationFormat]  # value = <LayerInformationFormat.ONELINE: 0>
     __members__: typing.ClassVar[dict[str, LayerInformationFormat]]  # value = {'ONELINE': <LayerInformationFormat.ONELINE: 0>, 'JSON': <LayerInformationFormat.JSON: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7214,7 +7216,7 @@ class LayerInformationFormat:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7388,7 +7390,7 @@ class LayerType:
     UNARY: typing.ClassVar[LayerType]  # value = <LayerType.UNARY: 11>
     UNSQUEEZE: typing.ClassVar[LayerType]  # value = <LayerType.UNSQUEEZE: 48>
     __members__: typing.ClassVar[dict[str, LayerType]]  # value = {'CONVOLUTION': <LayerType.CONVOLUTION: 0>, 'GRID_SAMPLE': <LayerType.GRID_SAMPLE: 42>, 'NMS': <LayerType.NMS: 43>, 'ACTIVATION': <LayerType.ACTIVATION: 2>, 'POOLING': <LayerType.POOLING: 3>, 'LRN': <LayerType.LRN: 4>, 'SCALE': <LayerType.SCALE: 5>, 'SOFTMAX': <LayerType.SOFTMAX: 6>, 'DECONVOLUTION': <LayerType.DECONVOLUTION: 7>, 'CONCATENATION': <LayerType.CONCATENATION: 8>, 'ELEMENTWISE': <LayerType.ELEMENTWISE: 9>, 'PLUGIN': <LayerType.PLUGIN: 10>, 'UNARY': <LayerType.UNARY: 11>, 'PADDING': <LayerType.PADDING: 12>, 'SHUFFLE': <LayerType.SHUFFLE: 13>, 'REDUCE': <LayerType.REDUCE: 14>, 'TOPK': <LayerType.TOPK: 15>, 'GATHER': <LayerType.GATHER: 16>, 'MATRIX_MULTIPLY': <LayerType.MATRIX_MULTIPLY: 17>, 'RAGGED_SOFTMAX': <LayerType.RAGGED_SOFTMAX: 18>, 'CONSTANT': <LayerType.CONSTANT: 19>, 'IDENTITY': <LayerType.IDENTITY: 20>, 'CAST': <LayerType.CAST: 1>, 'PLUGIN_V2': <LayerType.PLUGIN_V2: 21>, 'SLICE': <LayerType.SLICE: 22>, 'SHAPE': <LayerType.SHAPE: 23>, 'PARAMETRIC_RELU': <LayerType.PARAMETRIC_RELU: 24>, 'RESIZE': <LayerType.RESIZE: 25>, 'TRIP_LIMIT': <LayerType.TRIP_LIMIT: 26>, 'RECURRENCE': <LayerType.RECURRENCE: 27>, 'ITERATOR': <LayerType.ITERATOR: 28>, 'LOOP_OUTPUT': <LayerType.LOOP_OUTPUT: 29>, 'SELECT': <LayerType.SELECT: 30>, 'ASSERTION': <LayerType.ASSERTION: 39>, 'FILL': <LayerType.FILL: 31>, 'QUANTIZE': <LayerType.QUANTIZE: 32>, 'DEQUANTIZE': <LayerType.DEQUANTIZE: 33>, 'CONDITION': <LayerType.CONDITION: 34>, 'CONDITIONAL_INPUT': <LayerType.CONDITIONAL_INPUT: 35>, 'CONDITIONAL_OUTPUT': <LayerType.CONDITIONAL_OUTPUT: 36>, 'SCATTER': <LayerType.SCATTER: 37>, 'EINSUM': <LayerType.EINSUM: 38>, 'ONE_HOT': <LayerType.ONE_HOT: 40>, 'NON_ZERO': <LayerType.NON_ZERO: 41>, 'REVERSE_SEQUENCE': <LayerType.REVERSE_SEQUENCE: 44>, 'NORMALIZATION': <LayerType.NORMALIZATION: 45>, 'PLUGIN_V3': <LayerType.PLUGIN_V3: 46>, 'SQUEEZE': <LayerType.SQUEEZE: 47>, 'UNSQUEEZE': <LayerType.UNSQUEEZE: 48>, 'CUMULATIVE': <LayerType.CUMULATIVE: 49>, 'DYNAMIC_QUANTIZE': <LayerType.DYNAMIC_QUANTIZE: 50>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7400,7 +7402,7 @@ class LayerType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7458,13 +7460,13 @@ class Logger(ILogger):
         VERBOSE: typing.ClassVar[ILogger.Severity]  # value = <Severity.VERBOSE: 4>
         WARNING: typing.ClassVar[ILogger.Severity]  # value = <Severity.WARNING: 2>
         __members__: typing.ClassVar[dict[str, ILogger.Severity]]  # value = {'INTERNAL_ERROR': <Severity.INTERNAL_ERROR: 0>, 'ERROR': <Severity.ERROR: 1>, 'WARNING': <Severity.WARNING: 2>, 'INFO': <Severity.INFO: 3>, 'VERBOSE': <Severity.VERBOSE: 4>}
-        def __eq__(self, other: typing.Any) -> bool:
+        def __eq__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __ge__(self, other: typing.Any) -> bool:
+        def __ge__(self, other: typing.Any) -> builtins.bool:
             ...
         def __getstate__(self) -> int:
             ...
-        def __gt__(self, other: typing.Any) -> bool:
+        def __gt__(self, other: typing.Any) -> builtins.bool:
             ...
         def __hash__(self) -> int:
             ...
@@ -7474,11 +7476,11 @@ class Logger(ILogger):
             ...
         def __int__(self: ILogger.Severity) -> int:
             ...
-        def __le__(self, other: typing.Any) -> bool:
+        def __le__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __lt__(self, other: typing.Any) -> bool:
+        def __lt__(self, other: typing.Any) -> builtins.bool:
             ...
-        def __ne__(self, other: typing.Any) -> bool:
+        def __ne__(self, other: typing.Any) -> builtins.bool:
             ...
         def __repr__(self) -> str:
             ...
@@ -7523,7 +7525,7 @@ class LoopOutput:
     LAST_VALUE: typing.ClassVar[LoopOutput]  # value = <LoopOutput.LAST_VALUE: 0>
     REVERSE: typing.ClassVar[LoopOutput]  # value = <LoopOutput.REVERSE: 2>
     __members__: typing.ClassVar[dict[str, LoopOutput]]  # value = {'LAST_VALUE': <LoopOutput.LAST_VALUE: 0>, 'CONCATENATE': <LoopOutput.CONCATENATE: 1>, 'REVERSE': <LoopOutput.REVERSE: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7535,7 +7537,7 @@ class LoopOutput:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7565,7 +7567,7 @@ class MatrixOperation:
     TRANSPOSE: typing.ClassVar[MatrixOperation]  # value = <MatrixOperation.TRANSPOSE: 1>
     VECTOR: typing.ClassVar[MatrixOperation]  # value = <MatrixOperation.VECTOR: 2>
     __members__: typing.ClassVar[dict[str, MatrixOperation]]  # value = {'NONE': <MatrixOperation.NONE: 0>, 'TRANSPOSE': <MatrixOperation.TRANSPOSE: 1>, 'VECTOR': <MatrixOperation.VECTOR: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7577,7 +7579,7 @@ class MatrixOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7646,7 +7648,7 @@ class MemoryPoolType:
     TACTIC_SHARED_MEMORY: typing.ClassVar[MemoryPoolType]  # value = <MemoryPoolType.TACTIC_SHARED_MEMORY: 5>
     WORKSPACE: typing.ClassVar[MemoryPoolType]  # value = <MemoryPoolType.WORKSPACE: 0>
     __members__: typing.ClassVar[dict[str, MemoryPoolType]]  # value = {'WORKSPACE': <MemoryPoolType.WORKSPACE: 0>, 'DLA_MANAGED_SRAM': <MemoryPoolType.DLA_MANAGED_SRAM: 1>, 'DLA_LOCAL_DRAM': <MemoryPoolType.DLA_LOCAL_DRAM: 2>, 'DLA_GLOBAL_DRAM': <MemoryPoolType.DLA_GLOBAL_DRAM: 3>, 'TACTIC_DRAM': <MemoryPoolType.TACTIC_DRAM: 4>, 'TACTIC_SHARED_MEMORY': <MemoryPoolType.TACTIC_SHARED_MEMORY: 5>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -7658,7 +7660,7 @@ class MemoryPoolType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7691,13 +7693,13 @@ class NetworkDefinitionCreationFlag:
     PREFER_JIT_PYTHON_PLUGINS: typing.ClassVar[NetworkDefinitionCreationFlag]  # value = <NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS: 2>
     STRONGLY_TYPED: typing.ClassVar[NetworkDefinitionCreationFlag]  # value = <NetworkDefinitionCreationFlag.STRONGLY_TYPED: 1>
     __members__: typing.ClassVar[dict[str, NetworkDefinitionCreationFlag]]  # value = {'EXPLICIT_BATCH': <NetworkDefinitionCreationFlag.EXPLICIT_BATCH: 0>, 'STRONGLY_TYPED': <NetworkDefinitionCreationFlag.STRONGLY_TYPED: 1>, 'PREFER_AOT_PYTHON_PLUGINS': <NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS: 3>, 'PREFER_JIT_PYTHON_PLUGINS': <NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -7707,11 +7709,11 @@ class NetworkDefinitionCreationFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -7727,11 +7729,11 @@ class NetworkDefinitionCreationFlag:
         ...
 class NodeIndices:
     __hash__: typing.ClassVar[None] = None
-    def __bool__(self: list[int]) -> bool:
+    def __bool__(self: list[int]) -> builtins.bool:
         """
         Check whether the list is nonempty
         """
-    def __contains__(self: list[int], x: int) -> bool:
+    def __contains__(self: list[int], x: int) -> builtins.bool:
         """
         Return true the container contains ``x``
         """
@@ -7745,7 +7747,7 @@ class NodeIndices:
         """
         Delete list elements using a slice object
         """
-    def __eq__(self: list[int], arg0: list[int]) -> bool:
+    def __eq__(self: list[int], arg0: list[int]) -> builtins.bool:
         ...
     @typing.overload
     def __getitem__(self: list[int], s: slice) -> list[int]:
@@ -7770,7 +7772,7 @@ class NodeIndices:
         ...
     def __len__(self: list[int]) -> int:
         ...
-    def __ne__(self: list[int], arg0: list[int]) -> bool:
+    def __ne__(self: list[int], arg0: list[int]) -> builtins.bool:
         ...
     def __repr__(self: list[int]) -> str:
         """
@@ -7860,13 +7862,13 @@ class OnnxParser:
         
             :arg flag: The flag to clear.
         """
-    def get_error(self, index: int) -> ...:
+    def get_error(self, index: int) -> ParserError:
         """
             Get an error that occurred during prior calls to :func:`parse`
         
             :arg index: Index of the error
         """
-    def get_flag(self, flag: ...) -> bool:
+    def get_flag(self, flag: ...) -> builtins.bool:
         """
             Check if a build mode flag is set.
         
@@ -7911,7 +7913,7 @@ class OnnxParser:
         
             :raises: :class:`RuntimeError` if an internal error occurred when trying to fetch the list of plugin libraries.
         """
-    def is_subgraph_supported(self, index: int) -> bool:
+    def is_subgraph_supported(self, index: int) -> builtins.bool:
         """
             Returns whether the subgraph is supported. Calling before \\p supportsModelV2 is an undefined behavior.
             Will return false by default.
@@ -7919,7 +7921,7 @@ class OnnxParser:
             :arg index: Index of the subgraph to be checked.
             :returns: true if subgraph is supported
         """
-    def load_initializer(self, name: str, data: int, size: int) -> bool:
+    def load_initializer(self, name: str, data: int, size: int) -> builtins.bool:
         """
             Prompt the ONNX parser to load an initializer with user-provided binary data.
             The lifetime of the data must exceed the lifetime of the parser.
@@ -7941,7 +7943,7 @@ class OnnxParser:
         
             :returns: true if the initializer was successfully loaded
         """
-    def load_model_proto(self, model: typing_extensions.Buffer, path: str = None) -> bool:
+    def load_model_proto(self, model: typing_extensions.Buffer, path: str = None) -> builtins.bool:
         """
             Load a serialized ONNX model into the parser. Unlike the parse(), parse_from_file(), or parse_with_weight_descriptors()
             functions, this function does not immediately convert the model into a TensorRT INetworkDefinition. Using this function
@@ -7956,7 +7958,7 @@ class OnnxParser:
         
             :returns: true if the model was loaded successfully
         """
-    def parse(self, model: typing_extensions.Buffer, path: str = None) -> bool:
+    def parse(self, model: typing_extensions.Buffer, path: str = None) -> builtins.bool:
         """
             Parse a serialized ONNX model into the TensorRT network.
         
@@ -7965,7 +7967,7 @@ class OnnxParser:
         
             :returns: true if the model was parsed successfully
         """
-    def parse_from_file(self, model: str) -> bool:
+    def parse_from_file(self, model: str) -> builtins.bool:
         """
             Parse an ONNX model from file into a TensorRT network.
         
@@ -7973,13 +7975,13 @@ class OnnxParser:
         
             :returns: true if the model was parsed successfully
         """
-    def parse_model_proto(self) -> bool:
+    def parse_model_proto(self) -> builtins.bool:
         """
             Begin the parsing and conversion process of the loaded ONNX model into a TensorRT INetworkDefinition.
         
             :returns: true if the model was parsed successfully.
         """
-    def parse_with_weight_descriptors(self, model: typing_extensions.Buffer) -> bool:
+    def parse_with_weight_descriptors(self, model: typing_extensions.Buffer) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.13. See load_initializers.
         
@@ -7995,7 +7997,7 @@ class OnnxParser:
         
             :arg flag: The flag to set.
         """
-    def supports_model(self, model: typing_extensions.Buffer, path: str = None) -> tuple[bool, list[tuple[list[int], bool]]]:
+    def supports_model(self, model: typing_extensions.Buffer, path: str = None) -> tuple[builtins.bool, list[tuple[list[int], builtins.bool]]]:
         """
             [DEPRECATED] Deprecated in TensorRT 10.1. See supports_model_v2.
         
@@ -8008,7 +8010,7 @@ class OnnxParser:
                 The first element of the tuple indicates whether the model is supported.
                 The second indicates subgraphs (by node index) in the model and whether they are supported.
         """
-    def supports_model_v2(self, model: typing_extensions.Buffer, path: str = None) -> bool:
+    def supports_model_v2(self, model: typing_extensions.Buffer, path: str = None) -> builtins.bool:
         """
             Check whether TensorRT supports a particular ONNX model.
             Query each subgraph with num_subgraphs, is_subgraph_supported, get_subgraph_nodes.
@@ -8017,7 +8019,7 @@ class OnnxParser:
             :arg path: The path to the model file. Only required if the model has externally stored weights.
             :returns: true if the model is supported
         """
-    def supports_operator(self, op_name: str) -> bool:
+    def supports_operator(self, op_name: str) -> builtins.bool:
         """
             Returns whether the specified operator may be supported by the parser.
             Note that a result of true does not guarantee that the operator will be supported in all cases (i.e., this function may return false-positives).
@@ -8053,7 +8055,7 @@ class OnnxParserFlag:
     ENABLE_UINT8_AND_ASYMMETRIC_QUANTIZATION_DLA: typing.ClassVar[OnnxParserFlag]  # value = <OnnxParserFlag.ENABLE_UINT8_AND_ASYMMETRIC_QUANTIZATION_DLA: 1>
     NATIVE_INSTANCENORM: typing.ClassVar[OnnxParserFlag]  # value = <OnnxParserFlag.NATIVE_INSTANCENORM: 0>
     __members__: typing.ClassVar[dict[str, OnnxParserFlag]]  # value = {'NATIVE_INSTANCENORM': <OnnxParserFlag.NATIVE_INSTANCENORM: 0>, 'ENABLE_UINT8_AND_ASYMMETRIC_QUANTIZATION_DLA': <OnnxParserFlag.ENABLE_UINT8_AND_ASYMMETRIC_QUANTIZATION_DLA: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8065,7 +8067,7 @@ class OnnxParserFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8099,7 +8101,7 @@ class OnnxParserRefitter:
         
             :arg index: Index of the error
         """
-    def load_initializer(self, name: str, data: int, size: int) -> bool:
+    def load_initializer(self, name: str, data: int, size: int) -> builtins.bool:
         """
             Prompt the ONNX refitter to load an initializer with user-provided binary data.
             The lifetime of the data must exceed the lifetime of the refitter.
@@ -8121,7 +8123,7 @@ class OnnxParserRefitter:
         
             :returns: true if the initializer was successfully loaded.
         """
-    def load_model_proto(self, model: typing_extensions.Buffer, path: str = None) -> bool:
+    def load_model_proto(self, model: typing_extensions.Buffer, path: str = None) -> builtins.bool:
         """
             Load a serialized ONNX model into the refitter. Unlike the refit() or refit_from_file()
             functions, this function does not immediately begin the refit process. Using this function
@@ -8136,7 +8138,7 @@ class OnnxParserRefitter:
         
             :returns: true if the model was loaded successfully.
         """
-    def refit_from_bytes(self, model: typing_extensions.Buffer, path: str = None) -> bool:
+    def refit_from_bytes(self, model: typing_extensions.Buffer, path: str = None) -> builtins.bool:
         """
             Load a serialized ONNX model from memory and perform weight refit.
         
@@ -8145,7 +8147,7 @@ class OnnxParserRefitter:
         
             :returns: true if all the weights in the engine were refit successfully.
         """
-    def refit_from_file(self, model: str) -> bool:
+    def refit_from_file(self, model: str) -> builtins.bool:
         """
             Load and parse a ONNX model from disk and perform weight refit.
         
@@ -8153,7 +8155,7 @@ class OnnxParserRefitter:
         
             :returns: true if the model was loaded successfully, and if all the weights in the engine were refit successfully.
         """
-    def refit_model_proto(self) -> bool:
+    def refit_model_proto(self) -> builtins.bool:
         """
             Begin the refit process from the loaded ONNX model.
         
@@ -8189,7 +8191,7 @@ class PaddingMode:
     SAME_LOWER: typing.ClassVar[PaddingMode]  # value = <PaddingMode.SAME_LOWER: 3>
     SAME_UPPER: typing.ClassVar[PaddingMode]  # value = <PaddingMode.SAME_UPPER: 2>
     __members__: typing.ClassVar[dict[str, PaddingMode]]  # value = {'EXPLICIT_ROUND_DOWN': <PaddingMode.EXPLICIT_ROUND_DOWN: 0>, 'EXPLICIT_ROUND_UP': <PaddingMode.EXPLICIT_ROUND_UP: 1>, 'SAME_UPPER': <PaddingMode.SAME_UPPER: 2>, 'SAME_LOWER': <PaddingMode.SAME_LOWER: 3>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8201,7 +8203,7 @@ class PaddingMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8297,13 +8299,13 @@ class PluginArgDataType:
     INT32: typing.ClassVar[PluginArgDataType]  # value = <PluginArgDataType.INT32: 2>
     INT8: typing.ClassVar[PluginArgDataType]  # value = <PluginArgDataType.INT8: 0>
     __members__: typing.ClassVar[dict[str, PluginArgDataType]]  # value = {'INT8': <PluginArgDataType.INT8: 0>, 'INT16': <PluginArgDataType.INT16: 1>, 'INT32': <PluginArgDataType.INT32: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -8313,11 +8315,11 @@ class PluginArgDataType:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8339,13 +8341,13 @@ class PluginArgType:
     """
     INT: typing.ClassVar[PluginArgType]  # value = <PluginArgType.INT: 0>
     __members__: typing.ClassVar[dict[str, PluginArgType]]  # value = {'INT': <PluginArgType.INT: 0>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -8355,11 +8357,11 @@ class PluginArgType:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8391,13 +8393,13 @@ class PluginCapabilityType:
     CORE: typing.ClassVar[PluginCapabilityType]  # value = <PluginCapabilityType.CORE: 0>
     RUNTIME: typing.ClassVar[PluginCapabilityType]  # value = <PluginCapabilityType.RUNTIME: 2>
     __members__: typing.ClassVar[dict[str, PluginCapabilityType]]  # value = {'CORE': <PluginCapabilityType.CORE: 0>, 'BUILD': <PluginCapabilityType.BUILD: 1>, 'RUNTIME': <PluginCapabilityType.RUNTIME: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -8407,11 +8409,11 @@ class PluginCapabilityType:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8440,7 +8442,7 @@ class PluginCreatorVersion:
     V1: typing.ClassVar[PluginCreatorVersion]  # value = <PluginCreatorVersion.V1: 0>
     V1_PYTHON: typing.ClassVar[PluginCreatorVersion]  # value = <PluginCreatorVersion.V1_PYTHON: 64>
     __members__: typing.ClassVar[dict[str, PluginCreatorVersion]]  # value = {'V1': <PluginCreatorVersion.V1: 0>, 'V1_PYTHON': <PluginCreatorVersion.V1_PYTHON: 64>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8452,7 +8454,7 @@ class PluginCreatorVersion:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8498,7 +8500,7 @@ class PluginField:
     def name(self, arg1: FallbackString) -> None:
         ...
 class PluginFieldCollection:
-    def __bool__(self) -> bool:
+    def __bool__(self) -> builtins.bool:
         """
         Check whether the list is nonempty
         """
@@ -8640,7 +8642,7 @@ class PluginFieldType:
     INT8: typing.ClassVar[PluginFieldType]  # value = <PluginFieldType.INT8: 3>
     UNKNOWN: typing.ClassVar[PluginFieldType]  # value = <PluginFieldType.UNKNOWN: 8>
     __members__: typing.ClassVar[dict[str, PluginFieldType]]  # value = {'FLOAT16': <PluginFieldType.FLOAT16: 0>, 'FLOAT32': <PluginFieldType.FLOAT32: 1>, 'FLOAT64': <PluginFieldType.FLOAT64: 2>, 'INT8': <PluginFieldType.INT8: 3>, 'INT16': <PluginFieldType.INT16: 4>, 'INT32': <PluginFieldType.INT32: 5>, 'CHAR': <PluginFieldType.CHAR: 6>, 'DIMS': <PluginFieldType.DIMS: 7>, 'UNKNOWN': <PluginFieldType.UNKNOWN: 8>, 'BF16': <PluginFieldType.BF16: 9>, 'INT64': <PluginFieldType.INT64: 10>, 'FP8': <PluginFieldType.FP8: 11>, 'INT4': <PluginFieldType.INT4: 12>, 'FP4': <PluginFieldType.FP4: 13>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8652,7 +8654,7 @@ class PluginFieldType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8700,7 +8702,7 @@ class PoolingType:
     MAX: typing.ClassVar[PoolingType]  # value = <PoolingType.MAX: 0>
     MAX_AVERAGE_BLEND: typing.ClassVar[PoolingType]  # value = <PoolingType.MAX_AVERAGE_BLEND: 2>
     __members__: typing.ClassVar[dict[str, PoolingType]]  # value = {'MAX': <PoolingType.MAX: 0>, 'AVERAGE': <PoolingType.AVERAGE: 1>, 'MAX_AVERAGE_BLEND': <PoolingType.MAX_AVERAGE_BLEND: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8712,7 +8714,7 @@ class PoolingType:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8751,7 +8753,7 @@ class PreviewFeature:
     PROFILE_SHARING_0806: typing.ClassVar[PreviewFeature]  # value = <PreviewFeature.PROFILE_SHARING_0806: 0>
     RUNTIME_ACTIVATION_RESIZE_10_10: typing.ClassVar[PreviewFeature]  # value = <PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10: 2>
     __members__: typing.ClassVar[dict[str, PreviewFeature]]  # value = {'PROFILE_SHARING_0806': <PreviewFeature.PROFILE_SHARING_0806: 0>, 'ALIASED_PLUGIN_IO_10_03': <PreviewFeature.ALIASED_PLUGIN_IO_10_03: 1>, 'RUNTIME_ACTIVATION_RESIZE_10_10': <PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8763,7 +8765,7 @@ class PreviewFeature:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8809,7 +8811,7 @@ class ProfilingVerbosity:
     LAYER_NAMES_ONLY: typing.ClassVar[ProfilingVerbosity]  # value = <ProfilingVerbosity.LAYER_NAMES_ONLY: 0>
     NONE: typing.ClassVar[ProfilingVerbosity]  # value = <ProfilingVerbosity.NONE: 1>
     __members__: typing.ClassVar[dict[str, ProfilingVerbosity]]  # value = {'LAYER_NAMES_ONLY': <ProfilingVerbosity.LAYER_NAMES_ONLY: 0>, 'DETAILED': <ProfilingVerbosity.DETAILED: 2>, 'NONE': <ProfilingVerbosity.NONE: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8821,7 +8823,7 @@ class ProfilingVerbosity:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8845,13 +8847,13 @@ class QuantizationFlag:
     """
     CALIBRATE_BEFORE_FUSION: typing.ClassVar[QuantizationFlag]  # value = <QuantizationFlag.CALIBRATE_BEFORE_FUSION: 0>
     __members__: typing.ClassVar[dict[str, QuantizationFlag]]  # value = {'CALIBRATE_BEFORE_FUSION': <QuantizationFlag.CALIBRATE_BEFORE_FUSION: 0>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -8861,11 +8863,11 @@ class QuantizationFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8899,13 +8901,13 @@ class QuickPluginCreationRequest:
     STRICT_JIT: typing.ClassVar[QuickPluginCreationRequest]  # value = <QuickPluginCreationRequest.STRICT_JIT: 3>
     UNKNOWN: typing.ClassVar[QuickPluginCreationRequest]  # value = <QuickPluginCreationRequest.UNKNOWN: 0>
     __members__: typing.ClassVar[dict[str, QuickPluginCreationRequest]]  # value = {'UNKNOWN': <QuickPluginCreationRequest.UNKNOWN: 0>, 'PREFER_JIT': <QuickPluginCreationRequest.PREFER_JIT: 1>, 'PREFER_AOT': <QuickPluginCreationRequest.PREFER_AOT: 2>, 'STRICT_JIT': <QuickPluginCreationRequest.STRICT_JIT: 3>, 'STRICT_AOT': <QuickPluginCreationRequest.STRICT_AOT: 4>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -8915,11 +8917,11 @@ class QuickPluginCreationRequest:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8955,7 +8957,7 @@ class ReduceOperation:
     PROD: typing.ClassVar[ReduceOperation]  # value = <ReduceOperation.PROD: 1>
     SUM: typing.ClassVar[ReduceOperation]  # value = <ReduceOperation.SUM: 0>
     __members__: typing.ClassVar[dict[str, ReduceOperation]]  # value = {'SUM': <ReduceOperation.SUM: 0>, 'PROD': <ReduceOperation.PROD: 1>, 'MAX': <ReduceOperation.MAX: 2>, 'MIN': <ReduceOperation.MIN: 3>, 'AVG': <ReduceOperation.AVG: 4>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -8967,7 +8969,7 @@ class ReduceOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -8993,7 +8995,7 @@ class Refitter:
     """
     error_recorder: IErrorRecorder
     max_threads: int
-    weights_validation: bool
+    weights_validation: builtins.bool
     def __del__(self) -> None:
         ...
     def __init__(self, engine: ICudaEngine, logger: ILogger) -> None:
@@ -9082,7 +9084,7 @@ class Refitter:
         
             :returns: weights prototype associated with the given name.
         """
-    def refit_cuda_engine(self) -> bool:
+    def refit_cuda_engine(self) -> builtins.bool:
         """
            Refits associated engine.
         
@@ -9096,7 +9098,7 @@ class Refitter:
         
            :returns: ``True`` on success, or ``False`` if new weights validation fails or get_missing_weights() != 0 before the call.
         """
-    def refit_cuda_engine_async(self, stream_handle: int) -> bool:
+    def refit_cuda_engine_async(self, stream_handle: int) -> builtins.bool:
         """
             Enqueue weights refitting of the associated engine on the given stream.
         
@@ -9114,7 +9116,7 @@ class Refitter:
         
             :returns: ``True`` on success, or ``False`` if new weights validation fails or get_missing_weights() != 0 before the call.
         """
-    def set_dynamic_range(self, tensor_name: str, range: list[float]) -> bool:
+    def set_dynamic_range(self, tensor_name: str, range: list[float]) -> builtins.bool:
         """
             [DEPRECATED] Deprecated in TensorRT 10.1. Superseded by explicit quantization.
         
@@ -9128,7 +9130,7 @@ class Refitter:
             Returns false if there is no Int8 engine tensor derived from a network tensor of that name.  If successful, then :func:`get_missing` may report that some weights need to be supplied.
         """
     @typing.overload
-    def set_named_weights(self, name: str, weights: Weights) -> bool:
+    def set_named_weights(self, name: str, weights: Weights) -> builtins.bool:
         """
             Specify new weights of given name.
             Possible reasons for rejection are:
@@ -9146,7 +9148,7 @@ class Refitter:
             :returns: ``True`` on success, or ``False`` if new weights are rejected.
         """
     @typing.overload
-    def set_named_weights(self, name: str, weights: Weights, location: TensorLocation) -> bool:
+    def set_named_weights(self, name: str, weights: Weights, location: TensorLocation) -> builtins.bool:
         """
             Specify new weights on a specified device of given name.
             Possible reasons for rejection are:
@@ -9165,7 +9167,7 @@ class Refitter:
         
             :returns: ``True`` on success, or ``False`` if new weights are rejected.
         """
-    def set_weights(self, layer_name: str, role: WeightsRole, weights: Weights) -> bool:
+    def set_weights(self, layer_name: str, role: WeightsRole, weights: Weights) -> builtins.bool:
         """
             Specify new weights for a layer of given name.
             Possible reasons for rejection are:
@@ -9183,7 +9185,7 @@ class Refitter:
         
             :returns: ``True`` on success, or ``False`` if new weights are rejected.
         """
-    def unset_named_weights(self, weights_name: str) -> bool:
+    def unset_named_weights(self, weights_name: str) -> builtins.bool:
         """
             Unset weights associated with the given name.
         
@@ -9212,7 +9214,7 @@ class ResizeCoordinateTransformation:
     ASYMMETRIC: typing.ClassVar[ResizeCoordinateTransformation]  # value = <ResizeCoordinateTransformation.ASYMMETRIC: 1>
     HALF_PIXEL: typing.ClassVar[ResizeCoordinateTransformation]  # value = <ResizeCoordinateTransformation.HALF_PIXEL: 2>
     __members__: typing.ClassVar[dict[str, ResizeCoordinateTransformation]]  # value = {'ALIGN_CORNERS': <ResizeCoordinateTransformation.ALIGN_CORNERS: 0>, 'ASYMMETRIC': <ResizeCoordinateTransformation.ASYMMETRIC: 1>, 'HALF_PIXEL': <ResizeCoordinateTransformation.HALF_PIXEL: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9224,7 +9226,7 @@ class ResizeCoordinateTransformation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9257,7 +9259,7 @@ class ResizeRoundMode:
     HALF_DOWN: typing.ClassVar[ResizeRoundMode]  # value = <ResizeRoundMode.HALF_DOWN: 1>
     HALF_UP: typing.ClassVar[ResizeRoundMode]  # value = <ResizeRoundMode.HALF_UP: 0>
     __members__: typing.ClassVar[dict[str, ResizeRoundMode]]  # value = {'HALF_UP': <ResizeRoundMode.HALF_UP: 0>, 'HALF_DOWN': <ResizeRoundMode.HALF_DOWN: 1>, 'FLOOR': <ResizeRoundMode.FLOOR: 2>, 'CEIL': <ResizeRoundMode.CEIL: 3>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9269,7 +9271,7 @@ class ResizeRoundMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9296,7 +9298,7 @@ class ResizeSelector:
     FORMULA: typing.ClassVar[ResizeSelector]  # value = <ResizeSelector.FORMULA: 0>
     UPPER: typing.ClassVar[ResizeSelector]  # value = <ResizeSelector.UPPER: 1>
     __members__: typing.ClassVar[dict[str, ResizeSelector]]  # value = {'FORMULA': <ResizeSelector.FORMULA: 0>, 'UPPER': <ResizeSelector.UPPER: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9308,7 +9310,7 @@ class ResizeSelector:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9344,7 +9346,7 @@ class Runtime:
     
     """
     DLA_core: int
-    engine_host_code_allowed: bool
+    engine_host_code_allowed: builtins.bool
     error_recorder: IErrorRecorder
     max_threads: int
     tempfile_control_flags: int
@@ -9445,7 +9447,7 @@ class RuntimePlatform:
     SAME_AS_BUILD: typing.ClassVar[RuntimePlatform]  # value = <RuntimePlatform.SAME_AS_BUILD: 0>
     WINDOWS_AMD64: typing.ClassVar[RuntimePlatform]  # value = <RuntimePlatform.WINDOWS_AMD64: 1>
     __members__: typing.ClassVar[dict[str, RuntimePlatform]]  # value = {'SAME_AS_BUILD': <RuntimePlatform.SAME_AS_BUILD: 0>, 'WINDOWS_AMD64': <RuntimePlatform.WINDOWS_AMD64: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9457,7 +9459,7 @@ class RuntimePlatform:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9493,7 +9495,7 @@ class SampleMode:
     STRICT_BOUNDS: typing.ClassVar[SampleMode]  # value = <SampleMode.STRICT_BOUNDS: 0>
     WRAP: typing.ClassVar[SampleMode]  # value = <SampleMode.WRAP: 1>
     __members__: typing.ClassVar[dict[str, SampleMode]]  # value = {'STRICT_BOUNDS': <SampleMode.STRICT_BOUNDS: 0>, 'WRAP': <SampleMode.WRAP: 1>, 'CLAMP': <SampleMode.CLAMP: 2>, 'FILL': <SampleMode.FILL: 3>, 'REFLECT': <SampleMode.REFLECT: 4>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9505,7 +9507,7 @@ class SampleMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9535,7 +9537,7 @@ class ScaleMode:
     ELEMENTWISE: typing.ClassVar[ScaleMode]  # value = <ScaleMode.ELEMENTWISE: 2>
     UNIFORM: typing.ClassVar[ScaleMode]  # value = <ScaleMode.UNIFORM: 0>
     __members__: typing.ClassVar[dict[str, ScaleMode]]  # value = {'UNIFORM': <ScaleMode.UNIFORM: 0>, 'CHANNEL': <ScaleMode.CHANNEL: 1>, 'ELEMENTWISE': <ScaleMode.ELEMENTWISE: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9547,7 +9549,7 @@ class ScaleMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9574,7 +9576,7 @@ class ScatterMode:
     ELEMENT: typing.ClassVar[ScatterMode]  # value = <ScatterMode.ELEMENT: 0>
     ND: typing.ClassVar[ScatterMode]  # value = <ScatterMode.ND: 1>
     __members__: typing.ClassVar[dict[str, ScatterMode]]  # value = {'ELEMENT': <ScatterMode.ELEMENT: 0>, 'ND': <ScatterMode.ND: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9586,7 +9588,7 @@ class ScatterMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9616,13 +9618,13 @@ class SeekPosition:
     END: typing.ClassVar[SeekPosition]  # value = <SeekPosition.END: 2>
     SET: typing.ClassVar[SeekPosition]  # value = <SeekPosition.SET: 0>
     __members__: typing.ClassVar[dict[str, SeekPosition]]  # value = {'SET': <SeekPosition.SET: 0>, 'CUR': <SeekPosition.CUR: 1>, 'END': <SeekPosition.END: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -9632,11 +9634,11 @@ class SeekPosition:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9663,13 +9665,13 @@ class SerializationFlag:
     EXCLUDE_LEAN_RUNTIME: typing.ClassVar[SerializationFlag]  # value = <SerializationFlag.EXCLUDE_LEAN_RUNTIME: 1>
     EXCLUDE_WEIGHTS: typing.ClassVar[SerializationFlag]  # value = <SerializationFlag.EXCLUDE_WEIGHTS: 0>
     __members__: typing.ClassVar[dict[str, SerializationFlag]]  # value = {'EXCLUDE_WEIGHTS': <SerializationFlag.EXCLUDE_WEIGHTS: 0>, 'EXCLUDE_LEAN_RUNTIME': <SerializationFlag.EXCLUDE_LEAN_RUNTIME: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -9679,11 +9681,11 @@ class SerializationFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9699,96 +9701,96 @@ class SerializationFlag:
         ...
 class SubGraphCollection:
     __hash__: typing.ClassVar[None] = None
-    def __bool__(self: list[tuple[list[int], bool]]) -> bool:
+    def __bool__(self: list[tuple[list[int], builtins.bool]]) -> builtins.bool:
         """
         Check whether the list is nonempty
         """
-    def __contains__(self: list[tuple[list[int], bool]], x: tuple[list[int], bool]) -> bool:
+    def __contains__(self: list[tuple[list[int], builtins.bool]], x: tuple[list[int], builtins.bool]) -> builtins.bool:
         """
         Return true the container contains ``x``
         """
     @typing.overload
-    def __delitem__(self: list[tuple[list[int], bool]], arg0: int) -> None:
+    def __delitem__(self: list[tuple[list[int], builtins.bool]], arg0: int) -> None:
         """
         Delete the list elements at index ``i``
         """
     @typing.overload
-    def __delitem__(self: list[tuple[list[int], bool]], arg0: slice) -> None:
+    def __delitem__(self: list[tuple[list[int], builtins.bool]], arg0: slice) -> None:
         """
         Delete list elements using a slice object
         """
-    def __eq__(self: list[tuple[list[int], bool]], arg0: list[tuple[list[int], bool]]) -> bool:
+    def __eq__(self: list[tuple[list[int], builtins.bool]], arg0: list[tuple[list[int], builtins.bool]]) -> builtins.bool:
         ...
     @typing.overload
-    def __getitem__(self: list[tuple[list[int], bool]], s: slice) -> list[tuple[list[int], bool]]:
+    def __getitem__(self: list[tuple[list[int], builtins.bool]], s: slice) -> list[tuple[list[int], builtins.bool]]:
         """
         Retrieve list elements using a slice object
         """
     @typing.overload
-    def __getitem__(self: list[tuple[list[int], bool]], arg0: int) -> tuple[list[int], bool]:
+    def __getitem__(self: list[tuple[list[int], builtins.bool]], arg0: int) -> tuple[list[int], builtins.bool]:
         ...
     @typing.overload
     def __init__(self) -> None:
         ...
     @typing.overload
-    def __init__(self, arg0: list[tuple[list[int], bool]]) -> None:
+    def __init__(self, arg0: list[tuple[list[int], builtins.bool]]) -> None:
         """
         Copy constructor
         """
     @typing.overload
     def __init__(self, arg0: typing.Iterable) -> None:
         ...
-    def __iter__(self: list[tuple[list[int], bool]]) -> typing.Iterator:
+    def __iter__(self: list[tuple[list[int], builtins.bool]]) -> typing.Iterator:
         ...
-    def __len__(self: list[tuple[list[int], bool]]) -> int:
+    def __len__(self: list[tuple[list[int], builtins.bool]]) -> int:
         ...
-    def __ne__(self: list[tuple[list[int], bool]], arg0: list[tuple[list[int], bool]]) -> bool:
-        ...
-    @typing.overload
-    def __setitem__(self: list[tuple[list[int], bool]], arg0: int, arg1: tuple[list[int], bool]) -> None:
+    def __ne__(self: list[tuple[list[int], builtins.bool]], arg0: list[tuple[list[int], builtins.bool]]) -> builtins.bool:
         ...
     @typing.overload
-    def __setitem__(self: list[tuple[list[int], bool]], arg0: slice, arg1: list[tuple[list[int], bool]]) -> None:
+    def __setitem__(self: list[tuple[list[int], builtins.bool]], arg0: int, arg1: tuple[list[int], builtins.bool]) -> None:
+        ...
+    @typing.overload
+    def __setitem__(self: list[tuple[list[int], builtins.bool]], arg0: slice, arg1: list[tuple[list[int], builtins.bool]]) -> None:
         """
         Assign list elements using a slice object
         """
-    def append(self: list[tuple[list[int], bool]], x: tuple[list[int], bool]) -> None:
+    def append(self: list[tuple[list[int], builtins.bool]], x: tuple[list[int], builtins.bool]) -> None:
         """
         Add an item to the end of the list
         """
-    def clear(self: list[tuple[list[int], bool]]) -> None:
+    def clear(self: list[tuple[list[int], builtins.bool]]) -> None:
         """
         Clear the contents
         """
-    def count(self: list[tuple[list[int], bool]], x: tuple[list[int], bool]) -> int:
+    def count(self: list[tuple[list[int], builtins.bool]], x: tuple[list[int], builtins.bool]) -> int:
         """
         Return the number of times ``x`` appears in the list
         """
     @typing.overload
-    def extend(self: list[tuple[list[int], bool]], L: list[tuple[list[int], bool]]) -> None:
+    def extend(self: list[tuple[list[int], builtins.bool]], L: list[tuple[list[int], builtins.bool]]) -> None:
         """
         Extend the list by appending all the items in the given list
         """
     @typing.overload
-    def extend(self: list[tuple[list[int], bool]], L: typing.Iterable) -> None:
+    def extend(self: list[tuple[list[int], builtins.bool]], L: typing.Iterable) -> None:
         """
         Extend the list by appending all the items in the given list
         """
-    def insert(self: list[tuple[list[int], bool]], i: int, x: tuple[list[int], bool]) -> None:
+    def insert(self: list[tuple[list[int], builtins.bool]], i: int, x: tuple[list[int], builtins.bool]) -> None:
         """
         Insert an item at a given position.
         """
     @typing.overload
-    def pop(self: list[tuple[list[int], bool]]) -> tuple[list[int], bool]:
+    def pop(self: list[tuple[list[int], builtins.bool]]) -> tuple[list[int], builtins.bool]:
         """
         Remove and return the last item
         """
     @typing.overload
-    def pop(self: list[tuple[list[int], bool]], i: int) -> tuple[list[int], bool]:
+    def pop(self: list[tuple[list[int], builtins.bool]], i: int) -> tuple[list[int], builtins.bool]:
         """
         Remove and return the item at index ``i``
         """
-    def remove(self: list[tuple[list[int], bool]], x: tuple[list[int], bool]) -> None:
+    def remove(self: list[tuple[list[int], builtins.bool]], x: tuple[list[int], builtins.bool]) -> None:
         """
         Remove the first item from the list whose value is x. It is an error if there is no such item.
         """
@@ -9831,13 +9833,13 @@ class TacticSource:
     EDGE_MASK_CONVOLUTIONS: typing.ClassVar[TacticSource]  # value = <TacticSource.EDGE_MASK_CONVOLUTIONS: 3>
     JIT_CONVOLUTIONS: typing.ClassVar[TacticSource]  # value = <TacticSource.JIT_CONVOLUTIONS: 4>
     __members__: typing.ClassVar[dict[str, TacticSource]]  # value = {'CUBLAS': <TacticSource.CUBLAS: 0>, 'CUBLAS_LT': <TacticSource.CUBLAS_LT: 1>, 'CUDNN': <TacticSource.CUDNN: 2>, 'EDGE_MASK_CONVOLUTIONS': <TacticSource.EDGE_MASK_CONVOLUTIONS: 3>, 'JIT_CONVOLUTIONS': <TacticSource.JIT_CONVOLUTIONS: 4>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -9847,11 +9849,11 @@ class TacticSource:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -9892,7 +9894,7 @@ class TempfileControlFlag:
     ALLOW_IN_MEMORY_FILES: typing.ClassVar[TempfileControlFlag]  # value = <TempfileControlFlag.ALLOW_IN_MEMORY_FILES: 0>
     ALLOW_TEMPORARY_FILES: typing.ClassVar[TempfileControlFlag]  # value = <TempfileControlFlag.ALLOW_TEMPORARY_FILES: 1>
     __members__: typing.ClassVar[dict[str, TempfileControlFlag]]  # value = {'ALLOW_IN_MEMORY_FILES': <TempfileControlFlag.ALLOW_IN_MEMORY_FILES: 0>, 'ALLOW_TEMPORARY_FILES': <TempfileControlFlag.ALLOW_TEMPORARY_FILES: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -9904,7 +9906,7 @@ class TempfileControlFlag:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10036,13 +10038,13 @@ class TensorFormat:
     HWC8: typing.ClassVar[TensorFormat]  # value = <TensorFormat.HWC8: 2>
     LINEAR: typing.ClassVar[TensorFormat]  # value = <TensorFormat.LINEAR: 0>
     __members__: typing.ClassVar[dict[str, TensorFormat]]  # value = {'LINEAR': <TensorFormat.LINEAR: 0>, 'CHW2': <TensorFormat.CHW2: 1>, 'HWC8': <TensorFormat.HWC8: 2>, 'CHW4': <TensorFormat.CHW4: 3>, 'CHW16': <TensorFormat.CHW16: 4>, 'CHW32': <TensorFormat.CHW32: 5>, 'DHWC8': <TensorFormat.DHWC8: 6>, 'CDHW32': <TensorFormat.CDHW32: 7>, 'HWC': <TensorFormat.HWC: 8>, 'DLA_LINEAR': <TensorFormat.DLA_LINEAR: 9>, 'DLA_HWC4': <TensorFormat.DLA_HWC4: 10>, 'HWC16': <TensorFormat.HWC16: 11>, 'DHWC': <TensorFormat.DHWC: 12>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -10052,11 +10054,11 @@ class TensorFormat:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10086,7 +10088,7 @@ class TensorIOMode:
     NONE: typing.ClassVar[TensorIOMode]  # value = <TensorIOMode.NONE: 0>
     OUTPUT: typing.ClassVar[TensorIOMode]  # value = <TensorIOMode.OUTPUT: 2>
     __members__: typing.ClassVar[dict[str, TensorIOMode]]  # value = {'NONE': <TensorIOMode.NONE: 0>, 'INPUT': <TensorIOMode.INPUT: 1>, 'OUTPUT': <TensorIOMode.OUTPUT: 2>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10098,7 +10100,7 @@ class TensorIOMode:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10125,7 +10127,7 @@ class TensorLocation:
     DEVICE: typing.ClassVar[TensorLocation]  # value = <TensorLocation.DEVICE: 0>
     HOST: typing.ClassVar[TensorLocation]  # value = <TensorLocation.HOST: 1>
     __members__: typing.ClassVar[dict[str, TensorLocation]]  # value = {'DEVICE': <TensorLocation.DEVICE: 0>, 'HOST': <TensorLocation.HOST: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10137,7 +10139,7 @@ class TensorLocation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10166,13 +10168,13 @@ class TensorRTPhase:
     BUILD: typing.ClassVar[TensorRTPhase]  # value = <TensorRTPhase.BUILD: 0>
     RUNTIME: typing.ClassVar[TensorRTPhase]  # value = <TensorRTPhase.RUNTIME: 1>
     __members__: typing.ClassVar[dict[str, TensorRTPhase]]  # value = {'BUILD': <TensorRTPhase.BUILD: 0>, 'RUNTIME': <TensorRTPhase.RUNTIME: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ge__(self, other: typing.Any) -> bool:
+    def __ge__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
-    def __gt__(self, other: typing.Any) -> bool:
+    def __gt__(self, other: typing.Any) -> builtins.bool:
         ...
     def __hash__(self) -> int:
         ...
@@ -10182,11 +10184,11 @@ class TensorRTPhase:
         ...
     def __int__(self) -> int:
         ...
-    def __le__(self, other: typing.Any) -> bool:
+    def __le__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __lt__(self, other: typing.Any) -> bool:
+    def __lt__(self, other: typing.Any) -> builtins.bool:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10228,7 +10230,7 @@ class TilingOptimizationLevel:
     MODERATE: typing.ClassVar[TilingOptimizationLevel]  # value = <TilingOptimizationLevel.MODERATE: 2>
     NONE: typing.ClassVar[TilingOptimizationLevel]  # value = <TilingOptimizationLevel.NONE: 0>
     __members__: typing.ClassVar[dict[str, TilingOptimizationLevel]]  # value = {'NONE': <TilingOptimizationLevel.NONE: 0>, 'FAST': <TilingOptimizationLevel.FAST: 1>, 'MODERATE': <TilingOptimizationLevel.MODERATE: 2>, 'FULL': <TilingOptimizationLevel.FULL: 3>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10240,7 +10242,7 @@ class TilingOptimizationLevel:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10298,7 +10300,7 @@ class TopKOperation:
     MAX: typing.ClassVar[TopKOperation]  # value = <TopKOperation.MAX: 0>
     MIN: typing.ClassVar[TopKOperation]  # value = <TopKOperation.MIN: 1>
     __members__: typing.ClassVar[dict[str, TopKOperation]]  # value = {'MAX': <TopKOperation.MAX: 0>, 'MIN': <TopKOperation.MIN: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10310,7 +10312,7 @@ class TopKOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10337,7 +10339,7 @@ class TripLimit:
     COUNT: typing.ClassVar[TripLimit]  # value = <TripLimit.COUNT: 0>
     WHILE: typing.ClassVar[TripLimit]  # value = <TripLimit.WHILE: 1>
     __members__: typing.ClassVar[dict[str, TripLimit]]  # value = {'COUNT': <TripLimit.COUNT: 0>, 'WHILE': <TripLimit.WHILE: 1>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10349,7 +10351,7 @@ class TripLimit:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10445,7 +10447,7 @@ class UnaryOperation:
     SQRT: typing.ClassVar[UnaryOperation]  # value = <UnaryOperation.SQRT: 2>
     TAN: typing.ClassVar[UnaryOperation]  # value = <UnaryOperation.TAN: 8>
     __members__: typing.ClassVar[dict[str, UnaryOperation]]  # value = {'EXP': <UnaryOperation.EXP: 0>, 'LOG': <UnaryOperation.LOG: 1>, 'SQRT': <UnaryOperation.SQRT: 2>, 'RECIP': <UnaryOperation.RECIP: 3>, 'ABS': <UnaryOperation.ABS: 4>, 'NEG': <UnaryOperation.NEG: 5>, 'SIN': <UnaryOperation.SIN: 6>, 'COS': <UnaryOperation.COS: 7>, 'TAN': <UnaryOperation.TAN: 8>, 'SINH': <UnaryOperation.SINH: 9>, 'COSH': <UnaryOperation.COSH: 10>, 'ASIN': <UnaryOperation.ASIN: 11>, 'ACOS': <UnaryOperation.ACOS: 12>, 'ATAN': <UnaryOperation.ATAN: 13>, 'ASINH': <UnaryOperation.ASINH: 14>, 'ACOSH': <UnaryOperation.ACOSH: 15>, 'ATANH': <UnaryOperation.ATANH: 16>, 'CEIL': <UnaryOperation.CEIL: 17>, 'FLOOR': <UnaryOperation.FLOOR: 18>, 'ERF': <UnaryOperation.ERF: 19>, 'NOT': <UnaryOperation.NOT: 20>, 'SIGN': <UnaryOperation.SIGN: 21>, 'ROUND': <UnaryOperation.ROUND: 22>, 'ISINF': <UnaryOperation.ISINF: 23>, 'ISNAN': <UnaryOperation.ISNAN: 24>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10457,7 +10459,7 @@ class UnaryOperation:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10547,7 +10549,7 @@ class WeightsRole:
     SCALE: typing.ClassVar[WeightsRole]  # value = <WeightsRole.SCALE: 3>
     SHIFT: typing.ClassVar[WeightsRole]  # value = <WeightsRole.SHIFT: 2>
     __members__: typing.ClassVar[dict[str, WeightsRole]]  # value = {'KERNEL': <WeightsRole.KERNEL: 0>, 'BIAS': <WeightsRole.BIAS: 1>, 'SHIFT': <WeightsRole.SHIFT: 2>, 'SCALE': <WeightsRole.SCALE: 3>, 'CONSTANT': <WeightsRole.CONSTANT: 4>, 'ANY': <WeightsRole.ANY: 5>}
-    def __eq__(self, other: typing.Any) -> bool:
+    def __eq__(self, other: typing.Any) -> builtins.bool:
         ...
     def __getstate__(self) -> int:
         ...
@@ -10559,7 +10561,7 @@ class WeightsRole:
         ...
     def __int__(self) -> int:
         ...
-    def __ne__(self, other: typing.Any) -> bool:
+    def __ne__(self, other: typing.Any) -> builtins.bool:
         ...
     def __repr__(self) -> str:
         ...
@@ -10585,7 +10587,7 @@ def get_plugin_registry() -> ...:
     """
         Return the plugin registry for standard runtime
     """
-def init_libnvinfer_plugins(logger: capsule, namespace: str) -> bool:
+def init_libnvinfer_plugins(logger: typing_extensions.CapsuleType, namespace: str) -> builtins.bool:
     """
         Initialize and register all the existing TensorRT plugins to the :class:`IPluginRegistry` with an optional namespace.
         The plugin library author should ensure that this function name is unique to the library.
