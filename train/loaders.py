@@ -43,6 +43,14 @@ is built past ``epochs``. An epoch that ends early (``break``, an exception, Ctr
 iterator) joins the thread and drops both of its pipelines before the exception goes on;
 ``close()`` drops the one ahead of a finished epoch. Validation loaders (``train=False``) build
 on demand: building theirs ahead would keep a third pipeline alive through training.
+
+Bad images (:class:`BadImages`, ``--max-bad-images``): when DALI fails on a batch, PIL decodes its
+files to find the culprit(s). Within the run's limit the epoch goes on from the failing step, on
+a pipeline over the rest of its files with each bad one replaced by the next good file of the
+epoch's order (training: the step count, which DDP ranks must agree on, stays) or dropped
+(validation). Every later pipeline is built from its epoch's files with the same replacement;
+one built ahead is started again when a bad file is found, and is used only if its files are
+those of its epoch with every bad image known by then replaced.
 """
 
 from __future__ import annotations
@@ -391,7 +399,9 @@ class DaliLoader(_Base):
                         nxt = self._ahead.epoch
                         self._ahead.discard()
                         self._ahead = _Ahead(nxt, self._start)
-                    rebuilt = self._build(files[done:], labels[done:], (self._seed(epoch) + 7919 * step) % (2**31 - 1))
+                    # its augmentation seed: a function of (seed, epoch, rank, step), as every other's
+                    seed = (self._seed(epoch) + 7919 * step) % (2**31 - 1)
+                    rebuilt = self._build(files[done:], labels[done:], seed)
                     if rebuilt is None:
                         break
                     pipe, fresh = rebuilt.pipe, True
