@@ -498,9 +498,16 @@ def check_files(
     files: list[str], max_report: int = 10, progress: bool = True, resize_shorter: int | None = None
 ) -> None:
     """Check every file with :func:`check_header`; DataError naming the bad ones (up to ``max_report``)."""
+    bad = bad_files(files, progress=progress, resize_shorter=resize_shorter)
+    if bad:
+        raise DataError(bad_files_message(bad, max_report))
+
+
+def bad_files(files: list[str], progress: bool = True, resize_shorter: int | None = None) -> list[tuple[str, str]]:
+    """``(path, cause)`` for each of ``files`` that cannot be read or that :func:`check_header` refuses."""
     from tqdm import tqdm
 
-    bad: list[str] = []
+    bad: list[tuple[str, str]] = []
     it = tqdm(
         files,
         desc="checking images",
@@ -513,14 +520,24 @@ def check_files(
         try:
             data = read_encoded(f).tobytes()  # a FIFO named like an image would block the check
         except DataError as e:
-            bad.append(str(e))
+            bad.append((f, strip_path(f, str(e))))
             continue
         cause = check_header(data, resize_shorter=resize_shorter)
         if cause:
-            bad.append(f"{f}: {cause}")
-    if bad:
-        more = f" (and {len(bad) - max_report} more)" if len(bad) > max_report else ""
-        raise DataError(f"{len(bad)} bad image file(s): " + "; ".join(bad[:max_report]) + more)
+            bad.append((f, cause))
+    return bad
+
+
+def bad_files_message(bad: Sequence[tuple[str, str]], max_report: int = 10) -> str:
+    """The error for :func:`bad_files`' findings: their count and the first ``max_report`` of them."""
+    more = f" (and {len(bad) - max_report} more)" if len(bad) > max_report else ""
+    return f"{len(bad)} bad image file(s): " + "; ".join(f"{f}: {c}" for f, c in bad[:max_report]) + more
+
+
+def strip_path(path: str | os.PathLike[str], message: str) -> str:
+    """The cause alone of a DataError message ``<path>: <cause>``."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def read_encoded(path: str | os.PathLike[str]) -> np.ndarray:

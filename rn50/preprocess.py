@@ -192,22 +192,27 @@ def _to_8bit(im, fmt: str | None):
 
 def undecodable(files: Sequence[str]) -> list[str]:
     """``path: cause`` for each of ``files`` that DALI cannot decode: the culprits of a batch that
-    DALI failed on, since DALI names the operator but not the file. A file is one if the header
+    DALI failed on, since DALI names the operator but not the file (:func:`undecodable_causes`)."""
+    return [f"{f}: {cause}" for f, cause in undecodable_causes(files)]
+
+
+def undecodable_causes(files: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, cause)`` for each of ``files`` that DALI cannot decode. A file is one if the header
     check refuses it (:func:`rn50.layout.check_header`: PIL reads GIF and other formats DALI does
     not, whatever the file's suffix) or PIL cannot decode it."""
     from .errors import DataError
-    from .layout import check_header, read_encoded
+    from .layout import check_header, read_encoded, strip_path
 
     bad = []
     for f in files:
         try:
             cause = check_header(read_encoded(f).tobytes())
             if cause:
-                bad.append(f"{f}: {cause}")
+                bad.append((f, cause))
                 continue
             load_rgb(f)
         except DataError as e:
-            bad.append(str(e))
+            bad.append((f, strip_path(f, str(e))))
     return bad
 
 

@@ -33,7 +33,15 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CHECK_IMAGES_AUTO_MAX, MIN_CROP_SCALE, PROFILES, SYNTHETIC_CLASSES, check_flags, resolve
+from .config import (
+    CHECK_IMAGES_AUTO_MAX,
+    DEFAULT_MAX_BAD_IMAGES,
+    MIN_CROP_SCALE,
+    PROFILES,
+    SYNTHETIC_CLASSES,
+    check_flags,
+    resolve,
+)
 from .recipe import (
     FINETUNE_EPOCHS,
     FINETUNE_LR_PER_256,
@@ -154,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="header-check every image before training: auto = only when the selected files are at most "
         f"{CHECK_IMAGES_AUTO_MAX:,} (not for ImageNet's 1.2M); without it an undecodable file is still "
         "named, when DALI fails on its batch (default: %(default)s)",
+    )
+    a(
+        "--max-bad-images",
+        type=int,
+        default=DEFAULT_MAX_BAD_IMAGES,
+        metavar="N",
+        help="images that cannot be read or decoded which the run leaves out, at most N in all: one the "
+        "header check finds before training is dropped from the run; one a loader fails on mid-epoch is, in "
+        "training, replaced by the next good file of its epoch (the epoch keeps its steps) and, in validation, "
+        "no longer scored; each is named in a 'warning:' line and listed in the run's manifest.json "
+        "(bad_images). One more stops the run naming them, exit 2; 0 stops it at the first (default: %(default)s)",
     )
     a("--seed", type=int, default=0, help="seeds weights, data order and augmentation (default: %(default)s)")
     a("--limit-train", type=int, help="train on a class-balanced subset of N images (default: all of them)")

@@ -28,6 +28,7 @@ from .recipe import BASE_LR, FINETUNE_EPOCHS, FINETUNE_LR_PER_256, FINETUNE_WARM
 CHECK_IMAGES_AUTO_MAX = 200_000
 
 DEFAULT_DATA = "data/fashion-mnist"
+DEFAULT_MAX_BAD_IMAGES = 100  # bad images a run may leave out (--max-bad-images)
 MIN_CROP_SCALE = 0.08  # the recipe's random-resized-crop area floor, where a profile sets none
 SYNTHETIC_CLASSES = 1000  # ImageNet's, for throughput runs of the full-size classifier
 
@@ -100,6 +101,7 @@ FLAG_RANGES: dict[str, Range] = {
     "--num-classes": Range(lo=2, why="a classifier tells at least two classes apart"),
     "--backbone-lr-scale": Range(lo=0),
     "--stop-after": AT_LEAST_1,
+    "--max-bad-images": Range(lo=0, why="0: the first bad image stops the run"),
 }
 
 
@@ -154,6 +156,9 @@ class RunConfig:
     init_from: str | None = None  # a weights file the run starts from (train/pretrained.py)
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
+    # bad images the run may leave out (train.loaders.BadImages); 0: none. A run saved before the
+    # setting existed resumes with the default, as the setting may change on --resume anyway
+    max_bad_images: int = DEFAULT_MAX_BAD_IMAGES
     # what the recipe fixes, recorded so a manifest reads on its own; not settable
     lr_schedule: str = field(default="cosine", init=False)
     nesterov: bool = field(default=False, init=False)
@@ -279,15 +284,17 @@ def resolve(args: argparse.Namespace, world: int, cuda: bool) -> RunConfig:
         init_from=str(args.init_from) if args.init_from is not None else None,
         freeze_backbone=bool(args.freeze_backbone),
         backbone_lr_scale=float(args.backbone_lr_scale if args.backbone_lr_scale is not None else 1.0),
+        max_bad_images=int(args.max_bad_images),
     )
 
 
 # What --resume may change: how the run is executed, not what it computes (the data backend,
-# threads, compile, the image check, autocast, memory format; a GPU run can go on on a CPU).
+# threads, compile, the image check, autocast, memory format; a GPU run can go on on a CPU), and
+# how many bad images it may leave out.
 # The flags that need no field are the command's own. Every other flag given with --resume must
 # equal the run's setting: a resumed run keeps its recipe, or it would no longer be the run its
 # checkpoint and manifest describe.
-RESUME_MAY_CHANGE = ("data_backend", "workers", "compile", "check_images", "amp", "memory_format")
+RESUME_MAY_CHANGE = ("data_backend", "workers", "compile", "check_images", "amp", "memory_format", "max_bad_images")
 _COMMAND_ONLY = {"output", "data", "epochs", "resume", "stop_after", "cpu", "dry_run", "evaluate", "init_from"}
 _FIELD_OF_FLAG = {"lr": "lr_per_256"}  # --lr is per 256 images
 

@@ -43,11 +43,21 @@ is built past ``epochs``. An epoch that ends early (``break``, an exception, Ctr
 iterator) joins the thread and drops both of its pipelines before the exception goes on;
 ``close()`` drops the one ahead of a finished epoch. Validation loaders (``train=False``) build
 on demand: building theirs ahead would keep a third pipeline alive through training.
+
+Bad images (:class:`BadImages`, ``--max-bad-images``): when DALI fails on a batch, PIL decodes its
+files to find the culprit(s). Within the run's limit the epoch goes on from the failing step, on
+a pipeline over the rest of its files with each bad one replaced by the next good file of the
+epoch's order (training: the step count, which DDP ranks must agree on, stays) or dropped
+(validation). Every later pipeline is built from its epoch's files with the same replacement;
+one built ahead is started again when a bad file is found, and is used only if its files are
+those of its epoch with every bad image known by then replaced.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +68,7 @@ import numpy as np
 import torch
 
 from rn50.errors import DataError, dali_message
-from rn50.preprocess import Preprocessing, undecodable
+from rn50.preprocess import Preprocessing, undecodable_causes
 
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 
@@ -81,6 +91,87 @@ def shard_indices(order: np.ndarray, shard: Shard, batch_size: int, drop_last: b
     return mine
 
 
+class BadImages:
+    """The images a run leaves out, at most ``limit`` of them in all (``--max-bad-images``): those
+    the header check before training refuses and those a loader fails to decode mid-epoch. Each
+    new one is named in a ``warning:`` line (where ``announce``); one past the limit stops the run
+    with the error naming the files, as a limit of 0 does at the first one. One record per
+    process: a rank knows the files it found itself, those every rank's header check finds, and
+    those its run had recorded before a --resume."""
+
+    def __init__(self, limit: int = 0):
+        self.limit = limit
+        self.found: dict[str, str] = {}  # path -> cause, in the order found
+        self.where: dict[str, str] = {}  # path -> what found it: "header check", "training loader", "validation loader"
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.found
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def add(
+        self,
+        bad: Sequence[tuple[str, str]],
+        error: Callable[[list[tuple[str, str]]], str],
+        where: str,
+        announce: bool = True,
+    ) -> list[tuple[str, str]]:
+        """Record ``bad`` (``(path, cause)`` pairs) found by ``where``; the new ones. DataError
+        ``error(new ones)`` when the run's total would exceed the limit."""
+        new = [(f, c) for f, c in dict(bad).items() if f not in self.found]
+        if not new:
+            return new
+        if len(self.found) + len(new) > self.limit:
+            over = f" (more than --max-bad-images {self.limit} in all)" if self.limit else ""
+            raise DataError(error(new) + over)
+        for f, cause in new:
+            self.found[f], self.where[f] = cause, where
+            if announce:
+                from tqdm import tqdm
+
+                # through tqdm: a line of its own, not the tail of an epoch's progress bar
+                tqdm.write(
+                    f"warning: {f}: {cause}: left out of the run, found by the {where} "
+                    f"(bad image {len(self.found)} of at most {self.limit}, --max-bad-images)",
+                    file=sys.stderr,
+                )
+        return new
+
+    def restore(self, records: Any) -> None:
+        """Take over the records of the run a resumed run continues (:meth:`records`), unannounced
+        and whatever the limit: its later epochs then leave them out as the uninterrupted run would."""
+        for r in records if isinstance(records, list) else []:
+            if isinstance(r, dict) and isinstance(r.get("path"), str):
+                self.found[r["path"]] = str(r.get("error", ""))
+                self.where[r["path"]] = str(r.get("found", "training loader"))
+
+    def records(self) -> list[dict[str, str]]:
+        """What the manifests record: ``[{"path", "error", "found"}]``."""
+        return [{"path": f, "error": c, "found": self.where[f]} for f, c in self.found.items()]
+
+
+def undecodable_error(bad: list[tuple[str, str]]) -> str:
+    return "undecodable image(s): " + "; ".join(f"{f}: {c}" for f, c in bad[:5])
+
+
+def replace_bad(files: Sequence[str], bad: BadImages | Sequence[str]) -> list[int]:
+    """Positions into ``files`` with each bad file's position replaced by the next good file's
+    (cyclically): the same number of samples, so steps per epoch (which every rank must agree on)
+    stay; deterministic, so a pipeline built ahead and one built in the foreground agree."""
+    if not any(f in bad for f in files):
+        return list(range(len(files)))
+    good = [i for i, f in enumerate(files) if f not in bad]
+    if not good:
+        raise DataError(f"every one of this epoch's {len(files)} files is a bad image")
+    out, k = [], 0
+    for i, f in enumerate(files):
+        while k < len(good) and good[k] < i:
+            k += 1
+        out.append(i if f not in bad else good[k % len(good)])
+    return out
+
+
 class _Base:
     def __init__(
         self,
@@ -93,8 +184,11 @@ class _Base:
         shard: Shard,
         seed: int,
         workers: int,
+        bad: BadImages | None = None,
     ):
         self.files, self.labels = list(files), np.asarray(labels, dtype=np.int64)
+        # the images left out; without a record (a scoring pass), the first one stops it
+        self.bad = bad if bad is not None else BadImages(0)
         self.p, self.batch_size, self.train, self.device = p, batch_size, train, device
         self.shard, self.seed, self.workers, self.epoch = shard, seed, workers, 0
         if train and len(self.files) < batch_size * shard.world:
@@ -125,7 +219,7 @@ class _Base:
 
 
 class _Started:
-    """A built pipeline whose first batches are scheduled, with the files of its epoch."""
+    """A built pipeline whose first batches are scheduled, with the files it reads."""
 
     def __init__(self, pipe: Any, files: list[str], build_s: float):
         self.pipe, self.files, self.build_s = pipe, files, build_s
@@ -208,15 +302,29 @@ class DaliLoader(_Base):
 
         return pipe()
 
-    def _start(self, epoch: int) -> _Started | None:
-        """Epoch ``epoch``'s pipeline, built, with its first batches scheduled; None without files.
-        A function of (files, seed, epoch, rank) only, wherever and whenever it runs."""
+    def _epoch_lists(self, epoch: int) -> tuple[list[str], list[int]]:
+        """Epoch ``epoch``'s files and labels on this rank, without the bad images found so far:
+        in training each is replaced by the next good file of the epoch (:func:`replace_bad`), so
+        the epoch keeps its step count; in validation each is dropped from scoring."""
         idx = self._indices(epoch)
         files = [self.files[i] for i in idx]
         labels = [int(self.labels[i]) for i in idx]
+        if self.train:
+            pos = replace_bad(files, self.bad)
+            return [files[i] for i in pos], [labels[i] for i in pos]
+        keep = [i for i, f in enumerate(files) if f not in self.bad]
+        return [files[i] for i in keep], [labels[i] for i in keep]
+
+    def _start(self, epoch: int) -> _Started | None:
+        """Epoch ``epoch``'s pipeline, built, with its first batches scheduled; None without files.
+        A function of (files, bad images found, seed, epoch, rank) only, wherever and whenever it runs."""
+        files, labels = self._epoch_lists(epoch)
+        return self._build(files, labels, self._seed(epoch))
+
+    def _build(self, files: list[str], labels: list[int], seed: int) -> _Started | None:
         if not files:
             return None
-        pipe = self._pipeline(files, labels, self._seed(epoch))
+        pipe = self._pipeline(files, labels, seed)
         t = time.perf_counter()
         pipe.build()
         build_s = time.perf_counter() - t
@@ -225,46 +333,81 @@ class DaliLoader(_Base):
         pipe.schedule_run()
         return _Started(pipe, files, build_s)
 
+    def _culprits(self, files: list[str], step: int, e: RuntimeError) -> list[tuple[str, str]]:
+        """The bad images new to the run that made DALI fail on batch ``step`` of ``files``,
+        recorded (DataError past --max-bad-images), or DataError when there is none: DALI names the
+        operator, not the file. First the failing batch and the two prefetched after it, then
+        (rarely needed) the rest of the epoch's files; PIL decodes each one
+        (rn50.preprocess.undecodable_causes)."""
+        lo, hi = step * self.batch_size, (step + 3) * self.batch_size
+        bad = undecodable_causes(files[lo:hi]) or undecodable_causes(files[:lo] + files[hi:])
+        new = [(f, c) for f, c in bad if f not in self.bad]
+        if not new:
+            raise DataError(
+                f"DALI failed on batch {step + 1} of {len(files)} files "
+                f"(PIL decodes all of them; DALI says: {dali_message(e)})"
+            ) from None
+        self.bad.add(new, undecodable_error, "training loader" if self.train else "validation loader")
+        return new
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         ahead, self._ahead = self._ahead, None
+        files, labels = self._epoch_lists(epoch)
         started = None
         if ahead is not None:
             if ahead.epoch == epoch:
                 started = ahead.take()
+                if started is not None and started.files != files:
+                    started = None  # built before a bad image it reads was found: built again without it
             else:
                 ahead.discard()
         built_ahead = started is not None
         if started is None:
-            started = self._start(epoch)
+            started = self._build(files, labels, self._seed(epoch))
         if started is None:
             return
         self.stats.append({"epoch": epoch, "built_ahead": built_ahead, "build_s": started.build_s})
-        pipe, files = started.pipe, started.files
+        pipe = started.pipe
         del started
-        steps = len(self)
+        bs = self.batch_size
+        steps = len(self) if self.train else -(-len(files) // bs)
         delivered = 0
+        fresh = True  # the current pipeline's first batch is scheduled already
         try:
-            for step in range(steps):
+            while delivered < steps:
+                step = delivered
                 try:
-                    if step:
+                    if not fresh:
                         pipe.schedule_run()
+                    fresh = False
                     x, y = pipe.outputs()
                 except RuntimeError as e:
-                    # DALI names the operator, not the file: find the undecodable one(s) in this batch
-                    # and the prefetched ones after it, and name them.
-                    # First the failing batch and the two prefetched after it, then (rarely needed)
-                    # the rest of this epoch's files; PIL decodes each one (rn50.preprocess.undecodable).
-                    lo, hi = step * self.batch_size, (step + 3) * self.batch_size
-                    bad = undecodable(files[lo:hi]) or undecodable(files[:lo] + files[hi:])
-                    if bad:
-                        raise DataError("undecodable image(s): " + "; ".join(bad[:5])) from None
-                    first = dali_message(e)
-                    raise DataError(
-                        f"DALI failed on batch {step + 1} of {len(files)} files "
-                        f"(PIL decodes all of them; DALI says: {first})"
-                    ) from None
-                n = self.batch_size if self.train else min(self.batch_size, len(files) - step * self.batch_size)
+                    pipe = None  # the failed pipeline goes before another is built
+                    self._culprits(files, step, e)
+                    # the rest of the epoch from this step, on a pipeline over its remaining files
+                    # without the bad ones (training: each replaced, so the step count stays)
+                    done = step * bs
+                    if self.train:
+                        files, labels = self._epoch_lists(epoch)
+                    else:
+                        keep = [i for i in range(done, len(files)) if files[i] not in self.bad]
+                        files = files[:done] + [files[i] for i in keep]
+                        labels = labels[:done] + [labels[i] for i in keep]
+                        steps = -(-len(files) // bs)
+                    if self._ahead is not None:  # it may read the bad image: started again without it
+                        nxt = self._ahead.epoch
+                        self._ahead.discard()
+                        self._ahead = _Ahead(nxt, self._start)
+                    # its augmentation seed: a function of (seed, epoch, rank, step), as every other's
+                    seed = (self._seed(epoch) + 7919 * step) % (2**31 - 1)
+                    rebuilt = self._build(files[done:], labels[done:], seed)
+                    if rebuilt is None:
+                        break
+                    pipe, fresh = rebuilt.pipe, True
+                    del rebuilt
+                    continue
+                n = bs if self.train else min(bs, len(files) - step * bs)
                 batch = self._to_torch(x)[:n], self._to_torch(y).view(-1)[:n].long().to(self.device)
                 del x, y
                 if step == 0 and self.ahead_until is not None and epoch + 1 < self.ahead_until:
@@ -289,16 +432,52 @@ class DaliLoader(_Base):
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, files, labels, transform):
+    """Decoded, transformed samples ``(image, label, bad)``. A file that does not decode is, with
+    ``skip`` (a --max-bad-images above 0), not an error here: in training the next good file in
+    file order is returned in its place, so the batch stays whole; in validation the sample's image
+    is None and :func:`_collate` drops it. ``bad`` lists the ``(path, cause)`` pairs met for the
+    sample, so that the training process, which may not be the worker process decoding it, records
+    them against the run's limit (:class:`BadImages`). ``known`` (files already found bad) are
+    passed over without decoding them again."""
+
+    def __init__(self, files, labels, transform, train: bool = True, skip: bool = False, known=frozenset()):
         self.files, self.labels, self.transform = files, labels, transform
+        self.train, self.skip, self.known = train, skip, set(known)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        from rn50.layout import strip_path
         from rn50.preprocess import load_rgb
 
-        return self.transform(load_rgb(self.files[i])), int(self.labels[i])
+        bad: list[tuple[str, str]] = []
+        n = len(self.files)
+        for j in itertools.chain([i], range(i + 1, n), range(i)) if self.skip else [i]:
+            f = self.files[j]
+            if f not in self.known:
+                try:
+                    img = load_rgb(f)
+                except DataError as e:
+                    if not self.skip:
+                        raise
+                    self.known.add(f)
+                    bad.append((f, strip_path(f, str(e))))
+                else:
+                    return self.transform(img), int(self.labels[j]), bad
+            if not self.train:
+                return None, int(self.labels[i]), bad
+        raise DataError(f"none of the {len(self.files)} images decodes")
+
+
+def _collate(samples):
+    """A batch of :class:`_FileDataset` samples, without those whose image is None, and the bad
+    images met while making it."""
+    kept = [(x, y) for x, y, _ in samples if x is not None]
+    bad = [b for _, _, found in samples for b in found]
+    if not kept:
+        return None, None, bad
+    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.int64), bad
 
 
 class TorchLoader(_Base):
@@ -307,7 +486,14 @@ class TorchLoader(_Base):
     def __iter__(self):
         from rn50.preprocess import torchvision_train, torchvision_val
 
-        ds = _FileDataset(self.files, self.labels, torchvision_train(self.p) if self.train else torchvision_val(self.p))
+        ds = _FileDataset(
+            self.files,
+            self.labels,
+            torchvision_train(self.p) if self.train else torchvision_val(self.p),
+            train=self.train,
+            skip=self.bad.limit > 0,
+            known=self.bad.found,
+        )
         dl = torch.utils.data.DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -317,10 +503,13 @@ class TorchLoader(_Base):
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self._seed()),
             persistent_workers=False,
+            collate_fn=_collate,
         )
         try:
-            for x, y in dl:
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for x, y, bad in dl:
+                self.bad.add(bad, undecodable_error, "training loader" if self.train else "validation loader")
+                if x is not None:
+                    yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         except DataError as e:
             raise DataError(worker_cause(str(e))) from None
 
@@ -372,10 +561,13 @@ def make_loader(
     synthetic_steps: int = 100,
     epochs: int | None = None,
     build_ahead: bool = True,
+    bad: BadImages | None = None,
 ):
     """``epochs``: the run's epoch count; a DALI training loader that knows it builds each next
-    epoch's pipeline while an epoch runs (``build_ahead=False`` turns that off, for comparisons)."""
-    kw = dict(batch_size=batch_size, train=train, device=device, shard=shard, seed=seed, workers=workers)
+    epoch's pipeline while an epoch runs (``build_ahead=False`` turns that off, for comparisons).
+    ``bad``: the run's record of images left out, shared by its loaders; without one the first
+    undecodable image stops the loader."""
+    kw = dict(batch_size=batch_size, train=train, device=device, shard=shard, seed=seed, workers=workers, bad=bad)
     if backend == "dali-gpu":
         if device.type != "cuda":
             raise DataError("--data-backend dali-gpu needs a CUDA GPU; use dali-cpu on this machine")

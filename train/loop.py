@@ -17,7 +17,7 @@ from torch import nn
 from rn50.atomic import remove_stale_temporaries, write_json, write_text
 from rn50.checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_mismatch
 from rn50.errors import CheckpointError, DataError, PipelineError
-from rn50.layout import balanced_subset, check_files, load_dataset, scan_split, suffix_format
+from rn50.layout import bad_files, bad_files_message, balanced_subset, load_dataset, scan_split, suffix_format
 from rn50.manifest import new_manifest
 from rn50.metrics import topk_correct
 from rn50.model import build_model
@@ -26,7 +26,7 @@ from rn50.preprocess import Preprocessing
 
 from . import distributed
 from .config import DEFAULT_DATA, RunConfig, resumed_config, should_check_images
-from .loaders import Shard, make_loader
+from .loaders import BadImages, Shard, make_loader
 from .pretrained import apply_weights, describe, freeze_backbone, hold_backbone_statistics, read_weights
 from .recipe import AMP_DTYPES, WarmupCosine, make_optimizer, mixup, resolve_amp, soft_cross_entropy
 from .run_folder import ATOMIC_FILES, holds_a_run, kept_checkpoint, remove_run_files
@@ -117,6 +117,10 @@ class Trainer:
         # a weights file is read and checked before the data, so one that does not fit costs no waiting
         init = read_weights(cfg.init_from) if cfg.init_from is not None and resume is None else None
         shard = Shard(d.rank, d.world)
+        # the images the run leaves out (--max-bad-images); a resumed run starts from its record
+        self.bad = BadImages(cfg.max_bad_images)
+        if resume is not None:
+            self.bad.restore(resume["manifest"].get("bad_images"))
         if cfg.synthetic_without_data:
             assert cfg.num_classes is not None
             self.classes = [f"class_{i}" for i in range(cfg.num_classes)]
@@ -129,16 +133,22 @@ class Trainer:
             va_files, va_labels = balanced_subset(val.files, val.labels, cfg.limit_val, cfg.seed)
             if cfg.check_images != "off":
                 # headers, and the pixels of the formats DALI decodes silently when corrupt (see
-                # rn50.layout.check_header); every rank checks, so no rank starts on bad data. A set
-                # too large for the full check still gets it for its files that are not JPEG or PNG.
+                # rn50.layout.check_header); every rank checks, so every rank leaves out the same
+                # files (and trains the same number of steps), or stops. A set too large for the
+                # full check still gets it for its files that are not JPEG or PNG.
                 everything = tr_files + va_files
-                check_files(
+                found = bad_files(
                     everything
                     if should_check_images(cfg.check_images, len(everything))
                     else [f for f in everything if suffix_format(f) not in ("JPEG", "PNG")],
                     progress=d.main,
                     resize_shorter=self.p.resize_size,
                 )
+                self.bad.add(found, bad_files_message, "header check", announce=d.main)
+            # what the header check found (this run's or, resumed, the run's) is not in the run at all
+            drop = {f for f, where in self.bad.where.items() if where == "header check"}
+            tr_files, tr_labels = _without(tr_files, tr_labels, drop)
+            va_files, va_labels = _without(va_files, va_labels, drop)
         common = dict(
             batch_size=cfg.batch_size,
             device=d.device,
@@ -147,6 +157,7 @@ class Trainer:
             workers=cfg.workers,
             num_classes=len(self.classes),
             synthetic_steps=cfg.synthetic_steps,
+            bad=self.bad,
         )
         # epochs: a DALI training loader builds each next epoch's pipeline while an epoch runs
         self.train_loader = make_loader(
@@ -160,7 +171,8 @@ class Trainer:
             raise DataError(f"{cfg.data}: not enough training images for one batch of {cfg.batch_size}")
         if self.val_loader is not None and should_check_images(cfg.check_images, len(va_files)):
             # one decoding pass over the validation images now, so that one the header check cannot
-            # fault (a whole JPEG with corrupt data) stops the run before the first epoch, not after it
+            # fault (a whole JPEG with corrupt data) is left out (or stops the run, past
+            # --max-bad-images) before the first epoch, not after it
             for _ in self.val_loader:
                 pass
 
@@ -355,7 +367,8 @@ class Trainer:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
                 f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s; waited "
-                f"{waits['wait_s']:.1f} s for data, {waits['first_s']:.1f} s of it for the first batch)",
+                f"{waits['wait_s']:.1f} s for data, {waits['first_s']:.1f} s of it for the first batch)"
+                + (f"; {len(self.bad)} bad image(s) left out (manifest.json: bad_images)" if len(self.bad) else ""),
                 file=sys.stderr,
             )
 
@@ -445,6 +458,7 @@ class Trainer:
             precision="fp32",
             train_config=self.cfg.to_dict(),
             history=self.history,
+            bad_images=self.bad.records(),
             **self._init_extra(),
         )
         m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
@@ -468,6 +482,7 @@ class Trainer:
             precision="fp32",
             accuracy=acc,
             train_config=self.cfg.to_dict(),
+            bad_images=self.bad.records(),
             **self._init_extra(),
         )
         man["source"] = self._source(epoch + 1)  # new_manifest's source= is for a file (with its sha256)
@@ -561,6 +576,13 @@ class Trainer:
                 )
             )
         return 0
+
+
+def _without(files: list[str], labels: list[int], drop: set[str]) -> tuple[list[str], list[int]]:
+    if not drop:
+        return files, labels
+    keep = [i for i, f in enumerate(files) if f not in drop]
+    return [files[i] for i in keep], [labels[i] for i in keep]
 
 
 @torch.no_grad()

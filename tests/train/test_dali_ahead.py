@@ -15,8 +15,9 @@ import torch
 
 from rn50.errors import DataError
 from rn50.layout import load_dataset
+from tests.jpegs import bogus_huffman
 from tests.train.cpu_loaders import cpu_loader
-from train.loaders import DaliLoader, epoch_order
+from train.loaders import BadImages, DaliLoader, epoch_order, replace_bad
 
 BATCH = 16  # fmnist_tiny: 200 training images, 12 batches an epoch
 
@@ -163,3 +164,67 @@ def test_undecodable_file_is_named_and_nothing_is_left(train_split, fmnist_tiny,
     del e
     ok, why = _settled(pipelines, py_threads, os_threads)
     assert ok, "after the undecodable file: " + why
+
+
+def test_replace_bad_keeps_the_count_and_takes_the_next_good_file():
+    files = ["a", "b", "c", "d", "e"]
+    assert replace_bad(files, {"b"}) == [0, 2, 2, 3, 4]
+    assert replace_bad(files, {"b", "c"}) == [0, 3, 3, 3, 4]
+    assert replace_bad(files, {"e"}) == [0, 1, 2, 3, 0]  # the last one: the first good, cyclically
+    assert replace_bad(files, set()) == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match="every one"):
+        replace_bad(files, set(files))
+
+
+def test_a_bad_file_is_replaced_and_every_epoch_keeps_its_batches(fmnist_tiny, tmp_path, pipelines):
+    """Within --max-bad-images, the file DALI fails on is recorded and named, the epoch goes on from
+    the failing step on a pipeline without it (each bad file replaced by the next good one, so the
+    step count stays), and the next epoch, built ahead while the file was still unknown, is built
+    again without it: its batches are those of a loader that knew the file from the start."""
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    split = load_dataset(d)[0]
+    # the victim sits in epoch 0's second batch (the first is out, epoch 1 is being built ahead),
+    # and in epoch 1's batches too
+    order0, order1 = epoch_order(len(split.files), 3, 0), epoch_order(len(split.files), 3, 1)
+    victim_i = next(int(i) for i in order0[BATCH : 2 * BATCH] if i in order1[: len(split.files) // BATCH * BATCH])
+    victim = split.files[victim_i]
+    with open(victim, "rb") as f:
+        good = f.read()
+    with open(victim, "wb") as f:
+        f.write(bogus_huffman(good))
+    bad = BadImages(5)
+    loader = cpu_loader("dali-cpu", split, train=True, size=32, bs=BATCH, seed=3, workers=2, epochs=3, bad=bad)
+    knew = BadImages(5)
+    knew.found[victim], knew.where[victim] = "known", "training loader"
+    fresh = cpu_loader(
+        "dali-cpu", split, train=True, size=32, bs=BATCH, seed=3, workers=2, epochs=3, build_ahead=False, bad=knew
+    )
+    try:
+        e0 = _epoch(loader, 0)
+        assert len(e0) == len(split.files) // BATCH == len(loader)
+        assert list(bad.found) == [victim]
+        e1 = _epoch(loader, 1)
+        assert _same(e1, _epoch(fresh, 1)), "epoch 1 differs from a loader that knew the bad file"
+        assert loader.stats[-1]["epoch"] == 1 and loader.stats[-1]["built_ahead"]
+    finally:
+        loader.close()
+        fresh.close()
+
+
+def test_a_bad_validation_file_is_dropped_from_scoring(fmnist_tiny, tmp_path, capsys):
+    d = tmp_path / "d"
+    shutil.copytree(fmnist_tiny, d)
+    val = load_dataset(d)[1]
+    victim = val.files[7]
+    with open(victim, "rb") as f:
+        good = f.read()
+    with open(victim, "wb") as f:
+        f.write(bogus_huffman(good))
+    bad = BadImages(5)
+    loader = cpu_loader("dali-cpu", val, train=False, size=32, bs=BATCH, seed=3, workers=2, bad=bad)
+    for _ in range(2):  # found in the first pass, left out of the next without failing on it
+        n = sum(int(y.shape[0]) for _, y in loader)
+        assert n == len(val.files) - 1 and list(bad.found) == [victim]
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and victim in warnings[0], warnings

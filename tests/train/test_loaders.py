@@ -101,3 +101,25 @@ def test_synthetic_backend():
     )
     batches = list(loader)
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and int(batches[0][1].max()) < 10
+
+
+def test_bad_images_record_counts_names_and_stops_past_its_limit(capsys):
+    from rn50.errors import DataError
+    from train.loaders import BadImages, undecodable_error
+
+    bad = BadImages(2)
+    assert bad.add([("a.jpg", "broken")], undecodable_error, "training loader") == [("a.jpg", "broken")]
+    assert bad.add([("a.jpg", "broken")], undecodable_error, "training loader") == []  # known: not counted again
+    bad.add([("b.jpg", "cut short")], undecodable_error, "header check", announce=False)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: a.jpg: broken: left out of the run"), warnings
+    with pytest.raises(DataError) as e:
+        bad.add([("c.jpg", "gone")], undecodable_error, "validation loader")
+    assert str(e.value) == "undecodable image(s): c.jpg: gone (more than --max-bad-images 2 in all)"
+    with pytest.raises(DataError) as e:  # 0: the first one stops the run, with the error as it was
+        BadImages(0).add([("c.jpg", "gone")], undecodable_error, "training loader")
+    assert str(e.value) == "undecodable image(s): c.jpg: gone"
+    # a resumed run takes the record over from its checkpoint's manifest
+    again = BadImages(0)
+    again.restore(bad.records())
+    assert again.records() == bad.records() and "b.jpg" in again and again.where["b.jpg"] == "header check"

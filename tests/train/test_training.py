@@ -190,13 +190,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist_tiny, tmp_path, ca
 
 
 def test_corrupt_image_named_without_prescan(fmnist_tiny, tmp_path, capsys):
-    """The ImageNet path: no header pre-scan, DALI fails on the batch, the file is found and named."""
+    """The ImageNet path: no header pre-scan, DALI fails on the batch, the file is found and named
+    (and, with --max-bad-images 0, stops the run; tests/train/test_bad_data.py has it left out)."""
     d = tmp_path / "d"
     shutil.copytree(fmnist_tiny, d)
     victim = sorted((d / "train" / "dress").iterdir())[3]
     good = victim.read_bytes()
     victim.write_bytes(good[: len(good) // 3])  # a truncated JPEG: valid header, broken data
-    assert run(d, tmp_path / "o", "--epochs", "1", "--check-images", "off") == 2
+    assert run(d, tmp_path / "o", "--epochs", "1", "--check-images", "off", "--max-bad-images", "0") == 2
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and victim.name in line[0] and "Traceback" not in err
