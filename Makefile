@@ -15,6 +15,7 @@ HAVE_TRT   := $(shell test -x $(PY) && $(PY) -c "import tensorrt; tensorrt.Build
 OUTPUT     ?= artifacts/rn50.$(PRECISION).$(if $(HAVE_TRT),plan,onnx)
 IMAGES     ?= $(DATA)/val
 TRAIN_ARGS ?=
+EXPORT_ARGS ?=
 FMNIST_SRC := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup fmnist data train export infer validate demo test lint format typecheck bench gpu-check clean help
@@ -54,7 +55,7 @@ train: data
 	$(PY) -m train --data $(DATA) --output $(RUN) $(TRAIN_ARGS)
 
 export: setup
-	$(PY) -m export --checkpoint $(CHECKPOINT) --precision $(PRECISION) --output $(OUTPUT)
+	$(PY) -m export --checkpoint $(CHECKPOINT) --precision $(PRECISION) --output $(OUTPUT) $(EXPORT_ARGS)
 
 infer: setup
 	$(PY) -m serve.infer --engine $(OUTPUT) --output $(OUTPUT).predictions.jsonl $(IMAGES)
@@ -95,7 +96,7 @@ test: setup fmnist lint typecheck
 
 # The benchmarks time the trained model: `make train` runs first when $(CHECKPOINT) is missing,
 # and the FP32 ONNX that bench.serve times is exported when artifacts/rn50.fp32.onnx is missing.
-# Each script prints its table and writes it with a bar chart to runs/bench/NAME.{md,png}.
+# Each script prints its table; all but bench.triton also write it with a bar chart to runs/bench/NAME.{md,png}.
 bench: data
 	@test -f $(CHECKPOINT) || $(MAKE) --no-print-directory train
 	@test -f artifacts/rn50.fp32.onnx || $(MAKE) --no-print-directory export PRECISION=fp32 OUTPUT=artifacts/rn50.fp32.onnx
