@@ -201,6 +201,15 @@ class Trainer:
         self.accuracy: dict[str, Any] = {}  # the run manifest's: the last completed epoch's, with the best top-1
         if resume is not None:
             self._restore(resume)
+            was = int((resume["manifest"].get("train_config") or {}).get("epochs", cfg.epochs))
+            if was != cfg.epochs and d.main and self.start_epoch < cfg.epochs:
+                # the cosine's length changes, so the learning rate jumps at the resumed step
+                before = WarmupCosine(cfg.lr, was * self.steps_per_epoch, self.sched.warmup)(self.step)
+                print(
+                    f"the schedule is now {cfg.epochs} epochs (the run had {was}): the cosine learning "
+                    f"rate at step {self.step} goes from {before:.4g} to {self.sched(self.step):.4g}",
+                    file=sys.stderr,
+                )
         net: nn.Module = model
         if d.world > 1:
             net = nn.parallel.DistributedDataParallel(

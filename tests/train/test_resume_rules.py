@@ -184,3 +184,30 @@ def test_evaluate_scores_the_runs_validation_subset(fmnist_tiny, tmp_path, capsy
     assert got["top1"] == pytest.approx(man["accuracy"]["top1"], abs=1e-6)
     assert train.main(["--evaluate", str(out / "best.pt"), "--workers", "1", "--limit-val", "30"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 30
+
+
+def test_lengthening_a_run_says_how_its_learning_rate_jumps(one_epoch, fmnist_tiny, capsys):
+    """--epochs N with --resume stretches the cosine: the learning rate at the resumed step rises,
+    and one line says from what to what."""
+    import re
+
+    from train.recipe import WarmupCosine
+
+    ck = load_checkpoint(one_epoch / "last.pt")
+    cfg = ck["manifest"]["train_config"]
+    step = ck["step"]
+    assert run(fmnist_tiny, one_epoch, "--resume", "--epochs", "6", "--stop-after", "1") == 0
+    err = capsys.readouterr().err
+    m = re.search(
+        r"the schedule is now 6 epochs \(the run had 3\): the cosine learning rate at step (\d+) goes from (\S+) to (\S+)\n",
+        err,
+    )
+    assert m, err
+    steps_per_epoch = step  # one epoch done
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    want = [WarmupCosine(cfg["lr"], e * steps_per_epoch, warmup)(step) for e in (3, 6)]
+    assert int(m[1]) == step and [float(m[2]), float(m[3])] == pytest.approx(want, rel=1e-3)
+    assert want[1] > want[0]
+    # the same schedule resumed says nothing of it
+    assert run(fmnist_tiny, one_epoch, "--resume", "--stop-after", "1") == 0
+    assert "the schedule is now" not in capsys.readouterr().err
