@@ -198,10 +198,8 @@ def test_lengthening_a_run_says_how_its_learning_rate_jumps(one_epoch, fmnist_ti
     step = ck["step"]
     assert run(fmnist_tiny, one_epoch, "--resume", "--epochs", "6", "--stop-after", "1") == 0
     err = capsys.readouterr().err
-    m = re.search(
-        r"the schedule is now 6 epochs \(the run had 3\): the cosine learning rate at step (\d+) goes from (\S+) to (\S+)\n",
-        err,
-    )
+    said = r"the schedule is now 6 epochs \(the run had 3\): the cosine learning rate at step (\d+) "
+    m = re.search(said + r"goes from (\S+) to (\S+)\n", err)
     assert m, err
     steps_per_epoch = step  # one epoch done
     warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
