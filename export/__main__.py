@@ -253,7 +253,7 @@ def _accuracy(c: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rn50.checkpoint import load_model
+    from rn50.checkpoint import load_model, weights_sha256
     from rn50.compare import parity_bounds
     from rn50.layout import balanced_subset, load_dataset
     from rn50.manifest import preprocessing_of
@@ -286,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         par_labels=par_labels,
         common={"classes": classes, "preprocessing": p, "source": args.checkpoint},
         extra={
+            # the model's identity beside the file's: serve.validate accepts another file of the same weights
+            "source_weights_sha256": weights_sha256(model.state_dict()),
             "source_accuracy": ck_man.get("accuracy", {}),
             "data": str(data),
             "input_name": onnx_export.INPUT,

@@ -45,6 +45,22 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def weights_sha256(state_dict: dict[str, Any]) -> str:
+    """sha256 of a model's weights: every tensor's name, dtype, shape and values, in name order,
+    whatever else the file holds. A ``last.pt`` (weights with the training state) and a
+    ``best.pt`` of the same epoch differ as files and share this."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(clean_state_dict(state_dict).items()):
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], model_state: dict[str, torch.Tensor], manifest: dict[str, Any], **extra: Any
 ) -> Path:

@@ -127,11 +127,14 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
 
 
 def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Whether ``checkpoint`` is the file the engine's manifest names as its source:
-    ``{"engine_source": {"path", "sha256"}, "checkpoint_sha256", "matches"}``, or None when the
-    manifest records no source file (a ``.pt`` engine is its own). Compared by sha256, not by path:
-    a checkpoint may have moved since the export, and a retrained one may have taken its place.
-    Hashing reads the checkpoint once."""
+    """Whether ``checkpoint`` holds the model the engine's manifest names as its source:
+    ``{"engine_source": {"path", "sha256"}, "checkpoint_sha256", "matches", "same_weights"}``, or
+    None when the manifest records no source file (a ``.pt`` engine is its own). Compared by
+    sha256, not by path: a checkpoint may have moved since the export, and a retrained one may
+    have taken its place. Another file matches when its weights are the source's
+    (``source_weights_sha256``, :func:`rn50.checkpoint.weights_sha256`): a ``last.pt`` holds the
+    ``best.pt`` of its epoch and the training state besides. ``same_weights`` is None where the
+    file matches or the manifest does not record the weights."""
     from rn50.manifest import sha256_file
 
     src = manifest.get("source")
@@ -139,7 +142,17 @@ def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -
         return None
     ck = sha256_file(checkpoint)
     recorded = {"path": str(src.get("path")), "sha256": str(src["sha256"])}
-    return {"engine_source": recorded, "checkpoint_sha256": ck, "matches": ck == recorded["sha256"]}
+    same_weights = None
+    if ck != recorded["sha256"] and isinstance(manifest.get("source_weights_sha256"), str):
+        from rn50.checkpoint import load_checkpoint, weights_sha256
+
+        same_weights = weights_sha256(load_checkpoint(checkpoint)["model"]) == manifest["source_weights_sha256"]
+    return {
+        "engine_source": recorded,
+        "checkpoint_sha256": ck,
+        "matches": ck == recorded["sha256"] or bool(same_weights),
+        "same_weights": same_weights,
+    }
 
 
 def source_mismatch(

@@ -137,9 +137,29 @@ def test_validate_fails_for_another_model(capsys, tmp_path, engine_fp32_onnx, tr
         "engine_source": {"path": src["path"], "sha256": src["sha256"]},
         "checkpoint_sha256": sha256_file(other_ckpt),
         "matches": False,
+        "same_weights": False,
     }
     md = (tmp_path / "r.md").read_text()
     assert f"exported from `{src['path']}`" in md and md.rstrip("\n") in out
+
+
+def test_validate_takes_another_file_of_the_same_weights(capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small):
+    """A checkpoint file other than the engine's source but with its weights (a last.pt beside the
+    best.pt of the same epoch: the training state makes the files differ) is the same model: no
+    warning, ``matches`` with ``same_weights``."""
+    from rn50.checkpoint import load_checkpoint, save_checkpoint
+    from rn50.manifest import sha256_file
+
+    obj = load_checkpoint(trained_run / "best.pt")
+    last = save_checkpoint(tmp_path / "last.pt", obj["model"], obj["manifest"], step=123, history=[{"epoch": 0}])
+    assert sha256_file(last) != sha256_file(trained_run / "best.pt")
+    rc = run_validate(
+        engine_fp32_onnx, last, fmnist_small / "val", "--limit", "20", "--report", str(tmp_path / "r"), "--quiet"
+    )
+    cap = capsys.readouterr()
+    assert rc == 0 and "warning:" not in cap.err and "exported from" not in cap.out, cap.err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["source_check"]["matches"] is True and r["source_check"]["same_weights"] is True
 
 
 def test_validate_usage_errors(capsys, tmp_path, engine_fp32_onnx, trained_run, fmnist_small):
