@@ -103,12 +103,42 @@ def torch_load(path: Path, what: str, map_location: str | torch.device = "cpu") 
         ) from e
 
 
+# what a file given where weights belong is instead, by its name: torch.load's own error about
+# such a file ("Unsupported operand 8", "invalid load key") says nothing of the mix-up
+OTHER_ARTIFACTS = {
+    ".onnx": "an ONNX model",
+    ".plan": "a TensorRT engine",
+    ".engine": "a TensorRT engine",
+    ".pt2": "an AOTInductor package",
+    ".json": "a JSON file",
+    ".jsonl": "a JSON-lines file",
+    ".md": "a text file",
+    ".txt": "a text file",
+    ".jpg": "an image",
+    ".jpeg": "an image",
+    ".png": "an image",
+}
+
+
+def not_weights(path: Path, what: str) -> str | None:
+    """``PATH: is an ONNX model, not a WHAT ...`` when ``path``'s name says it is one of the other
+    artifacts (:data:`OTHER_ARTIFACTS`), else None."""
+    name = path.name.lower()
+    kind = "a manifest" if name.endswith(".manifest.json") else OTHER_ARTIFACTS.get(path.suffix.lower())
+    if kind is None:
+        return None
+    return f"{path}: is {kind}, not a {what} (give the .pt checkpoint or weights file it came from)"
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    other = not_weights(path, "checkpoint")
+    if other:
+        raise CheckpointError(other)
     try:
         obj = torch_load(path, "checkpoint", map_location)
     except pickle.UnpicklingError as e:

@@ -192,7 +192,8 @@ def scan_split(root: str | os.PathLike[str], classes: list[str] | None = None) -
     """Index one split folder. With ``classes`` given, the folder's classes must be the same."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: folder not found (expected <data>/train/<class>/*.jpg and <data>/val/<class>/*.jpg)")
+        what = "is a file, not a folder" if root.exists() else "folder not found"
+        raise DataError(f"{root}: {what} (expected a split folder: {root}/<class>/<image files>)")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
@@ -232,8 +233,10 @@ def load_dataset(data: str | os.PathLike[str]) -> tuple[Split, Split]:
     """Index ``data/train`` and ``data/val``; their classes must agree."""
     data = Path(data)
     if not data.is_dir():
+        what = "is a file, not a data folder" if data.exists() else "data folder not found"
         raise DataError(
-            f"{data}: data folder not found (run `make data`, or point --data at an ImageNet-layout folder)"
+            f"{data}: {what} (run `make data`, or point --data at an ImageNet-layout folder: "
+            "<data>/train/<class>/<images> and <data>/val/<class>/<images>)"
         )
     train = scan_split(data / "train")
     if len(train.classes) < 2:  # a classifier of one class has nothing to learn (and ResNet50 needs 2 outputs)

@@ -136,9 +136,16 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
 def read_weights(path: str | os.PathLike[str]) -> Weights:
     """Read ``path``, map its keys and check that it is ResNet50 v1.5 up to the classifier;
     CheckpointError names the file and the first key that does not fit."""
+    from rn50.checkpoint import not_weights
+
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a weights file")
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    other = not_weights(path, "weights file")
+    if other:
+        raise CheckpointError(other)
     raw, where = _unwrap(_load_file(path), path)
     state, notes = to_project_keys(raw)
     layout = where + (f" ({', '.join(notes)})" if notes else "")

@@ -367,3 +367,40 @@ def test_stale_temporaries_are_found_beside_a_links_target(tmp_path):
         f.write_text("x")
     assert sorted(remove_stale_temporaries(run, ["best.pt", "last.pt"])) == sorted(stale)
     assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("rn50.fp32.onnx", "an ONNX model"), ("rn50.plan", "a TensorRT engine"), ("best.pt.manifest.json", "a manifest")],
+)
+def test_another_artifact_given_as_weights_is_named_as_what_it_is(tmp_path, name, kind):
+    """An export or a manifest given where a checkpoint or weights file belongs: said as such,
+    not as torch.load's reading of its bytes ("Unsupported operand 8")."""
+    from rn50.checkpoint import load_checkpoint
+    from rn50.errors import CheckpointError
+    from train.pretrained import read_weights
+
+    f = tmp_path / name
+    f.write_bytes(b"\x08\x07\x12\x07pytorch" if name.endswith(".onnx") else b'{"kind": "checkpoint"}')
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(f)
+    assert str(e.value).startswith(f"{f}: is {kind}, not a checkpoint"), e.value
+    with pytest.raises(CheckpointError) as e:
+        read_weights(f)
+    assert str(e.value).startswith(f"{f}: is {kind}, not a weights file"), e.value
+    with pytest.raises(CheckpointError, match="is a directory, not a weights file"):
+        read_weights(tmp_path)
+
+
+def test_a_file_given_as_a_data_or_split_folder_is_named_as_a_file(tmp_path):
+    from rn50.errors import DataError
+    from rn50.layout import load_dataset, scan_split
+
+    f = tmp_path / "README.md"
+    f.write_text("x")
+    with pytest.raises(DataError, match=r"README.md: is a file, not a data folder \(run `make data`"):
+        load_dataset(f)
+    with pytest.raises(DataError, match=r"README.md: is a file, not a folder \(expected a split folder: "):
+        scan_split(f)
+    with pytest.raises(DataError, match=r"nothere: folder not found \(expected a split folder: .*nothere/<class>/"):
+        scan_split(tmp_path / "nothere")
