@@ -32,6 +32,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import (
     CHECK_IMAGES_AUTO_MAX,
@@ -278,42 +279,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def refuse_run(args: argparse.Namespace, cfg: Any) -> None:
+    """ConfigError for a run that would not start for its flags and run folder: --resume with
+    --init-from or --overwrite, or a new run into a folder holding an earlier one without
+    --overwrite. Asked by the run and by --dry-run alike."""
+    from .config import ConfigError
+    from .run_folder import earlier_checkpoints
+
+    if args.resume is not None and (args.init_from is not None or args.overwrite):
+        other = "--init-from starts a new one from a weights file" if args.init_from else "--overwrite starts a new one"
+        raise ConfigError(f"--resume continues a run from its own checkpoint, {other}: give one of them")
+    earlier = earlier_checkpoints(Path(cfg.output)) if args.resume is None else []
+    if earlier and not args.overwrite:
+        raise ConfigError(
+            f"{cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with --resume, "
+            "replace it with --overwrite, or choose another --output"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
-        print(json.dumps(resolve(args, world, cuda).to_dict(), indent=2))
+        cfg = resolve(args, world, cuda)
+        refuse_run(args, cfg)
+        if args.init_from is not None:  # the real run reads it before any training: so does a dry run
+            from .pretrained import read_weights
+
+            read_weights(args.init_from)
+        print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from . import distributed
     from .loop import Trainer
-    from .run_folder import earlier_checkpoints
 
     d = distributed.init(cpu=args.cpu)
     try:
         if args.evaluate:
             return Trainer.evaluate_checkpoint(args, d)
         cfg = resolve(args, d.world, d.device.type == "cuda")
-        if args.resume is not None and (args.init_from is not None or args.overwrite):
-            from .config import ConfigError
-
-            other = (
-                "--init-from starts a new one from a weights file" if args.init_from else "--overwrite starts a new one"
-            )
-            raise ConfigError(f"--resume continues a run from its own checkpoint, {other}: give one of them")
+        refuse_run(args, cfg)
+        state = None
         if args.resume is not None:
             cfg, state = Trainer.load_resume(args, cfg)
-        else:
-            state = None
-            earlier = earlier_checkpoints(Path(cfg.output))
-            if earlier and not args.overwrite:
-                from .config import ConfigError
-
-                raise ConfigError(
-                    f"{cfg.output} holds an earlier run ({', '.join(earlier)}): continue it with --resume, "
-                    "replace it with --overwrite, or choose another --output"
-                )
         trainer = Trainer(cfg, d, state)
         trainer.fit(stop_after=args.stop_after)
         return 0

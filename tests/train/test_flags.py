@@ -156,3 +156,25 @@ def test_the_data_folder_is_recorded_as_an_absolute_path(capsys, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert _dry(capsys, "--data", "some/data")["data"] == os.path.join(tmp_path, "some", "data")
     assert _dry(capsys, "--data-backend", "synthetic")["data"] is None
+
+
+def test_dry_run_refuses_what_the_run_would(tmp_path, capsys, no_work):
+    """--dry-run is the pre-flight check: what the run would refuse before training, it refuses."""
+    import torch
+    import torchvision
+
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), r18)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "last.pt").write_bytes(b"x")
+    cases = [
+        (["--resume", "--init-from", str(r18)], "--resume continues a run from its own checkpoint, --init-from"),
+        (["--init-from", str(tmp_path / "none.pth")], f"{tmp_path / 'none.pth'}: weights file not found"),
+        (["--init-from", str(r18)], f"{r18}: not ResNet50 v1.5 weights"),
+        (["--output", str(earlier)], f"{earlier} holds an earlier run (last.pt)"),
+    ]
+    for argv, why in cases:
+        assert train.main(["--dry-run", "--profile", "cpu", "--output", str(tmp_path / "o"), *argv]) == 2, argv
+        assert error_line(capsys.readouterr().err).startswith(f"error: {why}"), argv
+    assert _dry(capsys, "--output", str(earlier), "--overwrite")["output"] == str(earlier)
