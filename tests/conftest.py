@@ -124,6 +124,19 @@ def engine_checkpoint(trained_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def resnet50_weights(tmp_path_factory) -> Path:
+    """An untrained ResNet50 v1.5 state dict (10 classes) saved as a plain weights file: what
+    --init-from reads, for runs and dry runs that must get past its check."""
+    import torch
+
+    from rn50.model import build_model
+
+    path = tmp_path_factory.mktemp("weights") / "rn50.pth"
+    torch.save(build_model(10).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, Path]:
     """Real photographs from scikit-image as files: JPEG, PNG, grayscale JPEG, CMYK JPEG and a
     JPEG whose pixels are stored rotated with EXIF orientation 6 (display = rotate 90 cw)."""

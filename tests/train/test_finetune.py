@@ -156,19 +156,20 @@ def test_old_dict_train_config_still_resumes(fmnist_tiny, tmp_path, capsys):
     assert err.startswith("error: ") and "last.pt" in err and "future_flag" in err
 
 
-def test_finetune_preset_and_flags_in_dry_run(tmp_path):
-    c = dry("--profile", "cpu", "--init-from", str(tmp_path / "w.pth"), "--freeze-backbone")
+def test_finetune_preset_and_flags_in_dry_run(resnet50_weights):
+    w = str(resnet50_weights)
+    c = dry("--profile", "cpu", "--init-from", w, "--freeze-backbone")
     assert c["preset"] == "finetune" and c["lr_per_256"] == pytest.approx(0.0256) and c["epochs"] == 2
     assert c["warmup_epochs"] == pytest.approx(0.2) and c["freeze_backbone"] is True
-    assert c["init_from"] == str(tmp_path / "w.pth") and c["backbone_lr_scale"] == 1.0
-    g = dry("--profile", "gpu", "--init-from", "w.pth", "--backbone-lr-scale", "0.1", "--batch-size", "256")
+    assert c["init_from"] == w and c["backbone_lr_scale"] == 1.0
+    g = dry("--profile", "gpu", "--init-from", w, "--backbone-lr-scale", "0.1", "--batch-size", "256")
     assert g["preset"] == "finetune" and g["epochs"] == 10 and g["warmup_epochs"] == pytest.approx(1.0)
     assert g["lr"] == pytest.approx(0.0256) and g["backbone_lr_scale"] == 0.1
     # a GPU profile's from-scratch length (gpu-small: 60 epochs) is not a fine-tuning schedule
-    s = dry("--profile", "gpu-small", "--init-from", "w.pth")
+    s = dry("--profile", "gpu-small", "--init-from", w)
     assert (s["preset"], s["epochs"], s["warmup_epochs"]) == ("finetune", 10, pytest.approx(1.0))
     assert dry("--profile", "gpu-small")["epochs"] == 60
-    assert dry("--profile", "gpu", "--init-from", "w.pth", "--preset", "90")["lr_per_256"] == pytest.approx(0.256)
+    assert dry("--profile", "gpu", "--init-from", w, "--preset", "90")["lr_per_256"] == pytest.approx(0.256)
     assert dry("--profile", "cpu")["preset"] == 90 and dry("--profile", "cpu")["lr_per_256"] == pytest.approx(0.256)
 
 

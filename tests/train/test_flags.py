@@ -114,7 +114,7 @@ def _dry(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_edges_of_the_ranges_are_accepted(capsys):
+def test_edges_of_the_ranges_are_accepted(capsys, resnet50_weights):
     """Legal if surprising: 0 workers (the pytorch backend loads in the main process), no smoothing,
     no momentum, no decay, no warmup, a crop of the whole image, the smallest image ResNet50 takes."""
     c = _dry(
@@ -126,7 +126,7 @@ def test_edges_of_the_ranges_are_accepted(capsys):
     assert (c["workers"], c["label_smoothing"], c["momentum"], c["weight_decay"]) == (0, 0, 0, 0)
     assert (c["mixup"], c["warmup_epochs"], c["min_crop_scale"], c["image_size"]) == (0, 0, 1, 16)
     assert (c["seed"], c["epochs"], c["batch_size"], c["limit_train"], c["limit_val"]) == (0, 1, 2, 1, 1)
-    assert _dry(capsys, "--init-from", "w.pth", "--backbone-lr-scale", "0")["backbone_lr_scale"] == 0
+    assert _dry(capsys, "--init-from", str(resnet50_weights), "--backbone-lr-scale", "0")["backbone_lr_scale"] == 0
     assert _dry(capsys, "--seed", str(2**32 - 1))["seed"] == 2**32 - 1
 
 
