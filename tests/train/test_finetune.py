@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -60,7 +61,8 @@ OLD_KEYS = [
 
 def dry(*argv: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "train", "--dry-run", *argv],
+        # a run folder that holds no run (runs/default may hold one here, which a dry run refuses)
+        [sys.executable, "-m", "train", "--dry-run", "--output", str(Path(tempfile.gettempdir()) / "rn50-dry"), *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -5,6 +5,7 @@ the values at the edges of each range are accepted."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import train.distributed
 from tests import train_cli
 from tests.stderr import error_line
 from train.__main__ import build_parser
+
+DRY_OUTPUT = str(Path(tempfile.gettempdir()) / "rn50-dry-run")  # never written
 
 # (flag, value, the words of the reason that must follow "--flag VALUE:", extra flags it needs to
 # reach its check): every numeric flag, each side of its range that has a bound
@@ -110,7 +113,9 @@ def test_bad_flag_stops_evaluate_too(tmp_path, capsys, no_work):
 
 
 def _dry(capsys, *argv: str) -> dict:
-    assert train.main(["--dry-run", "--profile", "cpu", *argv]) == 0
+    """The dry run's configuration; its run folder is one that holds no run (the default,
+    runs/default, may hold one in a working copy, which a dry run refuses as the run would)."""
+    assert train.main(["--dry-run", "--profile", "cpu", "--output", DRY_OUTPUT, *argv]) == 0
     return json.loads(capsys.readouterr().out)
 
 

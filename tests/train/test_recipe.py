@@ -26,6 +26,8 @@ def test_dry_run_prints_resolved_json(tmp_path):
             "-m",
             "train",
             "--dry-run",
+            "--output",
+            str(tmp_path / "o"),
             "--data",
             str(tmp_path / "nowhere"),
             "--batch-size",

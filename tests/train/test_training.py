@@ -278,7 +278,7 @@ def test_explicit_dali_gpu_without_cuda_is_an_error(fmnist_tiny, tmp_path, capsy
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "CUDA is not available" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    assert train.main(["--dry-run", "--cpu", "--profile", "gpu", "--data", str(nowhere)]) == 0
+    assert train.main(["--dry-run", "--cpu", "--profile", "gpu", "--data", str(nowhere), "--output", str(nowhere)]) == 0
     assert json.loads(capsys.readouterr().out)["data_backend"] == "dali-cpu"
 
 
