@@ -289,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
             # the model's identity beside the file's: serve.validate accepts another file of the same weights
             "source_weights_sha256": weights_sha256(model.state_dict()),
             "source_accuracy": ck_man.get("accuracy", {}),
+            # the pretrained weights the checkpoint's run started from, if any (path, sha256, what was loaded)
+            **({"init_from": ck_man["init_from"]} if ck_man.get("init_from") else {}),
             "data": str(data),
             "input_name": onnx_export.INPUT,
             "output_name": onnx_export.OUTPUT,
@@ -384,6 +386,10 @@ def _write_onnx(job: _Job, onnx_out: Path, kind: str) -> dict[str, Any]:
         else:
             int8_info = _int8(job, tmp, scratch, kind)
             onnx_info["quantization"] = int8_info["quantization"]
+        onnx_export.stamp_metadata(tmp, job.common["classes"], p.to_dict(), precision)
+        onnx_info["metadata_props"] = [
+            f"{onnx_export.METADATA_PREFIX}{k}" for k in ("classes", "preprocessing", "precision")
+        ]
         backend = load_backend(tmp, suffix=".onnx", prefer_gpu=True)
         par = _parity(job, backend.run, precision, onnx_out.name)
         m = new_manifest(

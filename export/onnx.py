@@ -63,3 +63,31 @@ def io_names(path: str | os.PathLike[str]) -> tuple[str, str]:
 
     m = onnx.load(os.fspath(Path(path)), load_external_data=False)
     return m.graph.input[0].name, m.graph.output[0].name
+
+
+METADATA_PREFIX = "rn50."  # metadata_props keys: rn50.classes, rn50.preprocessing, rn50.precision
+
+
+def stamp_metadata(
+    path: str | os.PathLike[str], classes: list[str], preprocessing: dict[str, object], precision: str
+) -> None:
+    """Write into the model's ``metadata_props`` what reading its output needs: the class names
+    (JSON list, output order), the preprocessing contract (JSON) and the precision. The manifest
+    beside the file says all this and more; these travel with the file itself where it goes
+    alone (a model registry, a Triton repository, ONNX Runtime's ``custom_metadata_map``)."""
+    import json
+
+    import onnx
+
+    m = onnx.load(os.fspath(path))
+    props = {
+        "classes": json.dumps(list(classes)),
+        "preprocessing": json.dumps(preprocessing, sort_keys=True),
+        "precision": precision,
+    }
+    kept = [p for p in m.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del m.metadata_props[:]
+    m.metadata_props.extend(kept)
+    for k, v in props.items():
+        m.metadata_props.add(key=METADATA_PREFIX + k, value=v)
+    onnx.save(m, os.fspath(path))

@@ -63,6 +63,20 @@ def test_onnx_parity_and_manifest(engine_fp32_onnx: Path, trained_run: Path) -> 
     assert g.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+@pytest.mark.parametrize("engine_fixture", ["engine_fp32_onnx", "engine_int8_onnx"])
+def test_onnx_carries_classes_and_preprocessing_in_its_metadata(request, engine_fixture: str) -> None:
+    """The bare .onnx says how to read it (ONNX Runtime's custom_metadata_map), as its manifest does."""
+    from rn50.manifest import read_manifest
+    from rn50.ort import session
+
+    engine = request.getfixturevalue(engine_fixture)
+    meta = session(str(engine)).get_modelmeta().custom_metadata_map
+    m = read_manifest(engine)
+    assert json.loads(meta["rn50.classes"]) == m["classes"]
+    assert json.loads(meta["rn50.preprocessing"]) == m["preprocessing"]
+    assert meta["rn50.precision"] == m["precision"]
+
+
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_onnx_dynamic_batch_matches_pytorch(
     engine_fp32_onnx: Path, trained_run: Path, fmnist_small: Path, batch: int
