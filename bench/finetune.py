@@ -87,11 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--source", type=Path, default=DEFAULT_SOURCE, help="Fashion-MNIST idx files (default: %(default)s)"
     )
-    ap.add_argument("--pretrain-per-class", type=int, default=400, help="training images per pretraining class")
-    ap.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of the pretraining run")
-    ap.add_argument("--target-per-class", type=int, default=100, help="training images per target class")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of each target run (fine-tune and scratch)")
-    ap.add_argument("--val-per-class", type=int, default=100, help="validation images per class")
+    ap.add_argument(
+        "--pretrain-per-class",
+        type=int,
+        default=400,
+        help="training images per pretraining class (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--pretrain-epochs", type=int, default=3, help="epochs of the pretraining run (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--target-per-class", type=int, default=100, help="training images per target class (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=3, help="epochs of each target run (fine-tune and scratch) (default: %(default)s)"
+    )
+    ap.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default: %(default)s)")
     ap.add_argument(
         "--batch-size",
         type=int,
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         help="warmup of the pretraining and the scratch-with-recipe-lr runs (default: %(default)s: "
         "the CPU profile's 0.1 epoch is a handful of steps on so few images)",
     )
-    ap.add_argument("--workers", type=int, default=1, help="data threads per run")
+    ap.add_argument("--workers", type=int, default=1, help="data threads per run (default: %(default)s)")
     ap.add_argument(
         "--work",
         type=Path,

@@ -836,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         log(f"stage {s}")
         fns[s](a, res, cuda)
+    if not stages and not res["env"]:
+        print(f"error: {res.root}: no results to tabulate (run a stage first, e.g. `speed`)", file=sys.stderr)
+        return 2
     txt = table(res)
     from rn50.atomic import write_text
 

@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.gpu_inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--checkpoint", type=Path, default=Path("runs/default/best.pt"))
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("runs/default/best.pt"),
+        help="trained checkpoint whose eager, compiled and exported forms are timed (default: %(default)s)",
+    )
     ap.add_argument(
         "--pt2", type=Path, help="AOTInductor package exported from the same checkpoint (row skipped without it)"
     )

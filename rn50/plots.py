@@ -120,7 +120,8 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     for ax in (a_loss, a_lr, a_val, a_ips):
         ax.grid(alpha=0.3)
         if ep_x or steps:
-            ax.set_xlim(0, max([*ep_x, *(r["epoch"] for r in steps), 1]))
+            end = max([*ep_x, *(r["epoch"] for r in steps), 1])
+            ax.set_xlim(0, end * 1.03)  # room for the last epoch's markers, drawn on its end
     fig.tight_layout()
     _save(fig, path)
 

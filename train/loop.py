@@ -98,6 +98,11 @@ class LoaderWaits:
         return rec
 
 
+def rate(v: float) -> str:
+    """Images per second as the epoch line shows them: whole numbers, two digits below 10."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, d: distributed.Dist, resume: dict[str, Any] | None = None):
         self.cfg, self.d = cfg, d
@@ -374,7 +379,7 @@ class Trainer:
         if d.main:
             self._save(epoch, top1, top5, n_val)
             print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rec['img_per_s']:.0f} img/s  "
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  lr {lr:.4g}  {rate(rec['img_per_s'])} img/s  "
                 f"val top-1 {top1:.2f}  top-5 {top5:.2f}  ({rec['time']:.0f} s; waited "
                 f"{waits['wait_s']:.1f} s for data, {waits['first_s']:.1f} s of it for the first batch)"
                 + (f"; {len(self.bad)} bad image(s) left out (manifest.json: bad_images)" if len(self.bad) else ""),

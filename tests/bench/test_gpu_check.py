@@ -220,3 +220,12 @@ def test_speed_stage_command_lines_are_accepted_by_train(tmp_path: Path, monkeyp
         assert [str(x) for x in args[:2]] == ["-m", "train"]
         cfg = resolve(train_main.build_parser().parse_args([str(x) for x in args[2:]]), 1, True)
         assert cfg.data_backend == "synthetic" and cfg.synthetic_without_data and cfg.num_classes == 1000
+
+
+def test_table_without_results_is_an_error(tmp_path, capsys):
+    """`gpu_check.sh table` before any stage ran: one error line, no table of 'None's."""
+    from bench import gpu_check
+
+    assert gpu_check.main(["table", "--results", str(tmp_path / "r")]) == 2
+    assert "no results to tabulate" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "table.md").exists()

@@ -147,3 +147,9 @@ def test_a_new_run_in_an_earlier_runs_folder_is_refused_or_replaces_it(fmnist_ti
     shown = tb_scalars(tmp_path / "r" / "tb", "step/loss")
     assert [s for s, _ in shown] == [r["step"] for r in recs]
     assert [v for _, v in shown] == [pytest.approx(r["loss"], rel=1e-6) for r in recs]
+
+
+def test_the_epoch_line_shows_slow_rates_with_two_digits():
+    from train.loop import rate
+
+    assert [rate(v) for v in (0.04, 0.4, 3.25, 9.96, 12.4, 1234.6)] == ["0.04", "0.4", "3.2", "10", "12", "1235"]
