@@ -52,11 +52,24 @@ def package_input_shape(path: Path) -> tuple[int | None, ...] | None:
     return tuple(dims.get(i) for i in (1, 2, 3))
 
 
+def quiet_cuda_home_notice() -> None:
+    """Without a CUDA runtime, torch.utils.cpp_extension logs a warning as it is imported ("No CUDA
+    runtime is found, using CUDA_HOME=..."), which a CPU package never needs: kept to errors."""
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 class AotiBackend:
     name = "aoti"
 
     def __init__(self, path: Path, manifest: dict[str, Any], prefer_gpu: bool = True):
         import torch
+
+        quiet_cuda_home_notice()
         from torch._inductor import aoti_load_package
 
         try:

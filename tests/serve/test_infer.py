@@ -581,3 +581,26 @@ def test_an_engine_forced_past_a_failed_export_check_is_served_with_a_warning(
     # the engine as exported, checks passed: no warning
     rc, lines, err = run_infer(capsys, engine_int8_onnx, good_images(fmnist_small, 2))
     assert rc == 0 and "warning:" not in err, err
+
+
+def test_quiet_pt2_on_a_cpu_prints_nothing_but_predictions(engine_pt2, fmnist_small):
+    """--quiet: stderr stays empty with a .pt2 on a machine without CUDA (torch's cpp_extension
+    logs a CUDA_HOME notice on import, which a CPU package never needs)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the notice is only logged without a CUDA runtime")
+    root = Path(__file__).resolve().parents[2]
+    img = good_images(fmnist_small, 1)[0]
+    out = subprocess.run(
+        [sys.executable, "-m", "serve.infer", "--engine", str(engine_pt2), str(img), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "" and json.loads(out.stdout)["path"] == str(img), out.stderr
