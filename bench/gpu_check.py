@@ -356,11 +356,11 @@ def stage_train(a: argparse.Namespace, res: Results, cuda: bool) -> None:
             final_top1=h[-1]["val_top1"],
             final_top5=h[-1]["val_top5"],
             best_top1=best["val_top1"],
-            best_epoch=best["epoch"] + 1,
+            best_epoch=best["epoch"],
             elapsed_s=h[-1].get("elapsed"),
             img_per_s=sum(x["img_per_s"] for x in h[1:]) / max(1, len(h) - 1) if len(h) > 1 else h[0]["img_per_s"],
             time_to={f"{t:g}": time_to(h, t) for t in THRESHOLDS},
-            curve=[(x["epoch"] + 1, round(x["val_top1"], 2), round(x.get("elapsed", 0), 1)) for x in h],
+            curve=[(x["epoch"], round(x["val_top1"], 2), round(x.get("elapsed", 0), 1)) for x in h],
         )
     res.put("train", rec)
 

@@ -55,8 +55,8 @@ def training_curves(steps: Sequence[Mapping[str, Any]], history: Sequence[Mappin
     """
     plt = _pyplot()
     fig, ((a_loss, a_lr), (a_val, a_ips)) = plt.subplots(2, 2, figsize=(11, 7))
-    ep_x = [r["epoch"] + 1 for r in history]  # validation: at the end of its epoch
-    mid_x = [r["epoch"] + 0.5 for r in history]  # an epoch's mean: in its middle
+    ep_x = [r["epoch"] for r in history]  # validation: at the end of its epoch (counted from 1)
+    mid_x = [r["epoch"] - 0.5 for r in history]  # an epoch's mean: in its middle
     marker = "o" if len(history) <= 30 else None
     window = max(1, len(steps) // 30)
 

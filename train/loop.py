@@ -313,6 +313,9 @@ class Trainer:
         self.start_epoch, self.step = int(obj["epoch"]) + 1, int(obj["step"])
         self.best_top1 = float(obj.get("best_top1", -1.0))
         self.history = list(obj.get("history", []))
+        if self.history and self.history[-1].get("epoch") == int(obj["epoch"]):
+            # a run written when the records counted epochs from 0 (its last record is the checkpoint's own epoch)
+            self.history = [{**r, "epoch": int(r["epoch"]) + 1} for r in self.history]
         acc = obj.get("manifest", {}).get("accuracy")
         if acc:  # kept in the run manifest until an epoch of this job replaces it
             self.accuracy = {"best_top1": self.best_top1, **acc}
@@ -362,7 +365,7 @@ class Trainer:
         train_time = time.time() - t0
         top1, top5, n_val = self.evaluate() if self.val_loader is not None else (float("nan"),) * 2 + (0,)
         rec = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as the console, manifests, TensorBoard and steps.jsonl count
             "train_loss": loss,
             "lr": lr,
             "img_per_s": n_img * d.world / train_time,
@@ -475,7 +478,7 @@ class Trainer:
             bad_images=self.bad.records(),
             **self._init_extra(),
         )
-        m["source"] = self._source(self.history[-1]["epoch"] + 1 if self.history else 0)
+        m["source"] = self._source(self.history[-1]["epoch"] if self.history else 0)
         if self.accuracy:
             m["accuracy"] = self.accuracy
         return m

@@ -178,7 +178,7 @@ def test_data_stage_runs_full_epochs_and_caps_only_pytorch(tmp_path: Path, fmnis
         out = Path(args[args.index("--output") + 1])
         out.mkdir(parents=True, exist_ok=True)
         recs = [
-            {"epoch": e, "img_per_s": 1000.0 * (e + 1), "loader": {"first_s": 0.1, "wait_s": 0.5}} for e in range(3)
+            {"epoch": e + 1, "img_per_s": 1000.0 * (e + 1), "loader": {"first_s": 0.1, "wait_s": 0.5}} for e in range(3)
         ]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         return {"rc": 0, "wall_s": 1.0, "command": name, "log": name, "timed_out": False}

@@ -209,3 +209,17 @@ def test_lengthening_a_run_says_how_its_learning_rate_jumps(one_epoch, fmnist_ti
     # the same schedule resumed says nothing of it
     assert run(fmnist_tiny, one_epoch, "--resume", "--stop-after", "1") == 0
     assert "the schedule is now" not in capsys.readouterr().err
+
+
+def test_metrics_count_epochs_from_1_and_a_run_that_counted_from_0_resumes_counting_from_1(one_epoch, fmnist_tiny):
+    """metrics.jsonl and the manifests' history count epochs from 1, as the console, manifests,
+    TensorBoard and steps.jsonl do; a checkpoint whose history counted from 0 is renumbered."""
+    import torch
+
+    assert [json.loads(ln)["epoch"] for ln in (one_epoch / "metrics.jsonl").read_text().splitlines()] == [1]
+    ck = load_checkpoint(one_epoch / "last.pt")
+    ck["history"] = [{**r, "epoch": r["epoch"] - 1} for r in ck["history"]]  # as runs before wrote it
+    torch.save(ck, one_epoch / "last.pt")
+    assert run(fmnist_tiny, one_epoch, "--resume", "--stop-after", "1") == 0
+    assert [json.loads(ln)["epoch"] for ln in (one_epoch / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["epoch"] for r in json.loads((one_epoch / "manifest.json").read_text())["history"]] == [1, 2]

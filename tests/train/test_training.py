@@ -33,7 +33,8 @@ def test_trained_run_learns(trained_run):
     assert man["accuracy"]["top1"] == max(r["val_top1"] for r in rows)
     # each manifest says what it came from: the data folder, the run and the epochs trained
     data = load_checkpoint(trained_run / "last.pt")["manifest"]["train_config"]["data"]
-    best_epoch = max(rows, key=lambda r: r["val_top1"])["epoch"] + 1
+    best_epoch = max(rows, key=lambda r: r["val_top1"])["epoch"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # counted from 1, as everywhere else
     assert man["source"] == {"data": data, "data_backend": "dali-cpu", "run": str(trained_run), "epoch": best_epoch}
     assert load_checkpoint(trained_run / "best.pt")["manifest"]["source"] == man["source"]
     last = json.loads((trained_run / "last.pt.manifest.json").read_text())
