@@ -7,6 +7,9 @@
     DIR/rn50_engine/labels.txt         the manifest's class names (Triton's classification extension)
     DIR/rn50/config.pbtxt              the ensemble: encoded image -> preprocess -> engine -> logits
     DIR/rn50/labels.txt                the same class names for the ensemble's output
+    DIR/rn50_engine/manifest.json      the engine's manifest (source, preprocessing, precision,
+                                       accuracy, versions, GPU): Triton ignores it, a reader of
+                                       the repository need not find the export folder
 
 The DALI model is the project's own preprocessing contract (``rn50.preprocess.dali_decode`` +
 ``dali_val`` with the engine manifest's :class:`~rn50.preprocess.Preprocessing`), serialized with
@@ -35,6 +38,7 @@ from rn50.errors import EngineError
 ENSEMBLE, PREPROCESS, ENGINE = "rn50", "rn50_preprocess", "rn50_engine"
 DALI_INPUT, DALI_OUTPUT = "INPUT", "PREPROCESSED"
 LABELS = "labels.txt"
+MANIFEST = "manifest.json"
 _ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto.FLOAT / FLOAT16
 
 
@@ -198,7 +202,7 @@ def write_repo(
     Everything is written to a temporary folder beside ``dest`` and renamed onto it at the end,
     so a failure leaves no half-written repository.
     """
-    from rn50.manifest import preprocessing_of, read_manifest
+    from rn50.manifest import manifest_path, preprocessing_of, read_manifest
 
     engine, dest = Path(engine), Path(dest)
     if engine.suffix.lower() not in (".plan", ".engine", ".onnx"):
@@ -234,6 +238,7 @@ def write_repo(
         (tmp / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(io, mb))
         for model in (ENGINE, ENSEMBLE):
             (tmp / model / LABELS).write_text(labels)
+        shutil.copyfile(manifest_path(engine), tmp / ENGINE / MANIFEST)
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)

@@ -543,6 +543,8 @@ def test_write_repo_configs_parse_with_tritons_schema(engine_fp32_onnx, tmp_path
     )
     m = read_manifest(engine_fp32_onnx)
     p = preprocessing_of(m)
+    # the engine's manifest travels with the repository (Triton ignores the file)
+    assert json.loads((repo / "rn50_engine" / "manifest.json").read_text()) == m
     cfg = {d.name: text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig()) for d in repo.iterdir()}
     assert set(cfg) == {"rn50", "rn50_preprocess", "rn50_engine"}
     ens, pre, eng = cfg["rn50"], cfg["rn50_preprocess"], cfg["rn50_engine"]
