@@ -541,6 +541,12 @@ class Trainer:
             val = scan_split(data / "val", classes=man["classes"])
         except DataError as e:
             if not (data / "val").is_dir():
+                if args.data is None and saved is not None and saved.data:
+                    raise DataError(
+                        f"{data / 'val'}: the validation folder of the data recorded in {args.evaluate}'s manifest "
+                        "is not there (moved, or trained on another machine): pass --data ROOT "
+                        "(ImageNet layout with train/ and val/)"
+                    ) from None
                 raise
             raise CheckpointError(
                 f"{args.evaluate}: its {len(man['classes'])} classes do not match the data: {e}"

@@ -184,6 +184,16 @@ def test_evaluate_scores_the_runs_validation_subset(fmnist_tiny, tmp_path, capsy
     assert got["top1"] == pytest.approx(man["accuracy"]["top1"], abs=1e-6)
     assert train.main(["--evaluate", str(out / "best.pt"), "--workers", "1", "--limit-val", "30"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 30
+    # data moved since: the error says to pass --data, as export's does
+    from rn50.checkpoint import save_checkpoint
+
+    obj = load_checkpoint(out / "best.pt")
+    obj["manifest"]["train_config"]["data"] = str(tmp_path / "moved")
+    moved = save_checkpoint(tmp_path / "moved.pt", obj["model"], obj["manifest"])
+    assert train.main(["--evaluate", str(moved), "--workers", "1"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {tmp_path / 'moved' / 'val'}: the validation folder of the data recorded in "), line
+    assert str(moved) in line and "pass --data ROOT" in line
 
 
 def test_lengthening_a_run_says_how_its_learning_rate_jumps(one_epoch, fmnist_tiny, capsys):
