@@ -811,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_checked(build_parser(), argv, may_be_zero=("--real-images", "--workers"))
+    a = parse_checked(build_parser(), argv, may_be_zero=("--real-images", "--real-images-pytorch", "--workers"))
     bad = [s for s in a.stages if s not in (*STAGES, "table")]
     if bad:
         print(f"error: unknown stage(s) {', '.join(bad)} (choose from {', '.join(STAGES)}, table)", file=sys.stderr)

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--queue-delay-us", type=int, default=2000, help="the server's dynamic-batching delay (default 2000)"
     )
-    args = parse_checked(ap, argv)
+    args = parse_checked(ap, argv, may_be_zero=("--queue-delay-us",))  # 0: no batching delay, as serve.triton
 
     import numpy as np
 

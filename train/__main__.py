@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_BAD_IMAGES,
         metavar="N",
-        help="images that cannot be read or decoded which the run leaves out, at most N in all: one the "
+        help="images that cannot be read or decoded which the run leaves out, at most N per process (each "
+        "rank counts what it meets; the header check's findings count on every rank): one the "
         "header check finds before training is dropped from the run; one a loader fails on mid-epoch is, in "
         "training, replaced by the next good file of its epoch (the epoch keeps its steps) and, in validation, "
         "no longer scored; each is named in a 'warning:' line and listed in the run's manifest.json "

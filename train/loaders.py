@@ -92,7 +92,7 @@ def shard_indices(order: np.ndarray, shard: Shard, batch_size: int, drop_last: b
 
 
 class BadImages:
-    """The images a run leaves out, at most ``limit`` of them in all (``--max-bad-images``): those
+    """The images a run leaves out, at most ``limit`` of them per process (``--max-bad-images``): those
     the header check before training refuses and those a loader fails to decode mid-epoch. Each
     new one is named in a ``warning:`` line (where ``announce``); one past the limit stops the run
     with the error naming the files, as a limit of 0 does at the first one. One record per

@@ -312,21 +312,29 @@ def remove_shm(prefix: str) -> None:
             pass
 
 
-WORKSPACE_PREFIX = "rn50_serve"  # rn50_serve_<host>_<pid>_XXXXXXXX in PyTriton's home (~/.cache/pytriton)
+WORKSPACE_PREFIX = "rn50_serve"  # rn50_serve-<pid>@<host> in PyTriton's home (~/.cache/pytriton)
+
+
+def workspace_name(pid: int, host: str) -> str:
+    """``rn50_serve-<pid>@<host>``: one per process (a host name holds no ``@``, a pid no ``-``)."""
+    return f"{WORKSPACE_PREFIX}-{pid}@{host}"
 
 
 def new_workspace(home: Path) -> tuple[Path, Any]:
     """(folder to remove at the end, PyTriton ``Workspace``) for this server, in ``home``. The folder
-    is named after this host and process, so that a later start can tell the workspaces left by a
-    ``serve.triton`` that was killed outright (SIGKILL, out of memory: about 22 MB each, Triton's
-    copy and the model) from those of servers still running (:func:`remove_stale_workspaces`)."""
+    is named after this process and host (:func:`workspace_name`), so that a later start can tell
+    the workspaces left by a ``serve.triton`` that was killed outright (SIGKILL, out of memory:
+    about 22 MB each, Triton's copy and the model) from those of servers still running
+    (:func:`remove_stale_workspaces`). One of the same name is a dead process's whose pid this
+    one now has: it is replaced."""
+    import shutil
     import socket
-    import tempfile
 
     from pytriton.utils.workspace import Workspace
 
-    home.mkdir(parents=True, exist_ok=True)
-    own = Path(tempfile.mkdtemp(dir=home, prefix=f"{WORKSPACE_PREFIX}_{socket.gethostname()}_{os.getpid()}_"))
+    own = home / workspace_name(os.getpid(), socket.gethostname())
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir(parents=True)
     return own, Workspace(own / "workspace")
 
 
@@ -336,15 +344,18 @@ def remove_stale_workspaces(home: Path) -> list[Path]:
     import shutil
     import socket
 
+    host = socket.gethostname()
     stale = []
-    for d in home.glob(f"{WORKSPACE_PREFIX}_{socket.gethostname()}_*_*"):
+    for d in home.glob(f"{WORKSPACE_PREFIX}-*@*"):
+        pid_text, _, owner = d.name[len(WORKSPACE_PREFIX) + 1 :].partition("@")
+        if owner != host or not pid_text.isdigit():
+            continue
         try:
-            pid = int(d.name.rsplit("_", 2)[-2])
-            os.kill(pid, 0)
+            os.kill(int(pid_text), 0)
             continue  # alive (or another user's: PermissionError below)
         except ProcessLookupError:
             pass
-        except (ValueError, PermissionError):
+        except (PermissionError, OverflowError):
             continue
         shutil.rmtree(d, ignore_errors=True)
         stale.append(d)
@@ -395,8 +406,10 @@ def serve(
     """Start Triton with the classifier, call ``on_ready`` once model ``rn50`` answers on its
     ``/v2/models/rn50/ready``, and block until SIGINT or SIGTERM, then stop it. Raises
     :class:`TritonExited` when ``tritonserver`` exits on its own. On every way out, the server's
-    processes (its backend stubs included), its workspace, its shared memory and its backend's
-    ``/tmp/python_env_XXXXXX`` are gone before this returns or raises."""
+    processes (its backend stubs included), its workspace and its shared memory are gone before
+    this returns or raises; so is its backend's ``/tmp/python_env_XXXXXX`` once the model was
+    ready (it is known as the one such folder that appeared meanwhile: with another server
+    starting at the same time, or a crash while the model loads, it may stay, empty)."""
     import logging
     import shutil
 
@@ -416,11 +429,17 @@ def serve(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, to_interrupt)
-    remove_stale_workspaces(PYTRITON_HOME)
-    own_folder, workspace = new_workspace(PYTRITON_HOME)  # PyTriton's home (~/.cache/pytriton)
-    triton = None
+    triton, own_folder = None, None
     envs_before, own_env = python_envs(), None
     try:
+        try:
+            remove_stale_workspaces(PYTRITON_HOME)
+            own_folder, workspace = new_workspace(PYTRITON_HOME)  # PyTriton's home (~/.cache/pytriton)
+        except OSError as e:
+            raise EngineError(
+                f"cannot make the Triton workspace in {PYTRITON_HOME} ({e.strerror or e}); "
+                "set PYTRITON_HOME to a writable folder"
+            ) from e
         triton = make_triton(triton_config(host, http_port, grpc_port, metrics_port, verbose), workspace, verbose)
         triton.run()  # starts tritonserver and waits for it; stopped in `finally`, on every way out
         bind(triton, classifier, version, max_batch, queue_delay_us)  # loads the model
@@ -456,7 +475,8 @@ def serve(
                     pass
             if triton is not None:
                 remove_shm(triton.shm_prefix)
-            shutil.rmtree(own_folder, ignore_errors=True)
+            if own_folder is not None:
+                shutil.rmtree(own_folder, ignore_errors=True)
             signal.signal(signal.SIGTERM, previous)
 
 

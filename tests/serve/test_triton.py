@@ -302,7 +302,7 @@ def test_server_that_exits_on_its_own_is_an_error_and_leaves_nothing(engine_fp32
         (stub,) = [p for p in kids if "triton_python_backend_stub" in cmdline(p)]
         argv = [Path(f"/proc/{stub}/cmdline").read_bytes().split(b"\0")[i].decode() for i in range(3)]
         workspace = Path(argv[0]).parents[4]  # <own>/workspace/tritonserver/backends/python/<stub>
-        assert workspace.name.startswith(f"rn50_serve_{socket.gethostname()}_{s.proc.pid}_"), workspace
+        assert workspace.name == f"rn50_serve-{s.proc.pid}@{socket.gethostname()}", workspace
         model_copy = Path(argv[1]).parents[1]  # <model folder>/<version>/model.py
         shm_region = argv[2]
         assert workspace.is_dir() and model_copy.is_dir() and Path("/dev/shm", shm_region).exists(), argv
@@ -401,7 +401,7 @@ def test_sigterm_stops_everything(server):
     (stub,) = [p for p in kids if "triton_python_backend_stub" in cmdline(p)]
     argv = cmdline(stub).split(" ")
     workspace = Path(argv[0]).parents[4]  # <own>/workspace/tritonserver/backends/python/<stub>
-    assert workspace.name.startswith(f"rn50_serve_{socket.gethostname()}_{server.proc.pid}_"), workspace
+    assert workspace.name == f"rn50_serve-{server.proc.pid}@{socket.gethostname()}", workspace
     model_copy = Path(argv[1]).parents[1]  # <model folder>/<version>/model.py
     keep_alive = http.client.HTTPConnection("127.0.0.1", server.http, timeout=30)
     keep_alive.request("GET", "/v2/health/live")
@@ -420,28 +420,34 @@ def test_sigterm_stops_everything(server):
 
 def test_workspaces_of_killed_servers_are_removed_at_the_next_start(tmp_path):
     """A serve.triton killed outright leaves its workspace; the next start removes those of this
-    host's processes that no longer exist, and no other (a live server's, another host's)."""
+    host's processes that no longer exist, and no other (a live server's, another host's, one of
+    a host whose name merely starts with this one's)."""
     need_pytriton()
-    from serve.triton.server import new_workspace, remove_stale_workspaces
+    from serve.triton.server import new_workspace, remove_stale_workspaces, workspace_name
 
     host = socket.gethostname()
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer exists
     own, ws = new_workspace(tmp_path)
     assert ws.path.parent == own and ws.model_store_path.is_dir()
-    assert own.name.startswith(f"rn50_serve_{host}_{os.getpid()}_")
-    dead = tmp_path / f"rn50_serve_{host}_{gone.pid}_abc"
+    assert own.name == workspace_name(os.getpid(), host) == f"rn50_serve-{os.getpid()}@{host}"
+    dead = tmp_path / workspace_name(gone.pid, host)
     (dead / "workspace" / "model-store").mkdir(parents=True)
     kept = [
         own,  # this (live) process's
-        tmp_path / f"rn50_serve_otherhost_{gone.pid}_abc",  # another host's: its pids are not ours
-        tmp_path / f"rn50_serve_{host}_notapid_abc",
+        tmp_path / workspace_name(gone.pid, "otherhost"),  # another host's: its pids are not ours
+        tmp_path / workspace_name(gone.pid, host + "_x"),
+        tmp_path / f"rn50_serve-notapid@{host}",
         tmp_path / f"workspace_{gone.pid}",  # PyTriton's own naming: not this command's
     ]
     for d in kept[1:]:
         d.mkdir()
     assert remove_stale_workspaces(tmp_path) == [dead]
     assert not dead.exists() and all(d.is_dir() for d in kept)
+    # a dead process's workspace under this process's pid (pid reuse) is replaced, not refused
+    (own / "workspace" / "old").mkdir()
+    own2, _ = new_workspace(tmp_path)
+    assert own2 == own and not (own / "workspace" / "old").exists()
 
 
 # --------------------------------------------------------------------------- usage errors
