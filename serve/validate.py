@@ -126,8 +126,11 @@ def compare(ref_logits: np.ndarray, eng_logits: np.ndarray, labels: np.ndarray, 
     }
 
 
-def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Whether ``checkpoint`` holds the model the engine's manifest names as its source:
+def source_check(
+    manifest: dict[str, Any], checkpoint: str | os.PathLike[str], weights: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Whether ``checkpoint`` (whose model's state dict is ``weights``, already loaded) holds the
+    model the engine's manifest names as its source:
     ``{"engine_source": {"path", "sha256"}, "checkpoint_sha256", "matches", "same_weights"}``, or
     None when the manifest records no source file (a ``.pt`` engine is its own). Compared by
     sha256, not by path: a checkpoint may have moved since the export, and a retrained one may
@@ -144,9 +147,9 @@ def source_check(manifest: dict[str, Any], checkpoint: str | os.PathLike[str]) -
     recorded = {"path": str(src.get("path")), "sha256": str(src["sha256"])}
     same_weights = None
     if ck != recorded["sha256"] and isinstance(manifest.get("source_weights_sha256"), str):
-        from rn50.checkpoint import load_checkpoint, weights_sha256
+        from rn50.checkpoint import weights_sha256
 
-        same_weights = weights_sha256(load_checkpoint(checkpoint)["model"]) == manifest["source_weights_sha256"]
+        same_weights = weights_sha256(weights) == manifest["source_weights_sha256"]
     return {
         "engine_source": recorded,
         "checkpoint_sha256": ck,
@@ -339,7 +342,7 @@ def _run(args: argparse.Namespace) -> int:
             return err(f"{args.engine}: its manifest gives precision {precision!r}, not one of {', '.join(BOUNDS)}")
         p = preprocessing_of(manifest)
         split = scan_split(args.val_dir, classes=manifest["classes"])
-        checked = source_check(manifest, args.checkpoint)
+        checked = source_check(manifest, args.checkpoint, reference.model.state_dict())
     except PipelineError as e:
         return err(str(e))
     other = source_mismatch(checked, str(args.engine), str(args.checkpoint))
